@@ -1,0 +1,27 @@
+"""svg2_kernels: kernels for Sparse VideoGen2 (imported as ``svg2_kernels``; the folder is ``kernels/``).
+
+Every kernel has a float32 torch reference in :mod:`svg2_kernels.reference`. Variants are registered in
+:mod:`svg2_kernels.registry`, each declaring what it supports and why it refuses an input.
+"""
+
+from svg2_kernels.registry import (
+    AttentionInputs,
+    KMeansInputs,
+    available_attention_variants,
+    available_kmeans_variants,
+    get_attention_variant,
+    get_kmeans_variant,
+    select_attention_variant,
+    select_kmeans_variant,
+)
+
+__all__ = [
+    "AttentionInputs",
+    "KMeansInputs",
+    "available_attention_variants",
+    "available_kmeans_variants",
+    "get_attention_variant",
+    "get_kmeans_variant",
+    "select_attention_variant",
+    "select_kmeans_variant",
+]

@@ -1,0 +1,256 @@
+"""SVG2 attention: cluster, select, permute, variable-block attention, un-permute (DESIGN.md section 1).
+
+Public functions:
+    svg2_attention(q, k, v, cfg, state=None, ...) -> (out, layout)
+    dense_attention(q, k, v, ...) -> out
+    build_layout(q, k, cfg, state=None, ...) -> layout   (clustering + selection only)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from svg2.clustering import kmeans
+from svg2.config import SVG2Config
+from svg2.layout import ClusterLayout
+from svg2.selection import centroid_scores, select_target_density, select_top_p
+from svg2.timing import ComponentTimer
+from svg2_kernels import AttentionInputs, select_attention_variant
+
+__all__ = ["ClusterState", "svg2_attention", "dense_attention", "build_layout", "validate_qkv"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ClusterState:
+    """Warm-start state of one call site (one layer and CFG branch). The caller owns it.
+
+    ``svg2_attention`` reads the cached centroids (warm start with ``kmeans_iters_step`` iterations) and
+    writes the new ones. A cache whose shape no longer matches the input (other batch size, head count or
+    sequence length) is ignored and replaced by a cold start.
+    """
+
+    q_centroids: torch.Tensor | None = None
+    k_centroids: torch.Tensor | None = None
+    calls: int = 0
+    last_kernels: dict[str, str] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.q_centroids = None
+        self.k_centroids = None
+        self.calls = 0
+        self.last_kernels = {}
+
+
+def validate_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_text_tokens: int = 0,
+    text_mask: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> None:
+    """Raise a clear error for inputs SVG2 cannot take. Shapes: (batch, heads, seqlen, headdim)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seqlen, headdim), got {tuple(t.shape)}; "
+                             "diffusers uses (batch, seqlen, heads, headdim): transpose(1, 2) first")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape (self-attention), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"empty sequence or head dim: {tuple(q.shape)}")
+    s = q.shape[2]
+    if not (0 <= num_text_tokens < s):
+        raise ValueError(f"num_text_tokens={num_text_tokens} must be in [0, seqlen - 1] = [0, {s - 1}] "
+                         "(at least one video token is clustered)")
+    if text_mask is not None:
+        if num_text_tokens == 0:
+            raise ValueError("text_mask given but num_text_tokens == 0")
+        if tuple(text_mask.shape) != (q.shape[0], num_text_tokens) or text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask must be a bool tensor of shape (batch, num_text_tokens) = "
+                             f"{(q.shape[0], num_text_tokens)}, got {text_mask.dtype} {tuple(text_mask.shape)}")
+        if text_mask.device != q.device:
+            raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf; SVG2 clusters would be meaningless. Check the "
+                                 "model's dtype (fp16 overflow?) or pass check_finite=False to skip this check")
+
+
+def _key_padding_mask(b: int, s: int, num_text_tokens: int, text_mask: torch.Tensor | None, device):
+    if text_mask is None:
+        return None
+    keep = torch.ones(b, s, dtype=torch.bool, device=device)
+    keep[:, s - num_text_tokens:] = text_mask
+    return keep[:, None, None, :]  # broadcast over heads and queries
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_text_tokens: int = 0,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention (torch SDPA: cuDNN / flash on GPU). Shapes (batch, heads, seqlen, headdim).
+
+    Padded text keys (``text_mask`` False) are masked, as the dense model masks them."""
+    mask = _key_padding_mask(q.shape[0], k.shape[2], num_text_tokens, text_mask, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _cold(state: ClusterState | None, n: int, cq: int, ck: int, d: int) -> bool:
+    if state is None or state.q_centroids is None or state.k_centroids is None:
+        return True
+    return tuple(state.q_centroids.shape) != (n, cq, d) or tuple(state.k_centroids.shape) != (n, ck, d)
+
+
+def build_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: SVG2Config,
+    state: ClusterState | None = None,
+    *,
+    num_text_tokens: int = 0,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    timer: ComponentTimer | None = None,
+) -> ClusterLayout:
+    """Cluster the video tokens of q and k, estimate centroid scores and select cluster pairs.
+
+    Updates ``state`` (warm-start centroids) in place when given. Shapes (batch, heads, seqlen, headdim).
+    """
+    b, h, s, d = q.shape
+    sv = s - num_text_tokens
+    n = b * h
+    cq = min(cfg.num_q_centroids, sv)
+    ck = min(cfg.num_k_centroids, sv)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
+    qx = q[:, :, :sv].reshape(n, sv, d)
+    kx = k[:, :, :sv].reshape(n, sv, d)
+    cold = _cold(state, n, cq, ck, d)
+    iters = cfg.kmeans_iters_init if cold else cfg.kmeans_iters_step
+    with sec("kmeans"):
+        rq = kmeans(qx, cq, iters, None if cold else state.q_centroids, seed=cfg.seed, kernel=cfg.kmeans_kernel)
+        rk = kmeans(kx, ck, iters, None if cold else state.k_centroids, seed=cfg.seed + 1,
+                    kernel=cfg.kmeans_kernel)
+    if state is not None:
+        state.q_centroids, state.k_centroids = rq.centroids, rk.centroids
+        state.calls += 1
+        state.last_kernels["kmeans"] = rq.kernel
+    with sec("selection"):
+        scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes, scale)
+        if cfg.target_density is not None:
+            block_map = select_target_density(scores, rq.sizes, rk.sizes, cfg.target_density, cfg.min_kc_ratio)
+        else:
+            block_map = select_top_p(scores, cfg.top_p, cfg.min_kc_ratio)
+    with sec("permutation"):
+        layout = ClusterLayout.from_labels(
+            rq.labels.view(b, h, sv), rk.labels.view(b, h, sv), block_map.view(b, h, cq, ck),
+            q_sizes=rq.sizes.view(b, h, cq), k_sizes=rk.sizes.view(b, h, ck),
+            num_text_tokens=num_text_tokens, text_mask=text_mask,
+        )
+    return layout
+
+
+def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
+
+
+def svg2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: SVG2Config | None = None,
+    state: ClusterState | None = None,
+    *,
+    num_text_tokens: int = 0,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    layout: ClusterLayout | None = None,
+    check_finite: bool = True,
+    timer: ComponentTimer | None = None,
+) -> tuple[torch.Tensor, ClusterLayout]:
+    """Sparse VideoGen2 attention.
+
+    Args:
+        q, k, v: (batch, heads, seqlen, headdim), fp32/fp16/bf16, after QK-norm and RoPE. With joint text,
+            the last ``num_text_tokens`` positions are text tokens (HunyuanVideo layout).
+        cfg: SVG2Config (defaults if None).
+        state: ClusterState of this call site for warm-started k-means across calls (optional).
+        num_text_tokens: trailing text tokens: not clustered; text queries attend densely to all real keys
+            and every video query attends to all real text keys.
+        text_mask: (batch, num_text_tokens) bool, False for padded text keys (masked as the dense model does).
+        scale: softmax scale, default 1/sqrt(headdim).
+        layout: reuse a precomputed layout (skips clustering and selection).
+        check_finite: raise on NaN/Inf inputs (one host sync; disable for CUDA-graph capture).
+        timer: optional ComponentTimer for the kmeans/selection/permutation/attention breakdown.
+    Returns:
+        out: (batch, heads, seqlen, headdim) in q's dtype and token order.
+        layout: the ClusterLayout used (density, block map, permutations).
+    """
+    cfg = cfg or SVG2Config()
+    validate_qkv(q, k, v, num_text_tokens, text_mask, check_finite)
+    b, h, s, d = q.shape
+    t = num_text_tokens
+    sv = s - t
+    if layout is None:
+        layout = build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale,
+                              timer=timer)
+    sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
+    variant = select_attention_variant(cfg.attention_kernel, AttentionInputs.of(q, k))
+    if state is not None:
+        state.last_kernels["attention"] = variant.name
+
+    with sec("permutation"):
+        qs = _gather_rows(q[:, :, :sv], layout.q_perm)
+        ks = _gather_rows(k[:, :, :sv], layout.k_perm)
+        vs = _gather_rows(v[:, :, :sv], layout.k_perm)
+        q_off = layout.q_offsets
+        k_off = layout.k_offsets
+        block_map = layout.block_map
+        if t > 0:
+            # Text keys become one extra key cluster that every query cluster selects; real text keys
+            # go first so that padded ones lie past the last offset and are never attended.
+            kt, vt = k[:, :, sv:], v[:, :, sv:]
+            if text_mask is not None:
+                tperm = torch.sort((~text_mask).to(torch.int8), dim=-1, stable=True).indices
+                tperm = tperm[:, None, :].expand(b, h, t)
+                kt, vt = _gather_rows(kt, tperm), _gather_rows(vt, tperm)
+                real = text_mask.sum(-1)[:, None].expand(b, h)
+            else:
+                real = torch.full((b, h), t, dtype=torch.long, device=q.device)
+            ks = torch.cat([ks, kt], dim=2)
+            vs = torch.cat([vs, vt], dim=2)
+            k_off = torch.cat([k_off, (sv + real).unsqueeze(-1)], dim=-1)
+            ones = torch.ones(*block_map.shape[:-1], 1, dtype=torch.bool, device=q.device)
+            block_map = torch.cat([block_map, ones], dim=-1)
+    with sec("attention"):
+        out_sorted = variant.forward(qs, ks, vs, q_off, k_off, block_map, scale)
+    with sec("permutation"):
+        out_video = torch.empty_like(out_sorted)
+        out_video.scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_sorted)
+    if t == 0:
+        return out_video, layout
+    with sec("attention"):
+        out_text = dense_attention(q[:, :, sv:], k, v, num_text_tokens=t, text_mask=text_mask, scale=scale)
+    return torch.cat([out_video, out_text], dim=2), layout

@@ -1,0 +1,82 @@
+"""Batched Euclidean k-means with warm start (DESIGN.md section 1, step 1).
+
+Works on ``x: (batch, num_points, dim)`` where ``batch`` flattens (batch, head). No host synchronisation:
+a fixed number of Lloyd iterations runs, empty clusters keep their previous centroid, and the kernel that
+does the work is chosen from ``svg2_kernels``' registry (``torch`` reference, ``triton``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from svg2_kernels import KMeansInputs, select_kmeans_variant
+
+__all__ = ["KMeansResult", "init_centroids", "kmeans"]
+
+
+@dataclass
+class KMeansResult:
+    """labels (batch, num_points) int64; centroids (batch, C, dim) float32; sizes (batch, C) int64."""
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    sizes: torch.Tensor
+    kernel: str = "torch"
+
+    def inertia(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of squared distances of points to their centroid, per batch: (batch,) float32."""
+        c = torch.gather(self.centroids, 1, self.labels.unsqueeze(-1).expand(*self.labels.shape, x.shape[-1]))
+        return ((x.float() - c) ** 2).sum(dim=(1, 2))
+
+
+def init_centroids(x: torch.Tensor, num_clusters: int, seed: int) -> torch.Tensor:
+    """Distinct random points of each batch as initial centroids (deterministic under ``seed``).
+
+    Returns (batch, num_clusters, dim) float32. ``num_clusters`` must be <= num_points.
+    """
+    n, s, d = x.shape
+    if num_clusters > s:
+        raise ValueError(f"cannot pick {num_clusters} distinct initial centroids from {s} points")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # argsort of uniform noise = one random permutation per batch, drawn on the CPU so the result does
+    # not depend on the device; the first C indices are distinct points.
+    idx = torch.rand(n, s, generator=gen).argsort(dim=-1)[:, :num_clusters].to(x.device)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(n, num_clusters, d)).float()
+
+
+def kmeans(
+    x: torch.Tensor,
+    num_clusters: int,
+    iters: int,
+    init: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    kernel: str = "auto",
+) -> KMeansResult:
+    """Lloyd's k-means on every batch at once.
+
+    Args:
+        x: (batch, num_points, dim) float tensor (fp32/fp16/bf16).
+        num_clusters: C; capped at num_points (a shorter sequence gets one cluster per point at most).
+        iters: Lloyd iterations (assign + update). 0 with ``init`` only assigns to ``init``.
+        init: (batch, C, dim) warm-start centroids, or None for a cold start from distinct random points.
+        seed: seed of the cold-start initialisation.
+        kernel: k-means kernel variant name or "auto".
+    Returns:
+        KMeansResult; the centroids are the means of the returned clusters (empty ones keep the old one).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"kmeans expects x of shape (batch, num_points, dim), got {tuple(x.shape)}")
+    n, s, d = x.shape
+    c = min(num_clusters, s)
+    if init is None:
+        init = init_centroids(x, c, seed)
+        if iters == 0:
+            raise ValueError("a cold start (init=None) needs iters >= 1")
+    elif init.shape != (n, c, d):
+        raise ValueError(f"warm-start centroids have shape {tuple(init.shape)}, expected {(n, c, d)}")
+    variant = select_kmeans_variant(kernel, KMeansInputs.of(x, c))
+    labels, centroids, sizes = variant.run(x, init.to(x.device), iters)
+    return KMeansResult(labels, centroids, sizes, kernel=variant.name)

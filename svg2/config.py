@@ -1,0 +1,102 @@
+"""Configuration dataclasses. Frozen, validated on construction, and usable as Hydra structured configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SVG2Config"]
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"SVG2Config.{name}={value!r} is out of range; allowed: {bracket}{lo}, {hi}]")
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SVG2Config.{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < lo:
+        raise ValueError(f"SVG2Config.{name}={value} is out of range; allowed: integers >= {lo}")
+
+
+@dataclass(frozen=True)
+class SVG2Config:
+    """Every knob of Sparse VideoGen2 (see DESIGN.md section 1).
+
+    Clustering:
+        num_q_centroids / num_k_centroids: query / key clusters per (batch, head). Capped at the sequence
+            length when a sequence is shorter (documented behaviour, not an error).
+        kmeans_iters_init: Lloyd iterations of the first (cold) call per (layer, CFG branch).
+        kmeans_iters_step: Lloyd iterations of later calls, warm-started from the cached centroids.
+    Selection:
+        top_p: keep, per query cluster, the shortest prefix of key clusters (sorted by estimated attention
+            mass) whose mass reaches top_p.
+        min_kc_ratio: never keep fewer than ceil(min_kc_ratio * Ck) key clusters per query cluster.
+        target_density: if set, replaces top_p: keep the highest-scoring cluster pairs (by estimated mass
+            per token pair) until the token-pair density reaches this fraction, per (batch, head).
+    Schedule:
+        dense_steps_frac: the first floor(dense_steps_frac * num_steps) denoising steps run dense.
+        dense_layers: the first dense_layers transformer blocks always run dense.
+        seed_centroids_in_warmup: run k-means in the last dense step so the first sparse step is warm.
+    Kernels:
+        attention_kernel / kmeans_kernel: variant name or "auto" (fastest supported one; choice recorded).
+    seed: seeds k-means initialisation (deterministic under a seed).
+    """
+
+    num_q_centroids: int = 100
+    num_k_centroids: int = 500
+    top_p: float = 0.9
+    min_kc_ratio: float = 0.10
+    target_density: float | None = None
+    kmeans_iters_init: int = 50
+    kmeans_iters_step: int = 2
+    dense_steps_frac: float = 0.2
+    dense_layers: int = 1
+    seed_centroids_in_warmup: bool = False
+    attention_kernel: str = "auto"
+    kmeans_kernel: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("num_q_centroids", self.num_q_centroids, 1)
+        _check_int("num_k_centroids", self.num_k_centroids, 1)
+        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_range("min_kc_ratio", self.min_kc_ratio, 0.0, 1.0)
+        if self.target_density is not None:
+            _check_range("target_density", self.target_density, 0.0, 1.0, lo_open=True)
+        _check_int("kmeans_iters_init", self.kmeans_iters_init, 1)
+        _check_int("kmeans_iters_step", self.kmeans_iters_step, 0)
+        _check_range("dense_steps_frac", self.dense_steps_frac, 0.0, 1.0)
+        _check_int("dense_layers", self.dense_layers, 0)
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.seed_centroids_in_warmup, bool):
+            raise TypeError("SVG2Config.seed_centroids_in_warmup must be a bool")
+        for name in ("attention_kernel", "kmeans_kernel"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"SVG2Config.{name} must be a non-empty string such as 'auto' or 'torch'")
+
+    def replace(self, **changes: Any) -> SVG2Config:
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown SVG2Config field(s) {sorted(unknown)}; known: {self.field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SVG2Config:
+        """Build from a plain mapping (e.g. a Hydra node); unknown keys are an error naming the known ones."""
+        unknown = set(values) - set(cls.field_names())
+        if unknown:
+            raise KeyError(f"unknown SVG2Config key(s) {sorted(unknown)}; known keys: {cls.field_names()}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

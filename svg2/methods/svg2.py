@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from svg2.attention import build_layout, dense_attention, svg2_attention
+from svg2.config import SVG2Config
+from svg2.methods.base import AttentionContext, AttentionMethod, dense_schedule, register_method
+
+
+@register_method("svg2")
+class SVG2Method(AttentionMethod):
+    """Sparse VideoGen2 with its dense warm-up schedule (steps and layers) and per-site warm starts."""
+
+    def __init__(self, cfg: SVG2Config | None = None, **overrides: Any) -> None:
+        cfg = cfg or SVG2Config()
+        self.cfg = cfg.replace(**overrides) if overrides else cfg
+
+    def is_dense_call(self, ctx: AttentionContext) -> bool:
+        return dense_schedule(self.cfg.dense_steps_frac, self.cfg.dense_layers, ctx)
+
+    def _is_last_dense_step(self, ctx: AttentionContext) -> bool:
+        import math
+
+        n_dense = math.floor(self.cfg.dense_steps_frac * ctx.num_steps)
+        return ctx.step_index == n_dense - 1 and ctx.layer_index >= self.cfg.dense_layers
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        state = ctx.state.cluster_state(*ctx.site())
+        base = dict(method=self.name, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch)
+        if self.is_dense_call(ctx):
+            if self.cfg.seed_centroids_in_warmup and self._is_last_dense_step(ctx):
+                # Seed the centroids so the first sparse step is already warm (result not used).
+                build_layout(q, k, self.cfg, state, num_text_tokens=ctx.num_text_tokens,
+                             text_mask=ctx.text_mask, scale=ctx.scale)
+            out = dense_attention(q, k, v, num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask,
+                                  scale=ctx.scale)
+            ctx.state.record(**base, density=1.0, dense=True)
+            return out
+        out, layout = svg2_attention(q, k, v, self.cfg, state, num_text_tokens=ctx.num_text_tokens,
+                                     text_mask=ctx.text_mask, scale=ctx.scale, check_finite=ctx.check_finite,
+                                     timer=ctx.state.timer)
+        # Density stays a tensor here (no host sync); MethodState.resolved_records() turns it into a float.
+        ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,
+                         kernel=state.last_kernels.get("attention"), kmeans_kernel=state.last_kernels.get("kmeans"))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **self.cfg.to_dict()}
