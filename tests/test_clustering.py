@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from svg2.clustering import init_centroids, kmeans
+from tests.helpers import clustered_qkv
+
+
+def test_shapes_sizes_and_means():
+    q, _, _ = clustered_qkv(b=2, h=3, s=301, d=16)
+    x = q.reshape(6, 301, 16)
+    r = kmeans(x, 12, iters=10, seed=0)
+    assert r.labels.shape == (6, 301) and r.labels.dtype == torch.long
+    assert r.centroids.shape == (6, 12, 16) and r.centroids.dtype == torch.float32
+    assert torch.equal(r.sizes.sum(-1), torch.full((6,), 301))
+    # centroids are the means of the returned clusters
+    for c in range(12):
+        m = r.labels[0] == c
+        if m.any():
+            torch.testing.assert_close(r.centroids[0, c], x[0][m].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_under_seed():
+    x = torch.randn(4, 200, 8)
+    a = kmeans(x, 10, iters=5, seed=3)
+    b = kmeans(x, 10, iters=5, seed=3)
+    c = kmeans(x, 10, iters=5, seed=4)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+    assert not torch.equal(a.centroids, c.centroids)
+
+
+def test_init_uses_distinct_points():
+    x = torch.randn(3, 50, 4)
+    c = init_centroids(x, 50, seed=0)
+    for i in range(3):
+        assert torch.unique(c[i], dim=0).shape[0] == 50
+
+
+def test_warm_start_zero_iters_returns_previous_assignment():
+    q, _, _ = clustered_qkv(b=1, h=2, s=400, d=16, clusters=5)
+    x = q.reshape(2, 400, 16)
+    first = kmeans(x, 8, iters=60, seed=0)  # converged
+    again = kmeans(x, 8, iters=0, init=first.centroids)
+    assert torch.equal(again.labels, first.labels)
+    torch.testing.assert_close(again.centroids, first.centroids)
+
+
+def test_empty_cluster_keeps_centroid_and_no_nan():
+    x = torch.zeros(1, 10, 2)
+    x[0, 5:] = 1.0
+    init = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [100.0, 100.0]]])
+    r = kmeans(x, 3, iters=3, init=init)
+    assert torch.isfinite(r.centroids).all()
+    assert r.sizes[0, 2] == 0
+    torch.testing.assert_close(r.centroids[0, 2], init[0, 2])
+
+
+def test_clusters_capped_at_sequence_length():
+    x = torch.randn(2, 5, 4)
+    r = kmeans(x, 50, iters=3)
+    assert r.centroids.shape == (2, 5, 4)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="batch, num_points, dim"):
+        kmeans(torch.randn(5, 4), 2, iters=1)
+    with pytest.raises(ValueError, match="warm-start centroids"):
+        kmeans(torch.randn(2, 10, 4), 3, iters=1, init=torch.randn(2, 4, 4))
+    with pytest.raises(KeyError, match="unknown k-means kernel"):
+        kmeans(torch.randn(2, 10, 4), 3, iters=1, kernel="nope")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inertia_close_to_sklearn(seed):
+    sklearn = pytest.importorskip("sklearn.cluster")
+    q, _, _ = clustered_qkv(b=1, h=1, s=600, d=16, clusters=8, seed=seed)
+    x = q.reshape(1, 600, 16)
+    init = init_centroids(x, 10, seed=seed)
+    ours = kmeans(x, 10, iters=50, init=init)
+    km = sklearn.KMeans(n_clusters=10, init=init[0].double().numpy(), n_init=1, max_iter=50, tol=0.0,
+                        algorithm="lloyd").fit(x[0].double().numpy())
+    assert float(ours.inertia(x)[0]) <= 1.05 * float(km.inertia_)
+    assert np.isfinite(km.inertia_)
