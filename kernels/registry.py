@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from svg2_kernels import reference
 
 __all__ = [

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from svg2_kernels import AttentionInputs, select_attention_variant
 
 from svg2.clustering import kmeans
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
 from svg2.timing import ComponentTimer
-from svg2_kernels import AttentionInputs, select_attention_variant
 
 __all__ = ["ClusterState", "svg2_attention", "dense_attention", "build_layout", "validate_qkv"]
 

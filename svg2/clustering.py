@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from svg2_kernels import KMeansInputs, select_kmeans_variant
 
 __all__ = ["KMeansResult", "init_centroids", "kmeans"]
