@@ -2,6 +2,7 @@
 
 from svg2.attention import ClusterState, build_layout, dense_attention, svg2_attention
 from svg2.config import SVG2Config
+from svg2.integrations import enable_svg2
 from svg2.layout import ClusterLayout
 from svg2.methods import AttentionContext, MethodState, available_methods, build_method
 
@@ -16,6 +17,7 @@ __all__ = [
     "MethodState",
     "available_methods",
     "build_method",
+    "enable_svg2",
 ]
 
 __version__ = "0.1.0"
