@@ -1,0 +1,157 @@
+"""Shared machinery of the baselines that express their mask as a ClusterLayout (svg1, positional, radial,
+sliding_tile, oracle).
+
+Every baseline builds a ``ClusterLayout`` (labels = block id per video token, a block map) and runs it through
+``svg2_attention(..., layout=layout)``, i.e. through the same variable-block kernel and the same dense warm-up
+schedule as SVG2, so comparisons are fair. Fixed-size blocks are a special case of variable-size ones;
+blocks need not be contiguous in token order (the layout's permutation makes them contiguous).
+
+Video geometry comes from ``ctx.extra["video_shape"] = (frames, height, width)`` in tokens (after
+patchify), filled by the diffusers integration. Video tokens are in raster order (frame-major, then rows,
+then columns), followed by ``ctx.num_text_tokens`` joint text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from svg2.attention import ClusterState, dense_attention, svg2_attention
+from svg2.config import SVG2Config
+from svg2.layout import ClusterLayout
+from svg2.methods.base import AttentionContext, AttentionMethod, dense_schedule
+
+__all__ = ["VIDEO_SHAPE_KEY", "LayoutMethod", "video_shape", "block_sizes", "static_layout", "layout_mask_rows",
+           "static_density"]
+
+VIDEO_SHAPE_KEY = "video_shape"
+
+
+def video_shape(ctx: AttentionContext, num_video_tokens: int, method: str) -> tuple[int, int, int]:
+    """(frames, height, width) in tokens from ``ctx.extra["video_shape"]``, checked against the sequence."""
+    shape = ctx.extra.get(VIDEO_SHAPE_KEY)
+    if shape is None:
+        raise KeyError(
+            f"attention method {method!r} needs the video geometry: set ctx.extra[{VIDEO_SHAPE_KEY!r}] = "
+            "(frames, height, width) in tokens after patchify (the diffusers integration fills it; when "
+            "calling a method directly use AttentionContext(extra={'video_shape': (T, H, W)}))")
+    try:
+        t, h, w = (int(x) for x in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"ctx.extra[{VIDEO_SHAPE_KEY!r}] must be a (frames, height, width) tuple of ints, "
+                         f"got {shape!r}") from None
+    if t * h * w != num_video_tokens:
+        raise ValueError(f"ctx.extra[{VIDEO_SHAPE_KEY!r}] = {(t, h, w)} gives {t * h * w} video tokens but the "
+                         f"sequence has {num_video_tokens} (= seqlen - num_text_tokens)")
+    return t, h, w
+
+
+def block_sizes(labels: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Tokens per block (num_blocks,) int64 from per-token labels (S,)."""
+    return torch.bincount(labels, minlength=num_blocks)
+
+
+def static_density(sizes_q: torch.Tensor, sizes_k: torch.Tensor, block_map: torch.Tensor) -> float:
+    """Token-pair density of a (Cq, Ck) block map with the given block sizes (float64, exact)."""
+    pairs = sizes_q.double()[:, None] * sizes_k.double()[None, :]
+    return float((pairs * block_map).sum() / (sizes_q.sum().double() * sizes_k.sum().double()))
+
+
+def static_layout(
+    q_labels: torch.Tensor,
+    k_labels: torch.Tensor,
+    block_map: torch.Tensor,
+    batch: int,
+    heads: int,
+    *,
+    num_text_tokens: int = 0,
+    text_mask: torch.Tensor | None = None,
+) -> ClusterLayout:
+    """A ClusterLayout from labels (S,) or (B, H, S) and a block map (Cq, Ck) or (B, H, Cq, Ck),
+    broadcast over batch and heads."""
+    cq, ck = block_map.shape[-2:]
+
+    def per_head(x: torch.Tensor, dims: int) -> torch.Tensor:
+        if x.dim() == dims:
+            x = x.expand(batch, heads, *x.shape)
+        return x.contiguous()
+
+    lq = per_head(q_labels.long(), 1)
+    lk = per_head(k_labels.long(), 1)
+    bm = per_head(block_map.bool(), 2)
+    return ClusterLayout.from_labels(lq, lk, bm, num_text_tokens=num_text_tokens, text_mask=text_mask)
+
+
+def layout_mask_rows(layout: ClusterLayout, rows: torch.Tensor) -> torch.Tensor:
+    """Token mask of some video query rows: (B, H, r, Sk) bool with ``M[x, y] = block_map[lq[x], lk[y]]``
+    over the clustered (video) keys, for ``rows`` (r,) int64 video token indices. O(r * S) memory."""
+    b, h, cq, ck = layout.block_map.shape
+    lq = layout.q_labels[:, :, rows]  # (B, H, r)
+    bm = torch.gather(layout.block_map, 2, lq.unsqueeze(-1).expand(b, h, rows.numel(), ck))
+    sk = layout.k_labels.shape[-1]
+    return torch.gather(bm, 3, layout.k_labels.unsqueeze(2).expand(b, h, rows.numel(), sk))
+
+
+class LayoutMethod(AttentionMethod):
+    """Base class of the block-layout baselines: subclasses implement ``layout(q, k, v, ctx)``.
+
+    ``__call__`` applies the shared dense warm-up schedule (``dense_steps_frac``, ``dense_layers``), runs
+    the layout through ``svg2_attention`` on ``attention_kernel`` and records the density like SVG2 does.
+    """
+
+    def __init__(self, *, dense_steps_frac: float = 0.2, dense_layers: int = 1,
+                 attention_kernel: str = "auto") -> None:
+        if not 0.0 <= dense_steps_frac <= 1.0:
+            raise ValueError(f"dense_steps_frac={dense_steps_frac} must be in [0, 1]")
+        if dense_layers < 0:
+            raise ValueError(f"dense_layers={dense_layers} must be >= 0")
+        self.dense_steps_frac = float(dense_steps_frac)
+        self.dense_layers = int(dense_layers)
+        self.attention_kernel = attention_kernel
+        # Only the kernel choice of this config is used (the layout is precomputed).
+        self._kernel_cfg = SVG2Config(attention_kernel=attention_kernel)
+
+    # ------------------------------------------------------------------------------- to implement
+    def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
+        """The sparse layout of this call over the video tokens. Shapes (B, H, S, D)."""
+        raise NotImplementedError
+
+    def layout_and_info(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> tuple[ClusterLayout, dict[str, Any]]:
+        """The layout plus method-specific values for this call's stats record (e.g. SVG1's share of
+        temporal heads). Default: no extra values."""
+        return self.layout(q, k, v, ctx), {}
+
+    # ------------------------------------------------------------------------------------- shared
+    def is_dense_call(self, ctx: AttentionContext) -> bool:
+        return dense_schedule(self.dense_steps_frac, self.dense_layers, ctx)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        base = dict(method=self.name, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch)
+        if self.is_dense_call(ctx):
+            out = dense_attention(q, k, v, num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask,
+                                  scale=ctx.scale)
+            ctx.state.record(**base, density=1.0, dense=True)
+            return out
+        timer = ctx.state.timer
+        with (timer.section("selection", q.device) if timer is not None else nullcontext()):
+            layout, info = self.layout_and_info(q, k, v, ctx)
+        probe = ClusterState()  # only to learn which kernel variant ran
+        out, layout = svg2_attention(q, k, v, self._kernel_cfg, probe, num_text_tokens=ctx.num_text_tokens,
+                                     text_mask=ctx.text_mask, scale=ctx.scale, layout=layout,
+                                     check_finite=ctx.check_finite, timer=timer)
+        ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,
+                         kernel=probe.last_kernels.get("attention"), **info)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "dense_steps_frac": self.dense_steps_frac,
+                "dense_layers": self.dense_layers, "attention_kernel": self.attention_kernel}
+
+
+def softmax_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

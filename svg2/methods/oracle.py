@@ -1,0 +1,117 @@
+"""Oracle selection: exact attention scores choose the blocks (an upper bound; slow, for analysis only).
+
+The exact attention probabilities over the video keys (softmax of q k^T * scale per query row) are summed per
+(query block, key block); SVG2's selection then runs on these exact masses instead of centroid estimates:
+``top_p`` per query block or, for matched-density comparisons, ``target_density`` (greedy by exact mass per
+token pair, which is optimal for the attention recall at that density when blocks are single tokens).
+
+Partitions:
+  * ``raster``: contiguous raster blocks of ``block_size`` video tokens (``block_size=1``: token level,
+    the best any mask can do at that density);
+  * ``kmeans``: SVG2's own k-means clusters (warm-started per call site like SVG2), i.e. what SVG2 would
+    select if its centroid estimate were exact.
+Cost: O(S^2) score work per call (chunked over query rows), plus O(B H Cq Ck) for the block masses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from svg2.attention import build_layout
+from svg2.config import SVG2Config
+from svg2.layout import ClusterLayout
+from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.blockwise import LayoutMethod, softmax_scale, static_layout
+from svg2.selection import select_target_density, select_top_p
+
+__all__ = ["OracleMethod", "exact_block_mass"]
+
+_PARTITIONS = ("raster", "kmeans")
+_CHUNK_ELEMS = 1 << 24
+
+
+def exact_block_mass(q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor,
+                     num_q_blocks: int, num_k_blocks: int, scale: float) -> torch.Tensor:
+    """Sum of exact attention probabilities (softmax over the given keys) per (query block, key block).
+
+    Args:
+        q, k: (N, S, D); q_labels, k_labels: (N, S) int64 block ids.
+    Returns:
+        (N, Cq, Ck) float32; row i sums to the number of tokens in query block i.
+    """
+    n, s, d = q.shape
+    mass = torch.zeros(n, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    rows = max(1, _CHUNK_ELEMS // max(1, n * k.shape[1]))
+    for s0 in range(0, s, rows):
+        s1 = min(s, s0 + rows)
+        p = torch.softmax(torch.matmul(q[:, s0:s1].float(), kf.transpose(1, 2)) * scale, dim=-1)
+        per_key_block = torch.zeros(n, s1 - s0, num_k_blocks, dtype=torch.float32, device=q.device)
+        per_key_block.scatter_add_(2, k_labels[:, None, :].expand(n, s1 - s0, -1), p)
+        mass.scatter_add_(1, q_labels[:, s0:s1, None].expand(-1, -1, num_k_blocks), per_key_block)
+    return mass
+
+
+@register_method("oracle")
+class OracleMethod(LayoutMethod):
+    """Exact-score block selection over raster blocks or SVG2's k-means clusters."""
+
+    def __init__(self, partition: str = "raster", block_size: int = 64, top_p: float = 0.9,
+                 target_density: float | None = None, min_kc_ratio: float = 0.0,
+                 num_q_centroids: int = 100, num_k_centroids: int = 500, kmeans_iters_init: int = 50,
+                 kmeans_iters_step: int = 2, seed: int = 0, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        if partition not in _PARTITIONS:
+            raise ValueError(f"partition={partition!r} must be one of {_PARTITIONS}")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if target_density is not None and not 0.0 < target_density <= 1.0:
+            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+        self.partition = partition
+        self.block_size = int(block_size)
+        self.top_p = float(top_p)
+        self.target_density = target_density
+        self.min_kc_ratio = float(min_kc_ratio)
+        # Clustering settings of the kmeans partition (selection settings are the oracle's own).
+        self.kmeans_cfg = SVG2Config(num_q_centroids=num_q_centroids, num_k_centroids=num_k_centroids,
+                                     kmeans_iters_init=kmeans_iters_init, kmeans_iters_step=kmeans_iters_step,
+                                     seed=seed)
+
+    def _labels(self, q, k, ctx) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        b, h, s, _ = q.shape
+        sv = s - ctx.num_text_tokens
+        if self.partition == "raster":
+            lab = (torch.arange(sv, device=q.device) // self.block_size).expand(b * h, sv)
+            c = -(-sv // self.block_size)
+            return lab, lab, c, c
+        state = ctx.state.cluster_state("oracle", *ctx.site())
+        lay = build_layout(q, k, self.kmeans_cfg, state, num_text_tokens=ctx.num_text_tokens,
+                           text_mask=ctx.text_mask, scale=ctx.scale)
+        return (lay.q_labels.reshape(b * h, sv), lay.k_labels.reshape(b * h, sv), lay.num_q_clusters,
+                lay.num_k_clusters)
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
+        b, h, s, d = q.shape
+        sv = s - ctx.num_text_tokens
+        n = b * h
+        lq, lk, cq, ck = self._labels(q, k, ctx)
+        mass = exact_block_mass(q[:, :, :sv].reshape(n, sv, d), k[:, :, :sv].reshape(n, sv, d), lq, lk, cq, ck,
+                                softmax_scale(q, ctx.scale))
+        q_sizes = torch.zeros(n, cq, dtype=torch.long, device=q.device).scatter_add_(1, lq, torch.ones_like(lq))
+        k_sizes = torch.zeros(n, ck, dtype=torch.long, device=q.device).scatter_add_(1, lk, torch.ones_like(lk))
+        scores = mass / q_sizes.clamp_min(1)[..., None].float()  # mean row mass: rows sum to 1
+        if self.target_density is not None:
+            block_map = select_target_density(scores, q_sizes, k_sizes, self.target_density, self.min_kc_ratio)
+        else:
+            block_map = select_top_p(scores, self.top_p, self.min_kc_ratio)
+        return static_layout(lq.reshape(b, h, sv), lk.reshape(b, h, sv), block_map.view(b, h, cq, ck), b, h,
+                             num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "partition": self.partition, "block_size": self.block_size,
+                "top_p": self.top_p, "target_density": self.target_density, "min_kc_ratio": self.min_kc_ratio,
+                **({"kmeans": self.kmeans_cfg.to_dict()} if self.partition == "kmeans" else {})}
