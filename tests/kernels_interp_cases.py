@@ -1,0 +1,140 @@
+"""Worker for tests/test_kernels_triton.py: runs every Triton kernel under TRITON_INTERPRET=1 at tiny shapes.
+
+Run as a subprocess (the interpreter flag must be set before Triton is imported, and must not leak into
+other tests). Prints one JSON object: case name -> {"ok": bool, "detail": str}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _import_svg2_kernels():
+    try:
+        import svg2_kernels  # noqa: F401
+    except ImportError:  # not pip-installed: alias the kernels/ folder
+        root = Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "svg2_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["svg2_kernels"] = mod
+        spec.loader.exec_module(mod)
+
+
+def random_offsets(n: int, length: int, clusters: int, g: torch.Generator) -> torch.Tensor:
+    """(n, clusters+1) offsets covering ``length`` rows with empty and 1-token clusters mixed in."""
+    out = []
+    for _ in range(n):
+        w = torch.rand(clusters, generator=g) + 0.2
+        w[torch.randint(0, clusters, (max(1, clusters // 4),), generator=g)] = 0.0  # empty clusters
+        sizes = torch.floor(w / w.sum() * length).long()
+        one = torch.randint(0, clusters, (1,), generator=g)
+        sizes[one] = 1  # a 1-token cluster
+        sizes[torch.argmax(sizes)] += length - sizes.sum()
+        out.append(torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]))
+    return torch.stack(out)
+
+
+def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3, tail_k=4, seed=0):
+    from svg2_kernels.reference import varblock_attention_reference as ref
+    from svg2_kernels.varblock_attention import VarBlockConfig, _forward
+
+    g = torch.Generator().manual_seed(seed)
+    qo = random_offsets(b * h, sq - tail_q, cq, g).reshape(b, h, cq + 1)
+    ko = random_offsets(b * h, sk - tail_k, ck, g).reshape(b, h, ck + 1)
+    bm = torch.rand(b, h, cq, ck, generator=g) < density
+    bm[0, 0, 0] = False  # a query cluster that selects nothing
+    q = torch.randn(b, h, sq, d, generator=g).to(dtype)
+    k = (torch.randn(b, h, sk, d, generator=g) * 1.5).to(dtype)
+    v = torch.randn(b, h, sk, d, generator=g).to(dtype)
+    out = _forward(q, k, v, qo, ko, bm, None, VarBlockConfig(*cfg))
+    r32 = ref(q, k, v, qo, ko, bm)
+    rlow = ref(q, k, v, qo, ko, bm, compute_dtype=None)
+    err = (out.float() - r32.float()).abs().max().item()
+    base = (rlow.float() - r32.float()).abs().max().item()
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    ok = bool(torch.isfinite(out).all()) and err <= 2 * base + floor
+    return name, ok, f"err {err:.3g} vs same-precision torch {base:.3g} (floor {floor})"
+
+
+def kmeans_case(name, dtype, n, s, d, c, iters, seed=0):
+    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.reference import kmeans_assign_reference, kmeans_update_reference
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, s, d, generator=g).to(dtype)
+    c0 = torch.randn(n, c, d, generator=g)
+    c0[0, 1] += 50.0  # a cluster that stays empty
+    res = kmeans_triton(x, c0, iters)
+    cref = c0.float()
+    labels = kmeans_assign_reference(x, cref)
+    for _ in range(iters):
+        labels = kmeans_assign_reference(x, cref)
+        cref, _ = kmeans_update_reference(x, labels, cref)
+    sizes = torch.zeros(n, c, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+    mism = (res.labels != labels).sum().item()
+    cerr = (res.centroids - cref).abs().max().item()
+    ok = (
+        mism == 0
+        and cerr < 1e-4
+        and torch.equal(res.sizes, sizes)
+        and torch.equal(res.perm, torch.argsort(res.labels, dim=1, stable=True))
+        and torch.equal(res.offsets[:, 1:], res.sizes.cumsum(1))
+    )
+    return name, ok, f"label mismatches {mism}, centroid err {cerr:.3g}"
+
+
+def opcheck_case():
+    from svg2_kernels.varblock_attention import _varblock_attention_op
+
+    g = torch.Generator().manual_seed(1)
+    qo = random_offsets(2, 30, 3, g).reshape(1, 2, 4)
+    ko = random_offsets(2, 40, 5, g).reshape(1, 2, 6)
+    bm = torch.rand(1, 2, 3, 5, generator=g) < 0.5
+    q = torch.randn(1, 2, 32, 16, generator=g, dtype=torch.float16)
+    k = torch.randn(1, 2, 44, 16, generator=g, dtype=torch.float16)
+    args = (q, k, k.clone(), qo, ko, bm, 0.25)
+    torch.library.opcheck(_varblock_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    return "opcheck", True, "schema and fake tensor ok"
+
+
+CASES = [
+    ("attn_fp16_basic", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1)),
+    ("attn_fp32_basic", torch.float32, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1)),
+    ("attn_fp16_win2_pad", torch.float16, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1)),
+    ("attn_fp32_bm32_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1)),
+    ("attn_fp16_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1)),
+    ("attn_fp16_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 16, 8, 4, 1)),
+]
+KM_CASES = [
+    ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
+    ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
+    ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
+]
+
+
+def main() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+    _import_svg2_kernels()
+    results = {}
+    jobs = [lambda c=c: attention_case(*c) for c in CASES]
+    jobs += [lambda c=c: kmeans_case(*c) for c in KM_CASES]
+    jobs.append(opcheck_case)
+    for job in jobs:
+        try:
+            name, ok, detail = job()
+        except Exception as e:  # report, don't stop the other cases
+            name, ok, detail = getattr(job, "__name__", "case"), False, f"{type(e).__name__}: {e}"
+        results[name] = {"ok": bool(ok), "detail": detail}
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

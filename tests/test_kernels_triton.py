@@ -1,0 +1,192 @@
+"""Triton kernels: CPU cases under the Triton interpreter (in a subprocess), GPU cases with the cuda marker.
+
+CPU: ``tests/kernels_interp_cases.py`` runs every case in one subprocess with ``TRITON_INTERPRET=1`` (the
+flag must precede Triton's import and must not leak into other tests); fp16/fp32 only, because the
+interpreter of Triton 3.8/3.9 computes ``tl.dot`` on bf16 wrongly. Error rule (FlashAttention's): the
+kernel's max error against the fp32 reference is at most twice that of the same-precision torch path, plus
+a small absolute floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_CASES = [
+    "attn_fp16_basic", "attn_fp32_basic", "attn_fp16_win2_pad", "attn_fp32_bm32_d48", "attn_fp16_dense_all",
+    "attn_fp16_sparse", "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2", "opcheck",
+]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(_HERE / "kernels_interp_cases.py")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=str(_HERE.parent),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_interpreter(interp_results, case):
+    res = interp_results[case]
+    assert res["ok"], res["detail"]
+
+
+def test_registry_lists_variants():
+    from svg2_kernels import registry
+
+    assert {"torch", "triton", "flex"} <= set(registry.available_attention_variants())
+    assert {"torch", "triton"} <= set(registry.available_kmeans_variants())
+    cpu = registry.AttentionInputs("cpu", torch.float16, 128, 1024, 1024)
+    assert registry.select_attention_variant("auto", cpu).name == "torch"
+    gpu = registry.AttentionInputs("cuda", torch.bfloat16, 128, 1024, 1024)
+    assert registry.select_attention_variant("auto", gpu).name == "triton"
+    with pytest.raises(NotImplementedError, match="device 'cpu'"):
+        registry.select_attention_variant("triton", cpu)
+
+
+def test_metadata_schedule_cpu():
+    """The schedule covers every query row exactly once and every selected key row exactly once per cluster."""
+    from svg2_kernels.varblock_attention import VarBlockConfig, build_varblock_metadata
+
+    g = torch.Generator().manual_seed(0)
+    sq, sk, cq, ck = 100, 90, 4, 7
+    qo = torch.tensor([[0, 30, 30, 31, 97]])
+    ko = torch.tensor([[0, 10, 10, 11, 40, 41, 80, 85]])
+    bm = torch.rand(1, cq, ck, generator=g) < 0.6
+    cfg = VarBlockConfig(block_m=16, block_n=16, win=2)
+    meta = build_varblock_metadata(qo[None], ko[None], bm[None], sq, sk, cfg)
+    nw = int(meta.num_work)
+    covered = torch.zeros(sq, dtype=torch.long)
+    for n, i, r0 in meta.work[:nw].tolist():
+        lo, hi = int(meta.q_bounds[n, i]) + r0, int(meta.q_bounds[n, i + 1])
+        covered[lo:min(hi, lo + 16)] += 1
+    assert torch.equal(covered, torch.ones(sq, dtype=torch.long))
+    for i in range(cq):
+        want = torch.zeros(sk, dtype=torch.long)
+        for j in range(ck):
+            if bm[0, i, j]:
+                want[ko[0, j]:ko[0, j + 1]] += 1
+        got = torch.zeros(sk, dtype=torch.long)
+        r = int((meta.run_vstart[0, i] < (1 << 30)).sum())
+        for t in range(r):
+            s, d, e = (int(a[0, i, t]) for a in (meta.run_vstart, meta.run_delta, meta.run_vend))
+            got[s + d:e + d] += 1
+        assert torch.equal(got, want), i
+        assert int(meta.num_tiles[0, i]) == math.ceil(int(meta.run_vend[0, i, r - 1]) / 16) if r else True
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_layout(b, h, s, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    offs = []
+    for _ in range(b * h):
+        w = torch.rand(c, generator=g) ** 3 + 0.01
+        w[torch.randint(0, c, (c // 10,), generator=g)] = 0
+        sizes = torch.floor(w / w.sum() * s).long()
+        sizes[0] += s - sizes.sum()
+        offs.append(torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]))
+    return torch.stack(offs).reshape(b, h, c + 1).cuda()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varblock_gpu_matches_reference(dtype, d):
+    from svg2_kernels.reference import varblock_attention_reference as ref
+    from svg2_kernels.varblock_attention import varblock_attention
+
+    b, h, s, cq, ck = 2, 3, 4099, 37, 101
+    qo, ko = _gpu_layout(b, h, s - 5, cq, 0), _gpu_layout(b, h, s - 7, ck, 1)
+    bm = torch.rand(b, h, cq, ck, device="cuda") < 0.3
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
+    out = varblock_attention(q, k, v, qo, ko, bm)
+    r32 = ref(q, k, v, qo, ko, bm)
+    rlow = ref(q, k, v, qo, ko, bm, compute_dtype=None)
+    err = (out.float() - r32.float()).abs().max().item()
+    base = (rlow.float() - r32.float()).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
+
+
+@pytest.mark.cuda
+@cuda
+def test_varblock_cuda_graph_replay_equals_eager():
+    from svg2_kernels.varblock_attention import varblock_attention
+
+    b, h, s, d, cq, ck = 1, 4, 8192, 128, 50, 200
+    qo, ko = _gpu_layout(b, h, s, cq, 2), _gpu_layout(b, h, s, ck, 3)
+    bm = torch.rand(b, h, cq, ck, device="cuda") < 0.25
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    eager = varblock_attention(q, k, v, qo, ko, bm)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        varblock_attention(q, k, v, qo, ko, bm)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = varblock_attention(q, k, v, qo, ko, bm)
+    bm.copy_(torch.rand(b, h, cq, ck, device="cuda") < 0.25)  # new layout, same shapes: graph must follow
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, varblock_attention(q, k, v, qo, ko, bm))
+    del eager
+
+
+@pytest.mark.cuda
+@cuda
+def test_kmeans_gpu_matches_reference():
+    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.reference import kmeans_assign_reference
+
+    x = torch.randn(4, 20000, 128, device="cuda", dtype=torch.bfloat16)
+    c0 = x[:, torch.randperm(20000, device="cuda")[:300]].float()
+    res = kmeans_triton(x, c0, 2)
+    # Contract: labels are the last assignment, centroids the means of exactly those clusters.
+    xf = x.float()
+    sizes = torch.zeros_like(res.sizes).scatter_add_(1, res.labels, torch.ones_like(res.labels))
+    assert torch.equal(sizes, res.sizes)
+    assert torch.equal(res.perm, torch.argsort(res.labels, dim=1, stable=True))
+    sums = torch.zeros_like(res.centroids).scatter_add_(1, res.labels[..., None].expand(-1, -1, 128), xf)
+    mean = sums / sizes.clamp_min(1)[..., None]
+    nz = sizes > 0
+    assert torch.allclose(res.centroids[nz], mean[nz], atol=1e-4, rtol=1e-4)
+    # One assign on fixed centroids agrees with the fp32 reference except on near-ties.
+    assign = kmeans_triton(x, res.centroids, 0).labels
+    ref = kmeans_assign_reference(x, res.centroids)
+    assert (assign != ref).float().mean().item() < 2e-3
+
+
+@pytest.mark.cuda
+@cuda
+def test_flex_gpu_matches_reference():
+    from svg2_kernels.flex import flex_varblock_attention
+    from svg2_kernels.reference import varblock_attention_reference as ref
+
+    b, h, s, d, cq, ck = 1, 2, 2048, 64, 20, 60
+    qo, ko = _gpu_layout(b, h, s - 3, cq, 4), _gpu_layout(b, h, s - 9, ck, 5)
+    bm = torch.rand(b, h, cq, ck, device="cuda") < 0.3
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = flex_varblock_attention(q, k, v, qo, ko, bm)
+    r32 = ref(q, k, v, qo, ko, bm)
+    rlow = ref(q, k, v, qo, ko, bm, compute_dtype=None)
+    err = (out.float() - r32.float()).abs().max().item()
+    base = (rlow.float() - r32.float()).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
