@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover
     _HAS_TRITON = False
 
-__all__ = ["KMeansResult", "kmeans_triton", "kmeans_assign_triton", "TritonKMeans"]
+__all__ = ["KMeansResult", "kmeans_triton", "kmeans_assign_triton", "TritonKMeans", "FlashKMeans"]
 
 
 @dataclass
@@ -228,3 +228,33 @@ class TritonKMeans(KMeansVariant):
 
 
 register_kmeans_variant(TritonKMeans())
+
+
+class FlashKMeans(KMeansVariant):
+    """flash-kmeans (the SVG2 authors' k-means package), when installed: ``batch_kmeans_Euclid``.
+
+    Its loop checks convergence on the host every iteration (a sync), so it is not graph-capturable.
+    """
+
+    name = "flash_kmeans"
+    priority = 50
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    requires = ("flash_kmeans",)
+
+    def run(self, x, centroids, iters):
+        from flash_kmeans import batch_kmeans_Euclid
+
+        if iters == 0:
+            labels = kmeans_assign_triton(x, centroids)
+            c = centroids.float()
+        else:
+            labels, c, _ = batch_kmeans_Euclid(x, centroids.shape[1], max_iters=iters, tol=-1.0,
+                                               init_centroids=centroids.to(x.dtype))
+            labels, c = labels.long(), c.float()
+        sizes = torch.zeros(c.shape[:2], dtype=torch.long, device=x.device)
+        sizes.scatter_add_(1, labels, torch.ones_like(labels))
+        return labels, c, sizes
+
+
+register_kmeans_variant(FlashKMeans())

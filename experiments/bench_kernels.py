@@ -1,0 +1,445 @@
+"""Benchmark of the SVG2 kernels on an H100/H200 (DESIGN.md §4, §7; issue 3).
+
+    python experiments/bench_kernels.py                          # defaults of conf/bench_kernels.yaml
+    python experiments/bench_kernels.py shapes=[wan1.3b] densities=[0.25] tune=false out_dir=/tmp/b
+
+Overrides use Hydra's syntax (``key=value``); Hydra's compose API parses them when installed, otherwise a
+small fallback parser does (the GPU machine has no Hydra). Every row is measured in one process: cuDNN SDPA
+dense, our Triton kernel, FlexAttention on the same token mask, and the breakdown of one whole SVG2 call
+(k-means 2 warm iterations on Q and K, selection, permutation, metadata, attention, inverse permutation).
+Layouts come from our k-means on structured synthetic Q/K (Gaussian mixtures with unequal masses over a
+spatio-temporal grid, plus a positional component), selection in target-density mode.
+Efficiency = density x t_dense / t_kernel. Writes ``<out_dir>/bench_kernels<tag>.{md,json,log}``.
+"""
+
+# ruff: noqa: B023  (closures passed to bench() run at once, inside the loop iteration that made them)
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # frames x latent height x width after 2x2 patching (81 frames -> 21 latent frames)
+    "wan1.3b": dict(heads=12, frames=21, height=30, width=52),  # 480p: S = 32760
+    "wan14b": dict(heads=40, frames=21, height=45, width=80),  # 720p: S = 75600
+    "hunyuan": dict(heads=24, frames=33, height=45, width=80),  # 720p 129f: S = 118800 (text not added)
+    "tiny": dict(heads=2, frames=2, height=8, width=12),  # CPU smoke (interpreter)
+}
+DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages
+    (128, 64, 8, 8, 2), (128, 64, 8, 8, 3), (128, 64, 8, 4, 2), (128, 128, 8, 8, 2), (128, 128, 16, 8, 2),
+    (128, 128, 8, 8, 3), (64, 64, 8, 4, 2), (64, 64, 8, 4, 3), (64, 128, 8, 4, 2), (128, 32, 8, 4, 3),
+    (128, 64, 16, 8, 2), (64, 32, 8, 4, 3),
+]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_config(argv: list[str]) -> dict:
+    conf_dir = ROOT / "conf"
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="bench_kernels", overrides=argv), resolve=True)
+    except ImportError:
+        import yaml
+
+        cfg = yaml.safe_load((conf_dir / "bench_kernels.yaml").read_text())
+        for arg in argv:
+            key, _, val = arg.partition("=")
+            if key.lstrip("+") not in cfg and not key.startswith("+"):
+                raise KeyError(f"unknown override {key!r}; known: {sorted(cfg)}") from None
+            cfg[key.lstrip("+")] = yaml.safe_load(val)
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn, dev, budget_ms: float, min_reps: int = 3, max_reps: int = 100) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU), after one warm-up call."""
+    fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    one = (time.perf_counter() - t0) * 1e3
+    reps = int(min(max_reps, max(min_reps, budget_ms / max(one, 1e-3))))
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def synthetic_qkv(shape: dict, batch: int, d: int, dtype, dev, seed: int):
+    """Structured Q/K: per head a mixture of Gaussians with unequal masses whose components occupy
+    spatio-temporal blobs of the latent grid (so clusters are spatially coherent), plus a positional term."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h, f, hh, ww = shape["heads"], shape["frames"], shape["height"], shape["width"]
+    s = f * hh * ww
+    t_, y_, x_ = torch.meshgrid(torch.arange(f, device=dev), torch.arange(hh, device=dev),
+                                torch.arange(ww, device=dev), indexing="ij")
+    pos = torch.stack([t_ / f, y_ / hh, x_ / ww], -1).reshape(s, 3).float()
+    comps = 96
+    n = batch * h
+    q = torch.empty(n, s, d, device=dev, dtype=dtype)
+    k = torch.empty_like(q)
+    freqs = torch.randn(3, d // 2, device=dev, generator=g) * 3.0
+    pe = torch.cat([torch.sin(pos @ freqs), torch.cos(pos @ freqs)], -1)  # (s, d)
+    for i in range(n):
+        cpos = torch.rand(comps, 3, device=dev, generator=g)
+        logmass = torch.randn(comps, device=dev, generator=g) * 1.5  # unequal masses
+        width = 0.05 + 0.2 * torch.rand(comps, device=dev, generator=g)
+        logit = -((pos[:, None, :] - cpos[None]) ** 2).sum(-1) / (2 * width**2) + logmass
+        logit = logit - torch.log(-torch.log(torch.rand(s, comps, device=dev, generator=g).clamp_min(1e-9)))
+        comp = logit.argmax(-1)
+        mu = torch.randn(comps, d, device=dev, generator=g)
+        q[i] = (mu[comp] + 0.6 * torch.randn(s, d, device=dev, generator=g) + 0.5 * pe).to(dtype)
+        k[i] = (mu[comp] + 0.6 * torch.randn(s, d, device=dev, generator=g) + 0.5 * pe).to(dtype)
+    v = torch.randn(n, s, d, device=dev, dtype=dtype, generator=g)
+    shp = (batch, h, s, d)
+    return q.reshape(shp), k.reshape(shp), v.reshape(shp)
+
+
+def centroid_scores(cq, ck, k_sizes):
+    s = torch.matmul(cq.float(), ck.float().transpose(1, 2)) / math.sqrt(cq.shape[-1])
+    return torch.softmax(s + torch.log(k_sizes.float()).unsqueeze(1), dim=-1)
+
+
+def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
+    """Same rule as svg2.selection.select_target_density (inlined: the GPU machine lacks svg2's deps)."""
+    n, cq, ck = scores.shape
+    qs, ks = q_sizes.double(), k_sizes.double()
+    cost = qs.unsqueeze(-1) * ks.unsqueeze(1)
+    total = qs.sum(-1) * ks.sum(-1)
+    value = scores / ks.clamp_min(1).unsqueeze(1).float()
+    m = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
+    mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(m, dim=-1).indices, True)
+    key = torch.where(mandatory, torch.full_like(value, float("inf")), value)
+    key = torch.where(cost > 0, key, torch.full_like(value, -1.0))
+    _, order = key.reshape(n, -1).sort(dim=-1, descending=True)
+    cost_sorted = torch.gather(cost.reshape(n, -1), 1, order)
+    keep_sorted = torch.cumsum(cost_sorted, -1) - cost_sorted < (target * total).unsqueeze(-1)
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
+    return keep | mandatory
+
+
+def gather_rows(x, perm):
+    """x (N, S, D), perm (N, S) -> x[n, perm[n]] as one flat index_select."""
+    n, s, d = x.shape
+    flat = (perm + torch.arange(n, device=x.device)[:, None] * s).reshape(-1)
+    return x.reshape(n * s, d).index_select(0, flat).reshape(n, s, d), flat
+
+
+# ------------------------------------------------------------------------------------------ the call
+
+
+class SVG2Call:
+    """One warm-started SVG2 attention call on our kernels, with per-component CUDA events."""
+
+    def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg):
+        self.cq_init, self.ck_init = cq_init, ck_init
+        self.density, self.min_kc_ratio, self.iters, self.cfg = density, min_kc_ratio, iters, cfg
+
+    def __call__(self, q, k, v, marks=None):
+        from svg2_kernels.kmeans import kmeans_triton
+        from svg2_kernels.varblock_attention import build_varblock_metadata, varblock_attention_with_metadata
+
+        b, h, s, d = q.shape
+        n = b * h
+        mark = (lambda name: marks.append((name, _event()))) if marks is not None else (lambda name: None)
+        mark("start")
+        rq = kmeans_triton(q.reshape(n, s, d), self.cq_init, self.iters)
+        rk = kmeans_triton(k.reshape(n, s, d), self.ck_init, self.iters)
+        mark("kmeans")
+        scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes)
+        bm = select_target_density(scores, rq.sizes, rk.sizes, self.density, self.min_kc_ratio)
+        mark("selection")
+        qs, qflat = gather_rows(q.reshape(n, s, d), rq.perm)
+        ks, _ = gather_rows(k.reshape(n, s, d), rk.perm)
+        vs, _ = gather_rows(v.reshape(n, s, d), rk.perm)
+        mark("permutation")
+        shp = (b, h)
+        meta = build_varblock_metadata(rq.offsets.view(*shp, -1), rk.offsets.view(*shp, -1),
+                                       bm.view(*shp, *bm.shape[1:]), s, s, self.cfg)
+        mark("metadata")
+        o = varblock_attention_with_metadata(qs.view(b, h, s, d), ks.view(b, h, s, d), vs.view(b, h, s, d), meta)
+        mark("attention")
+        out = torch.empty_like(q).reshape(n * s, d).index_copy_(0, qflat, o.reshape(n * s, d))
+        mark("inverse_permutation")
+        return out.reshape(b, h, s, d)
+
+
+def _event():
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def breakdown(call, q, k, v, reps: int) -> dict[str, float]:
+    call(q, k, v)
+    per = {}
+    for _ in range(reps):
+        marks = []
+        call(q, k, v, marks)
+        torch.cuda.synchronize()
+        for (_, a), (name, b) in zip(marks[:-1], marks[1:]):
+            per.setdefault(name, []).append(a.elapsed_time(b))
+        per.setdefault("total", []).append(marks[0][1].elapsed_time(marks[-1][1]))
+    return {k_: statistics.median(v_) for k_, v_ in per.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def dense_time(q, k, v, budget):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return bench(lambda: F.scaled_dot_product_attention(q, k, v), q.device, budget)
+
+
+def run(cfg: dict) -> list[dict]:
+    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.reference import varblock_attention_reference
+    from svg2_kernels.varblock_attention import (
+        VarBlockConfig,
+        build_varblock_metadata,
+        default_config,
+        varblock_attention_with_metadata,
+    )
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg["dtype"]) if dev.type == "cuda" else torch.float16
+    d, bsz, budget = cfg["head_dim"], cfg["batch"], cfg["budget_ms"]
+    out_dir = Path(cfg["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = cfg["tag"]
+    rows, tune_rows = [], []
+    log = out_dir / f"bench_kernels{tag}.log"
+    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(env), flush=True)
+    kcfg = VarBlockConfig(*cfg["config"]) if cfg.get("config") else default_config(dev.type, d)
+
+    def emit(row: dict, table: list):
+        table.append(row)
+        print(json.dumps(row), flush=True)
+        with open(log, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    flash = None
+    if cfg["flash_kmeans"] and dev.type == "cuda":
+        try:
+            from flash_kmeans import batch_kmeans_Euclid as flash  # noqa: N813
+        except Exception as e:  # noqa: BLE001
+            print(f"flash-kmeans unavailable: {e}", flush=True)
+
+    for si, sname in enumerate(cfg["shapes"]):
+        shape = SHAPES[sname]
+        q, k, v = synthetic_qkv(shape, bsz, d, dtype, dev, cfg["seed"] + si)
+        b, h, s, _ = q.shape
+        n = b * h
+        t_dense = dense_time(q, k, v, budget) if dev.type == "cuda" else float("nan")
+        print(f"[{sname}] S={s} H={h} dense cuDNN {t_dense:.2f} ms", flush=True)
+        for cq, ck in cfg["clusters"]:
+            g = torch.Generator(device="cpu").manual_seed(cfg["seed"])
+            init_q = q.reshape(n, s, d)[:, torch.randperm(s, generator=g)[:cq].to(dev)].float()
+            init_k = k.reshape(n, s, d)[:, torch.randperm(s, generator=g)[:ck].to(dev)].float()
+            t0 = time.perf_counter()
+            rq = kmeans_triton(q.reshape(n, s, d), init_q, cfg["kmeans_init_iters"])
+            rk = kmeans_triton(k.reshape(n, s, d), init_k, cfg["kmeans_init_iters"])
+            _sync(dev)
+            t_cold = (time.perf_counter() - t0) * 1e3
+            km = dict(shape=sname, cq=cq, ck=ck, cold_iters=cfg["kmeans_init_iters"], cold_ms=t_cold)
+            it = cfg["kmeans_step_iters"]
+            km["ours_q_ms"] = bench(lambda: kmeans_triton(q.reshape(n, s, d), rq.centroids, it), dev, budget)
+            km["ours_k_ms"] = bench(lambda: kmeans_triton(k.reshape(n, s, d), rk.centroids, it), dev, budget)
+            if flash is not None:
+                for name, x, c in (("q", q, rq.centroids), ("k", k, rk.centroids)):
+                    try:
+                        xx, cc = x.reshape(n, s, d), c.to(dtype)
+                        km[f"flash_{name}_ms"] = bench(
+                            lambda xx=xx, cc=cc: flash(xx, cc.shape[1], max_iters=it, tol=-1.0, init_centroids=cc),
+                            dev, budget)
+                    except Exception as e:  # noqa: BLE001
+                        km[f"flash_{name}_ms"] = float("nan")
+                        km["flash_error"] = f"{type(e).__name__}: {e}"[:200]
+            qsz = rq.sizes.float()
+            km["q_cluster_size_p10_p50_p90"] = [round(x, 1) for x in qsz.quantile(
+                torch.tensor([0.1, 0.5, 0.9], device=dev)).tolist()]
+            km["k_cluster_size_p10_p50_p90"] = [round(x, 1) for x in rk.sizes.float().quantile(
+                torch.tensor([0.1, 0.5, 0.9], device=dev)).tolist()]
+            emit(dict(kind="kmeans", **km), rows)
+            scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes)
+            qs = gather_rows(q.reshape(n, s, d), rq.perm)[0].view(b, h, s, d)
+            ks = gather_rows(k.reshape(n, s, d), rk.perm)[0].view(b, h, s, d)
+            vs = gather_rows(v.reshape(n, s, d), rk.perm)[0].view(b, h, s, d)
+            q_off, k_off = rq.offsets.view(b, h, -1), rk.offsets.view(b, h, -1)
+            for dens in cfg["densities"]:
+                bm = select_target_density(scores, rq.sizes, rk.sizes, dens, cfg["min_kc_ratio"])
+                pairs = (bm * rq.sizes[:, :, None] * rk.sizes[:, None, :]).sum((1, 2)).double()
+                density = (pairs / float(s * s)).mean().item()
+                bm4 = bm.view(b, h, cq, ck)
+
+                # -- tile-config sweep (first shape's hardest layout, or every layout if asked) --
+                if cfg["tune"] and dev.type == "cuda" and (cq, ck) == tuple(cfg["clusters"][-1]) and abs(
+                        dens - 0.25) < 1e-6:
+                    best = None
+                    for c in (cfg["tune_configs"] or DEFAULT_CONFIGS):
+                        vc = VarBlockConfig(*c)
+                        try:
+                            meta = build_varblock_metadata(q_off, k_off, bm4, s, s, vc)
+                            t = bench(lambda meta=meta: varblock_attention_with_metadata(qs, ks, vs, meta), dev,
+                                      budget)
+                        except Exception as e:  # noqa: BLE001
+                            t = float("nan")
+                            print(f"config {c} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        emit(dict(kind="tune", shape=sname, cq=cq, ck=ck, density=density, config=list(c),
+                                  ms=t, efficiency=density * t_dense / t), tune_rows)
+                        if t == t and (best is None or t < best[0]):
+                            best = (t, vc)
+                    if best is not None and not cfg.get("config"):
+                        kcfg = best[1]
+                        print(f"[{sname}] best config {kcfg}", flush=True)
+
+                meta = build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg)
+                row = dict(kind="attention", shape=sname, heads=h, seqlen=s, cq=cq, ck=ck, target=dens,
+                           density=density, dense_ms=t_dense, config=[kcfg.block_m, kcfg.block_n, kcfg.win,
+                                                                      kcfg.num_warps, kcfg.num_stages])
+                row["meta_ms"] = bench(lambda: build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg), dev, budget)
+                out = varblock_attention_with_metadata(qs, ks, vs, meta)
+                row["ours_ms"] = bench(lambda: varblock_attention_with_metadata(qs, ks, vs, meta), dev, budget)
+                row["speedup"] = t_dense / row["ours_ms"]
+                row["efficiency"] = density * t_dense / row["ours_ms"]
+                if cfg["check"]:
+                    hh = slice(0, 1)
+                    ref = varblock_attention_reference(qs[:, hh], ks[:, hh], vs[:, hh], q_off[:, hh], k_off[:, hh],
+                                                       bm4[:, hh])
+                    low = varblock_attention_reference(qs[:, hh], ks[:, hh], vs[:, hh], q_off[:, hh], k_off[:, hh],
+                                                       bm4[:, hh], compute_dtype=None)
+                    row["err_ours"] = (out[:, hh].float() - ref.float()).abs().max().item()
+                    row["err_torch_same_prec"] = (low.float() - ref.float()).abs().max().item()
+                    row["finite"] = bool(torch.isfinite(out).all().item())
+                if "flex" in cfg["variants"] and dev.type == "cuda":
+                    try:
+                        from svg2_kernels.flex import flex_block_mask, flex_varblock_attention
+
+                        t0 = time.perf_counter()
+                        mask = flex_block_mask(q_off, k_off, bm4, s, s)
+                        _sync(dev)
+                        row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
+                        fo = flex_varblock_attention(qs, ks, vs, q_off, k_off, bm4, block_mask=mask)
+                        row["flex_ms"] = bench(
+                            lambda mask=mask: flex_varblock_attention(qs, ks, vs, q_off, k_off, bm4, block_mask=mask),
+                            dev, budget)
+                        row["flex_efficiency"] = density * t_dense / row["flex_ms"]
+                        row["relerr_ours_vs_flex"] = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
+                        del fo, mask
+                    except Exception as e:  # noqa: BLE001
+                        row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+                if dev.type == "cuda":
+                    call = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"], cfg["kmeans_step_iters"],
+                                    kcfg)
+                    reps = 3 if s * h > 2_000_000 else 5
+                    try:
+                        bd = breakdown(call, q, k, v, reps)
+                        row.update({f"call_{k_}_ms": v_ for k_, v_ in bd.items()})
+                        row["call_speedup"] = t_dense / bd["total"]
+                        row["call_nonattn_frac"] = 1.0 - bd["attention"] / bd["total"]
+                    except Exception as e:  # noqa: BLE001
+                        row["call_error"] = f"{type(e).__name__}: {e}"[:300]
+                emit(row, rows)
+        q = k = v = qs = ks = vs = out = meta = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    write_tables(rows, tune_rows, out_dir, tag, env)
+    return rows
+
+
+def _fmt(x, nd=2):
+    if isinstance(x, float):
+        return "nan" if x != x else f"{x:.{nd}f}"
+    return str(x)
+
+
+def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
+    att = [r for r in rows if r["kind"] == "attention"]
+    km = [r for r in rows if r["kind"] == "kmeans"]
+    lines = [f"# Kernel benchmark ({env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')})", ""]
+    lines += ["## Attention (bf16, B=1, D=128)", "",
+              "| shape | Cq/Ck | density | dense cuDNN ms | ours ms | speedup | efficiency | flex ms | flex eff. "
+              "| call ms | kmeans | select | perm | meta | attn | unperm | call speedup | non-attn % |",
+              "|" + "---|" * 18]
+    for r in att:
+        lines.append("| " + " | ".join([
+            r["shape"], f"{r['cq']}/{r['ck']}", _fmt(r["density"], 3), _fmt(r["dense_ms"]), _fmt(r["ours_ms"]),
+            _fmt(r["speedup"]), _fmt(r["efficiency"]), _fmt(r.get("flex_ms", float("nan"))),
+            _fmt(r.get("flex_efficiency", float("nan"))), _fmt(r.get("call_total_ms", float("nan"))),
+            *[_fmt(r.get(f"call_{c}_ms", float("nan"))) for c in
+              ("kmeans", "selection", "permutation", "metadata", "attention", "inverse_permutation")],
+            _fmt(r.get("call_speedup", float("nan"))), _fmt(100 * r.get("call_nonattn_frac", float("nan")), 1),
+        ]) + " |")
+    lines += ["", "## k-means (2 warm-started iterations; ms)", "",
+              "| shape | Cq/Ck | ours Q | ours K | flash-kmeans Q | flash-kmeans K | cold build ms | Q sizes p10/50/90 "
+              "| K sizes p10/50/90 |", "|" + "---|" * 9]
+    for r in km:
+        lines.append("| " + " | ".join([
+            r["shape"], f"{r['cq']}/{r['ck']}", _fmt(r["ours_q_ms"]), _fmt(r["ours_k_ms"]),
+            _fmt(r.get("flash_q_ms", float("nan"))), _fmt(r.get("flash_k_ms", float("nan"))), _fmt(r["cold_ms"], 0),
+            str(r["q_cluster_size_p10_p50_p90"]), str(r["k_cluster_size_p10_p50_p90"]),
+        ]) + " |")
+    if tune_rows:
+        lines += ["", "## Tile configs (block_m, block_n, win, warps, stages)", "",
+                  "| shape | Cq/Ck | density | config | ms | efficiency |", "|---|---|---|---|---|---|"]
+        for r in tune_rows:
+            lines.append(f"| {r['shape']} | {r['cq']}/{r['ck']} | {_fmt(r['density'], 3)} | {r['config']} | "
+                         f"{_fmt(r['ms'])} | {_fmt(r['efficiency'])} |")
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"bench_kernels{tag}.md").write_text(text)
+    (out_dir / f"bench_kernels{tag}.json").write_text(json.dumps(dict(env=env, rows=rows, tune=tune_rows), indent=1))
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
