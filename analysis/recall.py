@@ -189,14 +189,15 @@ def recall_sweep(
     device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Evaluate every spec on every record (dicts with q, k, v (B, H, S, D) and optional layer, step,
-    branch, heads, video_shape, num_text_tokens, text_mask, scale). Methods run sparse on every record
-    (warm-up off). Returns one row per (record, spec, batch, head)."""
+    branch, heads, video_shape, num_text_tokens, text_mask, scale). Every method's sparse layout is
+    evaluated on every record (its dense warm-up schedule is ignored).
+    Returns one row per (record, spec, batch, head)."""
     out = []
     for ri, rec in enumerate(records):
         q, k, v = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k", "v"))
         heads = rec.get("heads") or list(range(q.shape[1]))
         for spec in specs:
-            method = build_method(spec.method, dense_steps_frac=0.0, dense_layers=0, **spec.kwargs)
+            method = build_method(spec.method, **spec.kwargs)  # method_layout ignores the warm-up
             ctx = _record_context(rec, MethodState())
             layout = method_layout(method, q, k, v, ctx)
             res = attention_recall(q, k, v, layout, num_rows=num_rows, scale=ctx.scale,
