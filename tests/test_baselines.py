@@ -211,3 +211,32 @@ def test_missing_or_wrong_video_shape_is_a_clear_error():
         build_method("radial", model_type="cogvideo")
     with pytest.raises(ValueError, match="odd"):
         build_method("sliding_tile", window=(2, 3, 3))
+
+
+def test_baselines_experiment_preset_builds_every_method():
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from svg2.harness.runner import method_spec
+    from svg2.harness.schema import register_configs
+
+    register_configs()
+    conf = os.path.join(os.path.dirname(__file__), os.pardir, "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        preset = OmegaConf.load(os.path.join(conf, "experiment", "baselines.yaml"))
+        methods = preset.hydra.sweeper.params.method.split(",")
+        assert {"svg2", "svg1", "positional", "radial", "sliding_tile", "oracle"} <= set(methods)
+        for name in methods:
+            cfg = compose("config", overrides=["experiment=baselines", f"method={name}",
+                                               "++method.cfg.target_density=0.2"])
+            spec = method_spec(cfg)
+            if spec.stock or spec.name == "dense":
+                continue
+            method = build_method(spec.name, **({"cfg": spec.cfg} if spec.cfg else {}), **spec.kwargs)
+            described = method.describe()
+            assert 0.2 in (described.get("target_density"), described.get("density")), name
+    GlobalHydra.instance().clear()
