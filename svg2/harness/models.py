@@ -1,0 +1,152 @@
+"""Pipelines for the harness: real checkpoints through diffusers, the tiny random Wan pipeline, or any callable.
+
+Every loader returns a pipeline with the diffusers video call shape (``pipe(prompt=..., height=..., width=...,
+num_frames=..., num_inference_steps=..., guidance_scale=..., generator=..., output_type="np")`` returning an
+object with ``.frames``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["resolve_device", "resolve_dtype", "load_pipeline", "tiny_wan_pipeline", "ModelLoadError"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A pipeline could not be loaded; the message says what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device={name!r} but no CUDA GPU is visible; use model.device=auto or cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown model.dtype {name!r}; use one of {sorted(_DTYPES)}")
+    dt = _DTYPES[name]
+    if device.type == "cpu" and dt == torch.float16:
+        return torch.float32  # fp16 matmuls on the CPU are slow or unsupported
+    return dt
+
+
+def _char_tokenizer(max_length: int):
+    """A character-level fast tokenizer built in code (nothing downloaded)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int = 2, head_dim: int = 16,
+                      text_dim: int = 32, text_len: int = 16, flow_shift: float = 3.0,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A randomly initialised tiny diffusers ``WanPipeline`` (UMT5 text encoder, Wan VAE, Wan transformer),
+    deterministic under ``init_seed``. Its attention has no learned structure: for plumbing, not quality."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(init_seed)
+    try:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        enc_cfg = UMT5Config(vocab_size=128, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=1,
+                             num_heads=max(1, text_dim // 8), relative_attention_num_buckets=8,
+                             relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0)
+        text_encoder = UMT5EncoderModel(enc_cfg)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=16,
+            out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=2 * num_heads * head_dim,
+            num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=flow_shift)
+    pipe = WanPipeline(tokenizer=_char_tokenizer(text_len), text_encoder=text_encoder, vae=vae,
+                       scheduler=scheduler, transformer=transformer)
+    pipe._svg2_max_sequence_length = text_len  # the harness passes it as max_sequence_length
+    pipe.to(device=device, dtype=dtype)
+    pipe.vae.to(torch.float32)  # as Wan recommends; cheap at tiny sizes
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _set_flow_shift(pipe: Any, shift: float) -> None:
+    sched = getattr(pipe, "scheduler", None)
+    if sched is None:
+        return
+    conf = dict(sched.config)
+    key = "flow_shift" if "flow_shift" in conf else ("shift" if "shift" in conf else None)
+    if key is None:
+        raise ValueError(f"model.flow_shift is set but {type(sched).__name__} has no flow_shift/shift; "
+                         "set model.flow_shift=null")
+    pipe.scheduler = type(sched).from_config(conf, **{key: shift})
+
+
+def _import_target(target: str):
+    mod, _, attr = target.partition(":")
+    if not attr:
+        raise ValueError(f"model.target must look like 'package.module:function', got {target!r}")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"model.target {target!r} cannot be imported ({type(e).__name__}: {e})") from e
+
+
+def load_pipeline(cfg: Any) -> tuple[Any, torch.device, torch.dtype]:
+    """Load the pipeline of a ``ModelConfig``-like node; returns ``(pipe, device, dtype)``."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(cfg.get("kwargs") or {})
+    if cfg.loader == "tiny_wan":
+        pipe = tiny_wan_pipeline(**kwargs, flow_shift=cfg.flow_shift or 3.0, device=device, dtype=dtype)
+        return pipe, device, dtype
+    if cfg.loader == "callable":
+        if not cfg.get("target"):
+            raise ValueError("model.loader=callable needs model.target='package.module:function'")
+        fn = _import_target(cfg.target)
+        params = inspect.signature(fn).parameters
+        extra = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params}
+        pipe = fn(**kwargs, **extra)
+    elif cfg.loader == "diffusers":
+        import diffusers
+
+        if not cfg.get("repo_id"):
+            raise ValueError(f"model {cfg.name}: loader=diffusers needs model.repo_id (a Hub id or local folder)")
+        cls = getattr(diffusers, cfg.pipeline_class) if cfg.get("pipeline_class") else diffusers.DiffusionPipeline
+        try:
+            pipe = cls.from_pretrained(cfg.repo_id, torch_dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ModelLoadError(
+                f"could not load model {cfg.name!r} from {cfg.repo_id!r}: {type(e).__name__}: {str(e)[:300]}\n"
+                f"The weights are not in the Hugging Face cache{' and HF_HUB_OFFLINE=1' if offline else ''}. "
+                f"Download them first (huggingface-cli download {cfg.repo_id}), point model.repo_id at a local "
+                "folder, or run without a GPU/weights with model=tiny.") from e
+        pipe.to(device)
+        if cfg.get("flow_shift") is not None:
+            _set_flow_shift(pipe, float(cfg.flow_shift))
+    else:
+        raise ValueError(f"unknown model.loader {cfg.loader!r}; use diffusers, tiny_wan or callable")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe, device, dtype

@@ -1,0 +1,79 @@
+"""Dense reference videos, generated once per content key and cached on disk.
+
+The key covers everything that determines the dense video: the model preset (loader, weights, sampling
+settings, dtype), the device type, the prompt (and image) and the seed. A cache entry is a folder
+``<cache>/<key>/`` holding ``frames.npy``, ``video.mp4`` and ``meta.json`` (written last, atomically: an entry
+without meta.json is incomplete and regenerated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from svg2.harness.store import atomic_write_text
+from svg2.harness.video import write_mp4
+
+__all__ = ["ReferenceCache", "reference_key"]
+
+_FORMAT = 1
+_SAMPLING_FIELDS = ("name", "loader", "repo_id", "target", "pipeline_class", "task", "height", "width",
+                    "num_frames", "num_steps", "guidance_scale", "guidance_scale_2", "flow_shift",
+                    "negative_prompt", "dtype", "kwargs", "call_kwargs")
+
+
+def reference_key(model: dict[str, Any], device_type: str, prompt: str, image: str | None, seed: int) -> str:
+    ident = {"format": _FORMAT, "model": {k: model.get(k) for k in _SAMPLING_FIELDS}, "device": device_type,
+             "prompt": prompt, "image": image, "seed": int(seed)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class ReferenceCache:
+    def __init__(self, root: str | Path, dtype: str = "float16", enabled: bool = True) -> None:
+        if dtype not in ("float16", "float32", "uint8"):
+            raise ValueError(f"cache.dtype={dtype!r}; use float16, float32 or uint8")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.dtype = dtype
+        self.enabled = enabled
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        d = self.entry(key)
+        if not self.enabled or not (d / "meta.json").is_file():
+            return None
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            frames = np.load(d / "frames.npy")
+        except (OSError, ValueError, json.JSONDecodeError):
+            return None
+        frames = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
+        return frames, meta
+
+    def put(self, key: str, frames: np.ndarray, meta: dict[str, Any], fps: int) -> tuple[np.ndarray, Path]:
+        """Store a reference; returns the frames as stored (what every comparison uses) and the MP4 path."""
+        d = self.entry(key)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.dtype == "uint8":
+            stored = (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+        else:
+            stored = frames.astype(self.dtype)
+        tmp = d / f".frames.{os.getpid()}.npy"
+        np.save(tmp, stored)
+        os.replace(tmp, d / "frames.npy")
+        mp4 = write_mp4(d / "video.mp4", frames, fps=fps)
+        meta = {**meta, "key": key, "frames_dtype": self.dtype, "created_at": time.time()}
+        atomic_write_text(d / "meta.json", json.dumps(meta, sort_keys=True, default=str, indent=1))
+        out = stored.astype(np.float32) / 255.0 if stored.dtype == np.uint8 else stored.astype(np.float32)
+        return out, mp4
+
+    def clear(self, key: str) -> None:
+        shutil.rmtree(self.entry(key), ignore_errors=True)

@@ -1,0 +1,175 @@
+"""Structured-config schemas of the experiment harness (Hydra 1.3).
+
+``conf/config.yaml`` composes onto :class:`RunConfig`, so every group option is type-checked and an unknown
+key fails at composition time with the option's file named. ``model.svg2`` and ``method.cfg`` are typed
+overlays of ``SVG2Config`` (every field optional, None = not set; values are range-checked when the job builds
+the SVG2Config). Free-form mappings (``method.kwargs``, ``model.kwargs``) are checked by the code that
+consumes them (the method's constructor, the loader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from svg2.config import SVG2Config
+
+__all__ = ["SVG2Overrides", "ModelConfig", "MethodConfig", "KernelConfig", "PromptsConfig", "MetricsConfig",
+           "LoggerConfig",
+           "LatencyConfig", "StoreConfig", "CacheConfig", "RunConfig", "register_configs"]
+
+
+def _optional_overrides(cls: type) -> type:
+    """A dataclass with every field of ``cls``, each Optional and None by default (None = not set). As a Hydra
+    node it accepts ``method.cfg.top_p=0.8`` and rejects typos and wrong types at composition time."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        fields.append((f.name, Optional[t], None))
+    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
+
+
+SVG2Overrides = _optional_overrides(SVG2Config)
+
+
+@dataclass
+class ModelConfig:
+    """One model preset: how to load it and how to sample from it (one operating point)."""
+
+    name: str = MISSING
+    # diffusers: DiffusionPipeline.from_pretrained(repo_id); tiny_wan: random tiny WanPipeline built in code;
+    # callable: import ``target`` ("pkg.module:function") and call it with ``kwargs`` (+ device, dtype).
+    loader: str = "diffusers"
+    repo_id: Optional[str] = None
+    target: Optional[str] = None
+    pipeline_class: Optional[str] = None  # diffusers class name; None lets DiffusionPipeline pick
+    family: str = "wan"
+    task: str = "t2v"  # t2v | i2v | ti2v
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    guidance_scale_2: Optional[float] = None
+    flow_shift: Optional[float] = None  # scheduler shift; None keeps the checkpoint's scheduler config
+    negative_prompt: str = ""
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fps: int = 16
+    svg2: SVG2Overrides = field(default_factory=SVG2Overrides)  # this model's SVG2Config defaults (DESIGN.md 1)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # loader kwargs
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call kwargs
+
+
+@dataclass
+class MethodConfig:
+    """An attention method from the registry (``svg2.methods.build_method``) plus its knobs."""
+
+    name: str = MISSING
+    label: Optional[str] = None  # display name in tables and plots
+    # stock: leave the pipeline's own attention processors in place (the true dense model).
+    stock: bool = False
+    # pass_cfg: the method takes the merged SVG2Config as ``cfg=`` (svg2). Otherwise only ``shared_fields`` of
+    # it (the dense warm-up schedule, the kernel, target_density: what every baseline shares) are passed as
+    # keyword arguments. Whatever the method does not receive is left out of the row key, so sweeping svg2
+    # knobs runs such a method once.
+    pass_cfg: bool = True
+    shared_fields: list[str] = field(default_factory=list)
+    cfg: SVG2Overrides = field(default_factory=SVG2Overrides)  # SVG2Config overrides on top of model.svg2
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for the method's constructor
+
+
+@dataclass
+class KernelConfig:
+    attention: str = "auto"
+    kmeans: str = "auto"
+
+
+@dataclass
+class PromptsConfig:
+    # builtin: our VBench-style smoke sets; vbench: the installed vbench package's list (or ``path``);
+    # file: ``path`` to a .txt (one prompt a line) or .json/.jsonl list.
+    source: str = "builtin"
+    set: str = "smoke"
+    path: Optional[str] = None
+    image_dir: Optional[str] = None  # I2V: images are resolved relative to this folder
+    dimensions: Optional[list[str]] = None
+    limit: Optional[int] = None
+
+
+@dataclass
+class MetricsConfig:
+    psnr: bool = True
+    ssim: bool = True
+    ssim_window: str = "gaussian"  # gaussian (11x11, sigma 1.5) | box (11x11 uniform, the authors' scripts)
+    lpips_nets: list[str] = field(default_factory=lambda: ["alex", "vgg"])
+    lpips_random_backbone: bool = False  # tests only: randomly initialised backbone, recorded as such
+    lpips_allow_download: bool = False  # let torchvision download backbone weights on first use
+    compare_on: list[str] = field(default_factory=lambda: ["memory", "mp4"])
+    device: str = "auto"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "svg2"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    log_videos: bool = True
+
+
+@dataclass
+class LatencyConfig:
+    warmup_runs: int = 0  # untimed generations before the first timed one of each job (time reported)
+    per_step: bool = True  # per-denoising-step times through callback_on_step_end
+    components: bool = True  # per-component times from the svg2 handle
+
+
+@dataclass
+class StoreConfig:
+    dir: Optional[str] = None  # None: <sweep dir>/results in a multirun, <run dir>/results otherwise
+    retry_failed: bool = True  # a relaunch retries rows that failed; finished rows are always skipped
+    save_videos: bool = True
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = "${oc.env:SVG2_CACHE_DIR,'~/.cache/svg2/reference'}"
+    dtype: str = "float16"  # frames on disk: float16 | float32 | uint8
+
+
+@dataclass
+class RunConfig:
+    name: str = "adhoc"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    compile: bool = False  # torch.compile the transformer(s); compile time lands in the warm-up
+    progress: bool = True  # tqdm bars (TQDM_DISABLE=1 or CI=1 silences them)
+    fail_fast: bool = False  # raise instead of recording a failed row and moving on
+    report: bool = True  # write tables and plots when the run / multirun ends
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas (idempotent). ``conf/config.yaml`` lists ``svg2_run_schema`` first."""
+    cs = ConfigStore.instance()
+    cs.store(name="svg2_run_schema", node=RunConfig)
