@@ -93,14 +93,25 @@ def radial_block_map(frames: int, tpf: int, block_size: int, decay_factor: float
 
 @functools.lru_cache(maxsize=64)
 def _decay_for_density(frames: int, tpf: int, block_size: int, model_type: str, target: float) -> float:
-    best = None
-    for e in range(-64, 65):  # decay factors 2^(e/8): from 1/256 to 256
-        df = 2.0 ** (e / 8)
-        bm, sizes = radial_block_map(frames, tpf, block_size, df, model_type)
-        err = abs(static_density(sizes, sizes, bm) - target)
-        if best is None or err < best[0] - 1e-12:
-            best = (err, df)
-    return best[1]
+    """The decay factor 2^(e/8), e in [-64, 64], whose density is closest to ``target`` (bisection: the
+    density does not decrease with the decay factor). Below the mask's floor (windows never narrower than
+    a block) the smallest factor is returned."""
+
+    def density(e: int) -> float:
+        bm, sizes = radial_block_map(frames, tpf, block_size, 2.0 ** (e / 8), model_type)
+        return static_density(sizes, sizes, bm)
+
+    lo, hi = -64, 64
+    if density(hi) <= target:
+        return 2.0 ** (hi / 8)
+    while hi - lo > 1:  # invariant: density(hi) > target, and lo is below target or the lower bound
+        mid = (lo + hi) // 2
+        if density(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    best = min((lo, hi), key=lambda e: abs(density(e) - target))
+    return 2.0 ** (best / 8)
 
 
 @register_method("radial")
