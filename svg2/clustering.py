@@ -7,12 +7,29 @@ does the work is chosen from ``svg2_kernels``' registry (``torch`` reference, ``
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from svg2_kernels import KMeansInputs, select_kmeans_variant
 
-__all__ = ["KMeansResult", "init_centroids", "kmeans"]
+__all__ = ["KMeansResult", "init_centroids", "kmeans", "head_shard"]
+
+# (first head, local heads, total heads) while a rank clusters a slice of the heads (svg2.parallel.ulysses).
+_HEAD_SHARD: ContextVar[tuple[int, int, int] | None] = ContextVar("svg2_head_shard", default=None)
+
+
+@contextlib.contextmanager
+def head_shard(first: int, num_local: int, total: int):
+    """Inside this block, k-means inputs of ``batch * num_local`` rows hold heads ``first .. first+num_local-1``
+    of ``total``: cold starts draw exactly the initial centroids that one process clustering all ``total`` heads
+    draws for those heads, so sequence-parallel ranks match a single GPU (per-head determinism)."""
+    token = _HEAD_SHARD.set((int(first), int(num_local), int(total)))
+    try:
+        yield
+    finally:
+        _HEAD_SHARD.reset(token)
 
 
 @dataclass
@@ -41,7 +58,13 @@ def init_centroids(x: torch.Tensor, num_clusters: int, seed: int) -> torch.Tenso
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # argsort of uniform noise = one random permutation per batch, drawn on the CPU so the result does
     # not depend on the device; the first C indices are distinct points.
-    idx = torch.rand(n, s, generator=gen).argsort(dim=-1)[:, :num_clusters].to(x.device)
+    shard = _HEAD_SHARD.get()
+    if shard is not None and n % shard[1] == 0:
+        first, local, total = shard  # draw the noise of all heads, keep this rank's rows
+        noise = torch.rand(n // local, total, s, generator=gen)[:, first:first + local].reshape(n, s)
+    else:
+        noise = torch.rand(n, s, generator=gen)
+    idx = noise.argsort(dim=-1)[:, :num_clusters].to(x.device)
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(n, num_clusters, d)).float()
 
 

@@ -97,7 +97,14 @@ class AttentionCore:
         self._run = torch.compiler.disable(self._run_impl)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0,
-                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 text_mask: torch.Tensor | None = None, parallel_config: Any = None) -> torch.Tensor:
+        if parallel_config is not None:  # diffusers' context parallelism: q, k, v hold a sequence shard
+            from svg2.parallel.ulysses import ulysses_attention, ulysses_group
+
+            group = ulysses_group(parallel_config)
+            if group is not None:
+                return ulysses_attention(self._run, q, k, v, group, num_text_tokens=num_text_tokens,
+                                         text_mask=text_mask)
         return self._run(q, k, v, num_text_tokens, text_mask)
 
     def _run_impl(self, q, k, v, num_text_tokens, text_mask):

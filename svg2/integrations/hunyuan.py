@@ -34,9 +34,13 @@ def _text_mask(attention_mask: torch.Tensor | None, num_text: int) -> torch.Tens
 class SVG2HunyuanVideoAttnProcessor:
     """Joint-attention processor for HunyuanVideo blocks; repeats ``HunyuanVideoAttnProcessor2_0`` math."""
 
+    _parallel_config = None  # diffusers' enable_parallelism sets it on processors that have the attribute
+
     def __init__(self, core: AttentionCore, stock) -> None:
         self.core = core
         self.stock = stock
+        # enable_parallelism may have run before enable_svg2: inherit the stock processor's config.
+        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -85,7 +89,7 @@ class SVG2HunyuanVideoAttnProcessor:
 
         # 5. Attention: video tokens sparse, trailing text tokens dense
         hidden_states = self.core(query, key, value, num_text_tokens=num_text,
-                                  text_mask=_text_mask(attention_mask, num_text))
+                                  text_mask=_text_mask(attention_mask, num_text), parallel_config=self._parallel_config)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         # 6. Output projections

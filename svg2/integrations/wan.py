@@ -29,9 +29,13 @@ class SVG2WanAttnProcessor:
     """Self-attention processor for ``WanAttention`` (``attn1``). Anything that is not plain self-attention
     (encoder states or a mask given) goes to the stock processor unchanged."""
 
+    _parallel_config = None  # diffusers' enable_parallelism sets it on processors that have the attribute
+
     def __init__(self, core: AttentionCore, stock) -> None:
         self.core = core
         self.stock = stock
+        # enable_parallelism may have run before enable_svg2: inherit the stock processor's config.
+        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -52,7 +56,8 @@ class SVG2WanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        hidden_states = self.core(query, key, value)  # (batch, seqlen, heads, headdim)
+        # (batch, seqlen, heads, headdim); under context parallelism a sequence shard (svg2.parallel.ulysses)
+        hidden_states = self.core(query, key, value, parallel_config=self._parallel_config)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
