@@ -110,3 +110,23 @@ def test_cli_on_synthetic_heads(tmp_path, capsys):
     for name in ("svg2", "svg1", "positional", "radial", "sliding_tile", "oracle"):
         assert name in out
     assert (tmp_path / "r.png").exists() and (tmp_path / "r.csv").read_text().count("\n") == 1 + 7 * 2
+
+
+def test_recorder_during_a_tiny_wan_generation(tmp_path):
+    from svg2 import enable_svg2
+    from tests.tiny_diffusers import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    recorder = QKVRecorder(tmp_path, layers=[1], steps=[2], heads=[1])
+    handle = enable_svg2(pipe, method=RecordingMethod(build_method("dense"), recorder))
+    with torch.no_grad():
+        pipe(prompt="a red ball", negative_prompt="", height=64, width=64, num_frames=5, num_inference_steps=3,
+             guidance_scale=5.0, output_type="pt", max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert sorted(p.name for p in recorder.written) == ["qkv_L001_S002_cond.pt", "qkv_L001_S002_uncond.pt"]
+    records = list(load_qkv_records(tmp_path))
+    assert records[0]["q"].shape[:2] == (1, 1) and records[0]["num_steps"] == 3
+    rows = recall_sweep(records, [MethodSpec("positional", "positional", dict(block_size=4, top_p=0.5))],
+                        num_rows=16)
+    assert len(rows) == 2 and all(0 < r["recall"] <= 1 for r in rows)
