@@ -13,7 +13,9 @@ then columns), followed by ``ctx.num_text_tokens`` joint text tokens.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -25,7 +27,7 @@ from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, AttentionMethod, dense_schedule
 
 __all__ = ["VIDEO_SHAPE_KEY", "LayoutMethod", "video_shape", "block_sizes", "static_layout", "layout_mask_rows",
-           "static_density"]
+           "static_density", "on_device"]
 
 VIDEO_SHAPE_KEY = "video_shape"
 
@@ -47,6 +49,19 @@ def video_shape(ctx: AttentionContext, num_video_tokens: int, method: str) -> tu
         raise ValueError(f"ctx.extra[{VIDEO_SHAPE_KEY!r}] = {(t, h, w)} gives {t * h * w} video tokens but the "
                          f"sequence has {num_video_tokens} (= seqlen - num_text_tokens)")
     return t, h, w
+
+
+@functools.lru_cache(maxsize=128)
+def _on_device(fn: Callable[..., tuple[torch.Tensor, ...]], args: tuple, device: str) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in fn(*args))
+
+
+def on_device(fn: Callable[..., tuple[torch.Tensor, ...]], *args, device: torch.device | str
+              ) -> tuple[torch.Tensor, ...]:
+    """``fn(*args)`` (a pure function of hashable arguments returning CPU tensors, e.g. a static mask),
+    computed once and kept on ``device``: later calls cost no host work and no host-to-device copy.
+    The returned tensors are shared: never modify them in place."""
+    return _on_device(fn, tuple(args), str(device))
 
 
 def block_sizes(labels: torch.Tensor, num_blocks: int) -> torch.Tensor:

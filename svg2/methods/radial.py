@@ -28,7 +28,7 @@ import torch
 
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, static_density, static_layout, video_shape
+from svg2.methods.blockwise import LayoutMethod, on_device, static_density, static_layout, video_shape
 
 __all__ = ["RadialMethod", "radial_block_map"]
 
@@ -114,6 +114,14 @@ def _decay_for_density(frames: int, tpf: int, block_size: int, model_type: str, 
     return 2.0 ** (best / 8)
 
 
+def _radial_static(frames: int, tpf: int, block_size: int, decay_factor: float, model_type: str):
+    """Block label of every raster video token (frame-aligned blocks) and the block map."""
+    bm, _ = radial_block_map(frames, tpf, block_size, decay_factor, model_type)
+    nc = -(-tpf // block_size)
+    tok = torch.arange(frames * tpf)
+    return (tok // tpf) * nc + (tok % tpf) // block_size, bm
+
+
 @register_method("radial")
 class RadialMethod(LayoutMethod):
     """Static radial mask: temporal-distance bands with spatial windows that shrink as 1/distance."""
@@ -145,11 +153,8 @@ class RadialMethod(LayoutMethod):
         t, hh, ww = video_shape(ctx, sv, self.name)
         tpf = hh * ww
         df = self.resolved_decay_factor(t, tpf)
-        bm, _ = radial_block_map(t, tpf, self.block_size, df, self.model_type)
-        nc = -(-tpf // self.block_size)
-        tok = torch.arange(sv, device=q.device)
-        labels = (tok // tpf) * nc + (tok % tpf) // self.block_size
-        return static_layout(labels, labels, bm.to(q.device), b, h, num_text_tokens=ctx.num_text_tokens,
+        labels, bm = on_device(_radial_static, t, tpf, self.block_size, df, self.model_type, device=q.device)
+        return static_layout(labels, labels, bm, b, h, num_text_tokens=ctx.num_text_tokens,
                              text_mask=ctx.text_mask)
 
     def describe(self) -> dict[str, Any]:

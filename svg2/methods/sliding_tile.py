@@ -21,7 +21,7 @@ import torch
 
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, static_density, static_layout, video_shape
+from svg2.methods.blockwise import LayoutMethod, on_device, static_density, static_layout, video_shape
 
 __all__ = ["SlidingTileMethod", "tile_labels", "sta_block_map"]
 
@@ -83,6 +83,10 @@ def _window_for_density(shape: tuple[int, int, int], tile: tuple[int, int, int],
     return best[1]
 
 
+def _sta_static(shape: tuple[int, int, int], tile: tuple[int, int, int], window: tuple[int, int, int]):
+    return tile_labels(shape, tile)[0], sta_block_map(shape, tile, window)[0]
+
+
 @register_method("sliding_tile")
 class SlidingTileMethod(LayoutMethod):
     """3D tiles with a clamped sliding window of tiles (static)."""
@@ -106,10 +110,9 @@ class SlidingTileMethod(LayoutMethod):
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
         b, h, s, _ = q.shape
         shape = video_shape(ctx, s - ctx.num_text_tokens, self.name)
-        bm, _ = sta_block_map(shape, self.tile_size, self.resolved_window(shape))
-        labels, _ = tile_labels(shape, self.tile_size)
-        return static_layout(labels.to(q.device), labels.to(q.device), bm.to(q.device), b, h,
-                             num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+        labels, bm = on_device(_sta_static, shape, self.tile_size, self.resolved_window(shape), device=q.device)
+        return static_layout(labels, labels, bm, b, h, num_text_tokens=ctx.num_text_tokens,
+                             text_mask=ctx.text_mask)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tile_size": list(self.tile_size), "window": list(self.window),

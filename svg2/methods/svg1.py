@@ -29,6 +29,7 @@ from svg2.methods.base import AttentionContext, register_method
 from svg2.methods.blockwise import (
     LayoutMethod,
     layout_mask_rows,
+    on_device,
     softmax_scale,
     static_density,
     static_layout,
@@ -72,6 +73,12 @@ def svg1_block_map(num_tokens: int, tokens_per_frame: int, block_size: int, dens
     return best[2], best[1]
 
 
+def _svg1_static(frames: int, tpf: int, block_size: int, density: float, sink: bool):
+    spatial, temporal = svg1_orders(frames, tpf)
+    bm, _ = svg1_block_map(frames * tpf, tpf, block_size, density, sink)
+    return spatial // block_size, temporal // block_size, bm
+
+
 @register_method("svg1")
 class SVG1Method(LayoutMethod):
     """Spatial/temporal head classification by sampled-row MSE, then a static band mask per head."""
@@ -93,12 +100,11 @@ class SVG1Method(LayoutMethod):
         self.seed = int(seed)
 
     def _orders_and_map(self, q: torch.Tensor, ctx: AttentionContext):
+        """Block labels (S,) of the spatial and temporal orders and the band block map, on q's device."""
         sv = q.shape[2] - ctx.num_text_tokens
         t, h, w = video_shape(ctx, sv, self.name)
-        spatial, temporal = svg1_orders(t, h * w)
-        bm, _ = svg1_block_map(sv, h * w, self.block_size, self.density, self.attention_sink)
-        dev = q.device
-        return (spatial // self.block_size).to(dev), (temporal // self.block_size).to(dev), bm.to(dev)
+        return on_device(_svg1_static, t, h * w, self.block_size, self.density, self.attention_sink,
+                         device=q.device)
 
     def _sample_rows(self, num_video: int, ctx: AttentionContext, device) -> torch.Tensor:
         # Deterministic per (seed, layer, step, branch) so runs are reproducible.
