@@ -33,10 +33,9 @@ SHAPES = {  # frames x latent height x width after 2x2 patching (81 frames -> 21
     "hunyuan": dict(heads=24, frames=33, height=45, width=80),  # 720p 129f: S = 118800 (text not added)
     "tiny": dict(heads=2, frames=2, height=8, width=12),  # CPU smoke (interpreter)
 }
-DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages
-    (128, 64, 8, 8, 2), (128, 64, 8, 8, 3), (128, 64, 8, 4, 2), (128, 128, 8, 8, 2), (128, 128, 16, 8, 2),
-    (128, 128, 8, 8, 3), (64, 64, 8, 4, 2), (64, 64, 8, 4, 3), (64, 128, 8, 4, 2), (128, 32, 8, 4, 3),
-    (128, 64, 16, 8, 2), (64, 32, 8, 4, 3),
+DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages, block_m_small (0: one tier)
+    (128, 128, 16, 8, 2, 0), (128, 128, 16, 8, 2, 64), (128, 128, 32, 8, 2, 64), (128, 64, 16, 8, 2, 64),
+    (128, 128, 16, 8, 3, 64), (128, 64, 32, 8, 3, 64), (64, 128, 16, 4, 2, 0), (64, 64, 16, 4, 2, 0),
 ]
 
 
@@ -165,7 +164,8 @@ def gather_rows(x, perm):
 class SVG2Call:
     """One warm-started SVG2 attention call on our kernels, with per-component CUDA events."""
 
-    def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg):
+    def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg, fused=True):
+        self.fused = fused
         self.cq_init, self.ck_init = cq_init, ck_init
         self.density, self.min_kc_ratio, self.iters, self.cfg = density, min_kc_ratio, iters, cfg
 
@@ -183,14 +183,24 @@ class SVG2Call:
         scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes)
         bm = select_target_density(scores, rq.sizes, rk.sizes, self.density, self.min_kc_ratio)
         mark("selection")
-        qs, qflat = gather_rows(q.reshape(n, s, d), rq.perm)
-        ks, _ = gather_rows(k.reshape(n, s, d), rk.perm)
-        vs, _ = gather_rows(v.reshape(n, s, d), rk.perm)
+        if self.fused:  # K/V gathered by the Triton permute kernel; Q gather / O scatter inside attention
+            from svg2_kernels.permute import permute_rows
+
+            ks, vs = permute_rows(k, rk.perm.view(b, h, s)), permute_rows(v, rk.perm.view(b, h, s))
+        else:
+            qs, qflat = gather_rows(q.reshape(n, s, d), rq.perm)
+            ks, _ = gather_rows(k.reshape(n, s, d), rk.perm)
+            vs, _ = gather_rows(v.reshape(n, s, d), rk.perm)
         mark("permutation")
         shp = (b, h)
         meta = build_varblock_metadata(rq.offsets.view(*shp, -1), rk.offsets.view(*shp, -1),
                                        bm.view(*shp, *bm.shape[1:]), s, s, self.cfg)
         mark("metadata")
+        if self.fused:
+            out = varblock_attention_with_metadata(q, ks.view(b, h, s, d), vs.view(b, h, s, d), meta,
+                                                   q_perm=rq.perm.view(b, h, s))
+            mark("attention")
+            return out
         o = varblock_attention_with_metadata(qs.view(b, h, s, d), ks.view(b, h, s, d), vs.view(b, h, s, d), meta)
         mark("attention")
         out = torch.empty_like(q).reshape(n * s, d).index_copy_(0, qflat, o.reshape(n * s, d))
@@ -202,6 +212,37 @@ def _event():
     e = torch.cuda.Event(enable_timing=True)
     e.record()
     return e
+
+
+def graph_time(call, q, k, v, reps: int) -> float:
+    """Median ms of the whole call replayed as one CUDA graph (no host sync on the sparse path)."""
+    call(q, k, v)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(q, k, v)
+    times = []
+    for _ in range(reps + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    return statistics.median(times[1:])
+
+
+def tile_utilization(meta, useful_pairs: float) -> float:
+    """Useful token pairs / token pairs computed by the kernel's tiles (query and key padding included)."""
+    cfg = meta.config
+    total = 0.0
+    for work, num, bm in ((meta.work, meta.num_work, cfg.block_m), (meta.work_small, meta.num_work_small,
+                                                                     cfg.block_m_small)):
+        w = work[: int(num.item())].long()
+        if w.numel():
+            total += float(meta.num_tiles[w[:, 0], w[:, 1]].double().sum().item()) * bm * cfg.block_n
+    return useful_pairs / max(total, 1.0)
 
 
 def breakdown(call, q, k, v, reps: int) -> dict[str, float]:
@@ -338,12 +379,13 @@ def run(cfg: dict) -> list[dict]:
 
                 meta = build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg)
                 row = dict(kind="attention", shape=sname, heads=h, seqlen=s, cq=cq, ck=ck, target=dens,
-                           density=density, dense_ms=t_dense, config=[kcfg.block_m, kcfg.block_n, kcfg.win,
+                           density=density, dense_ms=t_dense, config=[kcfg.block_m, kcfg.block_n, kcfg.win, kcfg.block_m_small,
                                                                       kcfg.num_warps, kcfg.num_stages])
                 row["meta_ms"] = bench(lambda: build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg), dev, budget)
                 out = varblock_attention_with_metadata(qs, ks, vs, meta)
                 row["ours_ms"] = bench(lambda: varblock_attention_with_metadata(qs, ks, vs, meta), dev, budget)
                 row["speedup"] = t_dense / row["ours_ms"]
+                row["tile_util"] = tile_utilization(meta, float(pairs.sum().item()))
                 row["efficiency"] = density * t_dense / row["ours_ms"]
                 if cfg["check"]:
                     hh = slice(0, 1)
@@ -380,6 +422,13 @@ def run(cfg: dict) -> list[dict]:
                         row.update({f"call_{k_}_ms": v_ for k_, v_ in bd.items()})
                         row["call_speedup"] = t_dense / bd["total"]
                         row["call_nonattn_frac"] = 1.0 - bd["attention"] / bd["total"]
+                        row["call_graph_ms"] = graph_time(call, q, k, v, reps)
+                        row["call_graph_speedup"] = t_dense / row["call_graph_ms"]
+                        unfused = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
+                                           cfg["kmeans_step_iters"], kcfg, fused=False)
+                        bdu = breakdown(unfused, q, k, v, reps)
+                        row["call_unfused_perm_ms"] = bdu["permutation"] + bdu["inverse_permutation"]
+                        row["call_unfused_total_ms"] = bdu["total"]
                     except Exception as e:  # noqa: BLE001
                         row["call_error"] = f"{type(e).__name__}: {e}"[:300]
                 emit(row, rows)
@@ -401,17 +450,20 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
     km = [r for r in rows if r["kind"] == "kmeans"]
     lines = [f"# Kernel benchmark ({env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')})", ""]
     lines += ["## Attention (bf16, B=1, D=128)", "",
-              "| shape | Cq/Ck | density | dense cuDNN ms | ours ms | speedup | efficiency | flex ms | flex eff. "
-              "| call ms | kmeans | select | perm | meta | attn | unperm | call speedup | non-attn % |",
-              "|" + "---|" * 18]
+              "| shape | Cq/Ck | density | dense cuDNN ms | ours ms | speedup | efficiency | tile util | flex ms "
+              "| flex eff. | call ms | kmeans | select | perm | meta | attn | call speedup | non-attn % | graph ms "
+              "| graph speedup |",
+              "|" + "---|" * 20]
     for r in att:
         lines.append("| " + " | ".join([
             r["shape"], f"{r['cq']}/{r['ck']}", _fmt(r["density"], 3), _fmt(r["dense_ms"]), _fmt(r["ours_ms"]),
-            _fmt(r["speedup"]), _fmt(r["efficiency"]), _fmt(r.get("flex_ms", float("nan"))),
+            _fmt(r["speedup"]), _fmt(r["efficiency"]), _fmt(r.get("tile_util", float("nan"))),
+            _fmt(r.get("flex_ms", float("nan"))),
             _fmt(r.get("flex_efficiency", float("nan"))), _fmt(r.get("call_total_ms", float("nan"))),
             *[_fmt(r.get(f"call_{c}_ms", float("nan"))) for c in
-              ("kmeans", "selection", "permutation", "metadata", "attention", "inverse_permutation")],
+              ("kmeans", "selection", "permutation", "metadata", "attention")],
             _fmt(r.get("call_speedup", float("nan"))), _fmt(100 * r.get("call_nonattn_frac", float("nan")), 1),
+            _fmt(r.get("call_graph_ms", float("nan"))), _fmt(r.get("call_graph_speedup", float("nan"))),
         ]) + " |")
     lines += ["", "## k-means (2 warm-started iterations; ms)", "",
               "| shape | Cq/Ck | ours Q | ours K | flash-kmeans Q | flash-kmeans K | cold build ms | Q sizes p10/50/90 "
@@ -422,8 +474,11 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
             _fmt(r.get("flash_q_ms", float("nan"))), _fmt(r.get("flash_k_ms", float("nan"))), _fmt(r["cold_ms"], 0),
             str(r["q_cluster_size_p10_p50_p90"]), str(r["k_cluster_size_p10_p50_p90"]),
         ]) + " |")
+    lines += ["", "call = one warm SVG2 call, eager, CUDA events per component (perm = K/V gather; the Q gather "
+              "and output scatter are fused into attention); graph = the same call replayed as one CUDA graph.",
+              "efficiency = density x dense / ours; tile util = useful pairs / pairs computed by the tiles."]
     if tune_rows:
-        lines += ["", "## Tile configs (block_m, block_n, win, warps, stages)", "",
+        lines += ["", "## Tile configs (block_m, block_n, win, warps, stages, block_m_small)", "",
                   "| shape | Cq/Ck | density | config | ms | efficiency |", "|---|---|---|---|---|---|"]
         for r in tune_rows:
             lines.append(f"| {r['shape']} | {r['cq']}/{r['ck']} | {_fmt(r['density'], 3)} | {r['config']} | "

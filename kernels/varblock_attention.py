@@ -58,6 +58,8 @@ class VarBlockConfig:
     win: int = 8
     num_warps: int = 8
     num_stages: int = 2
+    block_m_small: int = 0  # >0: remainders of <= this many rows run as a second launch with this tile
+    num_warps_small: int = 4
 
     @property
     def min_run(self) -> int:
@@ -69,8 +71,8 @@ def default_config(device_type: str, head_dim: int) -> VarBlockConfig:
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        return VarBlockConfig(block_m=128, block_n=128, win=8, num_warps=8, num_stages=2)
-    return VarBlockConfig(block_m=128, block_n=64, win=8, num_warps=8, num_stages=2)
+        return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64)
+    return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64)
 
 
 def _interpreting() -> bool:
@@ -83,11 +85,11 @@ def _interpreting() -> bool:
 class VarBlockMetadata:
     """Scheduling metadata (all int32 device tensors, fixed shapes given the layout's sizes).
 
-    work: (T_max, 3) ``(head, query cluster, first row)`` work items, the first ``num_work`` valid.
-    num_work: (1,) number of valid work items.
+    work: (T_max, 3) ``(head, query cluster, first row)`` work items of ``block_m`` rows, the first
+        ``num_work`` valid; work_small / num_work_small: the same for the ``block_m_small`` tier (remainders
+        of at most ``block_m_small`` rows), empty when that tier is off.
     q_bounds: (N, Cq + 2) query cluster offsets plus the sequence end (the tail "cluster" Cq).
     num_tiles: (N, Cq + 1) key tiles per query cluster (0 for the tail).
-    tile_run: (N, Cq + 1, T_row) first run of every key tile.
     run_vstart, run_delta, run_vend: (N, Cq + 1, R) per run: virtual start, physical row - virtual
         position, virtual end of the real rows.
     """
@@ -95,9 +97,10 @@ class VarBlockMetadata:
     config: VarBlockConfig
     work: torch.Tensor
     num_work: torch.Tensor
+    work_small: torch.Tensor
+    num_work_small: torch.Tensor
     q_bounds: torch.Tensor
     num_tiles: torch.Tensor
-    tile_run: torch.Tensor
     run_vstart: torch.Tensor
     run_delta: torch.Tensor
     run_vend: torch.Tensor
@@ -151,54 +154,67 @@ def build_varblock_metadata(
     kv_len = torch.where(nruns > 0, run_vend.gather(-1, last).squeeze(-1), 0)  # (n, cq+1)
     num_tiles = (kv_len + config.block_n - 1) // config.block_n
     run_vstart = torch.where(has, vstart, _NO_RUN)
-    t_row = -(-(seqlen_k + ck * config.min_run) // config.block_n) + 1
-    tile_pos = torch.arange(t_row, device=dev, dtype=i32) * config.block_n
-    tile_run = torch.searchsorted(
-        run_vstart.reshape(n * (cq + 1), ck),
-        tile_pos.expand(n * (cq + 1), t_row).contiguous(),
-        right=True,
-        out_int32=True,
-    ) - 1
-    tile_run = tile_run.clamp_min(0).reshape(n, cq + 1, t_row)
 
-    # -- query tiles: (head, cluster, first row) work items, fixed upper bound on their number --
+    # -- query tiles: (head, cluster, first row) work items, fixed upper bounds on their number --
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
-    qsz = (q_bounds[:, 1:] - q_bounds[:, :-1]).clamp_min(0)  # (n, cq+1)
-    qt = ((qsz + config.block_m - 1) // config.block_m).reshape(-1)
-    cum = torch.cumsum(qt, dim=0, dtype=i32)
-    t_max = n * (-(-seqlen_q // config.block_m) + cq + 1)
-    t = torch.arange(t_max, device=dev, dtype=i32)
-    item = torch.searchsorted(cum, t, right=True, out_int32=True).clamp_max(qt.numel() - 1)
-    first = cum.gather(0, item.long()) - qt.gather(0, item.long())
-    work = torch.stack([item // (cq + 1), item % (cq + 1), (t - first) * config.block_m], dim=1).to(i32)
+    qsz = (q_bounds[:, 1:] - q_bounds[:, :-1]).clamp_min(0).reshape(-1)  # (n*(cq+1),)
+    bm_, bs_ = config.block_m, config.block_m_small
+    if bs_ > 0:  # full tiles + a large remainder in the big tier; a small remainder in the small tier
+        rem = qsz % bm_
+        big = qsz // bm_ + (rem > bs_).to(i32)
+        small = ((rem > 0) & (rem <= bs_)).to(i32)
+    else:
+        big = (qsz + bm_ - 1) // bm_
+        small = torch.zeros_like(qsz)
+    work, num_work = _work_items(big, cq + 1, n * (-(-seqlen_q // bm_) + cq + 1), bm_, None)
+    work_s, num_work_s = _work_items(small, cq + 1, n * (cq + 1) if bs_ > 0 else 0, bm_, qsz // bm_)
     return VarBlockMetadata(
         config=config,
-        work=work.contiguous(),
-        num_work=cum[-1:].contiguous(),
+        work=work,
+        num_work=num_work,
+        work_small=work_s,
+        num_work_small=num_work_s,
         q_bounds=q_bounds.contiguous(),
         num_tiles=num_tiles.to(i32).contiguous(),
-        tile_run=tile_run.contiguous(),
         run_vstart=run_vstart.to(i32).contiguous(),
         run_delta=run_delta.to(i32).contiguous(),
         run_vend=run_vend.to(i32).contiguous(),
     )
 
 
+def _work_items(count, cq1: int, t_max: int, block_m: int, first_tile):
+    """Expand per-(head, cluster) tile counts (flat, int32) into (t_max, 3) work items without a sync.
+
+    Item j of cluster c starts at row ``(first_tile[c] + j) * block_m`` (first_tile None: 0)."""
+    dev = count.device
+    i32 = torch.int32
+    cum = torch.cumsum(count, dim=0, dtype=i32)
+    if t_max == 0:
+        return torch.zeros(0, 3, dtype=i32, device=dev), cum[-1:].contiguous()
+    t = torch.arange(t_max, device=dev, dtype=i32)
+    item = torch.searchsorted(cum, t, right=True, out_int32=True).clamp_max(count.numel() - 1)
+    j = t - (cum.gather(0, item.long()) - count.gather(0, item.long()))
+    if first_tile is not None:
+        j = j + first_tile.gather(0, item.long())
+    work = torch.stack([item // cq1, item % cq1, j * block_m], dim=1).to(i32).contiguous()
+    return work, cum[-1:].contiguous()
+
+
 if _HAS_TRITON:
 
     @triton.jit
     def _varblock_fwd_kernel(
-        Q, K, V, Out,
-        work_ptr, num_work_ptr, q_bounds_ptr, num_tiles_ptr, tile_run_ptr,
+        Q, K, V, Out, QIDX,
+        work_ptr, num_work_ptr, q_bounds_ptr, num_tiles_ptr,
         vstart_ptr, delta_ptr, vend_ptr,
         qk_scale,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
-        H, Cq1, T_ROW, RUNS,
+        H, Cq1, RUNS, SEQ_Q,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr, GATHER_Q: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if pid >= tl.load(num_work_ptr):
@@ -216,8 +232,12 @@ if _HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         m_mask = offs_m < qe
+        if GATHER_Q:  # Q and O in token order: sorted row -> token through the query permutation
+            q_rows = tl.load(QIDX + n.to(tl.int64) * SEQ_Q + offs_m, mask=m_mask, other=0)
+        else:
+            q_rows = offs_m
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+            Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
             mask=m_mask[:, None] & d_mask[None, :], other=0.0,
         )
         k_base = K + b * stride_kb + h * stride_kh
@@ -229,26 +249,40 @@ if _HAS_TRITON:
         n_tiles = tl.load(num_tiles_ptr + row_id)
         meta = row_id.to(tl.int64) * RUNS
         offs_w = tl.arange(0, WIN)
+        offs_n = tl.arange(0, BLOCK_N)
+        # Window of WIN runs starting at the run that holds the tile's first position. Runs are at least
+        # ceil(BLOCK_N / (WIN - 1)) long, so the window also holds the run of the next tile's first
+        # position: the next window is found from this one and prefetched one tile ahead.
+        r0 = 0
+        w_mask = offs_w < RUNS
+        w_start = tl.load(vstart_ptr + meta + offs_w, mask=w_mask, other=1 << 30)
+        w_delta = tl.load(delta_ptr + meta + offs_w, mask=w_mask, other=0)
+        w_end = tl.load(vend_ptr + meta + offs_w, mask=w_mask, other=0)
         for t in range(0, n_tiles):
             # -- row addresses of this tile of the virtual key sequence --
-            r0 = tl.load(tile_run_ptr + row_id.to(tl.int64) * T_ROW + t)
-            w_idx = r0 + offs_w
-            w_mask = w_idx < RUNS
-            w_start = tl.load(vstart_ptr + meta + w_idx, mask=w_mask, other=1 << 30)
-            w_delta = tl.load(delta_ptr + meta + w_idx, mask=w_mask, other=0)
-            w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
-            pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            pos = t * BLOCK_N + offs_n
             run = tl.sum((w_start[None, :] <= pos[:, None]).to(tl.int32), axis=1) - 1
             hit = offs_w[None, :] == run[:, None]
             p_delta = tl.sum(tl.where(hit, w_delta[None, :], 0), axis=1)
             p_end = tl.sum(tl.where(hit, w_end[None, :], 0), axis=1)
             n_mask = pos < p_end
             rows = tl.where(n_mask, pos + p_delta, 0)
-            # -- scores and online softmax --
             k = tl.load(
                 k_base + rows[None, :] * stride_ks + offs_d[:, None],
                 mask=n_mask[None, :] & d_mask[:, None], other=0.0,
             )
+            v = tl.load(
+                v_base + rows[:, None] * stride_vs + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            # -- prefetch the next tile's run window --
+            r0 = r0 + tl.sum((w_start <= (t + 1) * BLOCK_N).to(tl.int32), axis=0) - 1
+            w_idx = r0 + offs_w
+            w_mask = w_idx < RUNS
+            w_start = tl.load(vstart_ptr + meta + w_idx, mask=w_mask, other=1 << 30)
+            w_delta = tl.load(delta_ptr + meta + w_idx, mask=w_mask, other=0)
+            w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
+            # -- scores and online softmax --
             qk = tl.dot(q, k)
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -256,17 +290,13 @@ if _HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            v = tl.load(
-                v_base + rows[:, None] * stride_vs + offs_d[None, :],
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0,
-            )
             acc = tl.dot(p.to(v.dtype), v, acc)
             m_i = m_new
         # -- epilogue: rows without keys (and the tail cluster) write zeros --
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+            Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
             out.to(Out.dtype.element_ty),
             mask=m_mask[:, None] & d_mask[None, :],
         )
@@ -279,8 +309,14 @@ def varblock_attention_with_metadata(
     meta: VarBlockMetadata,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    q_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel with prebuilt metadata (reuse it across calls that share a layout)."""
+    """Launch the kernel with prebuilt metadata (reuse it across calls that share a layout).
+
+    q_perm: optional (B, H, Sq) int sorted position -> token index. Then q is in *token* order, the kernel
+    gathers its rows through q_perm and scatters the output back to token order (fusing the query
+    permutation and the inverse permutation of the output into the kernel).
+    """
     bsz, h, sq, d = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -288,22 +324,28 @@ def varblock_attention_with_metadata(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if out is None:
         out = torch.empty_like(q)
+    qidx = q_perm.reshape(bsz * h, sq).to(torch.int32) if q_perm is not None else meta.num_work
     cq1 = meta.num_tiles.shape[1]
-    grid = (meta.work.shape[0],)
-    _varblock_fwd_kernel[grid](
-        q, k, v, out,
-        meta.work, meta.num_work, meta.q_bounds, meta.num_tiles, meta.tile_run,
-        meta.run_vstart, meta.run_delta, meta.run_vend,
-        scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, cq1, meta.tile_run.shape[-1], meta.run_vstart.shape[-1],
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WIN=cfg.win,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    tiers = [(meta.work, meta.num_work, cfg.block_m, cfg.num_warps)]
+    if cfg.block_m_small > 0:
+        tiers.append((meta.work_small, meta.num_work_small, cfg.block_m_small, cfg.num_warps_small))
+    for work, num_work, block_m, warps in tiers:
+        if work.shape[0] == 0:
+            continue
+        _varblock_fwd_kernel[(work.shape[0],)](
+            q, k, v, out, qidx,
+            work, num_work, meta.q_bounds, meta.num_tiles,
+            meta.run_vstart, meta.run_delta, meta.run_vend,
+            scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            h, cq1, meta.run_vstart.shape[-1], sq,
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, WIN=cfg.win, GATHER_Q=q_perm is not None,
+            num_warps=warps, num_stages=cfg.num_stages,
+        )
     return out
 
 

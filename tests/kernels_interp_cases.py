@@ -91,6 +91,37 @@ def kmeans_case(name, dtype, n, s, d, c, iters, seed=0):
     return name, ok, f"label mismatches {mism}, centroid err {cerr:.3g}"
 
 
+def gather_q_case():
+    """q_perm fuses the query gather and the output scatter: same result in token order."""
+    from svg2_kernels.varblock_attention import VarBlockConfig, build_varblock_metadata
+    from svg2_kernels.varblock_attention import varblock_attention_with_metadata as run
+
+    g = torch.Generator().manual_seed(2)
+    b, h, s, d, cq, ck = 1, 2, 50, 16, 4, 6
+    qo = random_offsets(b * h, s, cq, g).reshape(b, h, cq + 1)
+    ko = random_offsets(b * h, s, ck, g).reshape(b, h, ck + 1)
+    bm = torch.rand(b, h, cq, ck, generator=g) < 0.5
+    q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=torch.float16) for _ in range(3))
+    perm = torch.stack([torch.randperm(s, generator=g) for _ in range(b * h)]).reshape(b, h, s)
+    cfg = VarBlockConfig(32, 16, 4, 4, 1, 16)
+    meta = build_varblock_metadata(qo, ko, bm, s, s, cfg)
+    sorted_out = run(q.gather(2, perm[..., None].expand(-1, -1, -1, d)), k, v, meta)
+    want = torch.empty_like(sorted_out).scatter_(2, perm[..., None].expand(-1, -1, -1, d), sorted_out)
+    got = run(q, k, v, meta, q_perm=perm)
+    return "gather_q", torch.equal(got, want), f"max diff {(got.float() - want.float()).abs().max().item():.3g}"
+
+
+def permute_case():
+    from svg2_kernels.permute import permute_rows, unpermute_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 45, 24, generator=g, dtype=torch.float16)
+    perm = torch.stack([torch.randperm(45, generator=g) for _ in range(6)]).reshape(2, 3, 45)
+    y = permute_rows(x, perm)
+    ok = torch.equal(y, x.gather(2, perm[..., None].expand(-1, -1, -1, 24))) and torch.equal(unpermute_rows(y, perm), x)
+    return "permute", ok, "gather and scatter"
+
+
 def opcheck_case():
     from svg2_kernels.varblock_attention import _varblock_attention_op
 
@@ -112,6 +143,7 @@ CASES = [
     ("attn_fp32_bm32_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1)),
     ("attn_fp16_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1)),
     ("attn_fp16_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 16, 8, 4, 1)),
+    ("attn_fp16_two_tier", torch.float16, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16)),
 ]
 KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
@@ -126,6 +158,8 @@ def main() -> None:
     results = {}
     jobs = [lambda c=c: attention_case(*c) for c in CASES]
     jobs += [lambda c=c: kmeans_case(*c) for c in KM_CASES]
+    jobs.append(gather_q_case)
+    jobs.append(permute_case)
     jobs.append(opcheck_case)
     for job in jobs:
         try:

@@ -22,7 +22,8 @@ import torch
 _HERE = Path(__file__).resolve().parent
 _CASES = [
     "attn_fp16_basic", "attn_fp32_basic", "attn_fp16_win2_pad", "attn_fp32_bm32_d48", "attn_fp16_dense_all",
-    "attn_fp16_sparse", "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2", "opcheck",
+    "attn_fp16_sparse", "attn_fp16_two_tier", "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
+    "gather_q", "permute", "opcheck",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -68,13 +69,14 @@ def test_metadata_schedule_cpu():
     qo = torch.tensor([[0, 30, 30, 31, 97]])
     ko = torch.tensor([[0, 10, 10, 11, 40, 41, 80, 85]])
     bm = torch.rand(1, cq, ck, generator=g) < 0.6
-    cfg = VarBlockConfig(block_m=16, block_n=16, win=2)
+    cfg = VarBlockConfig(block_m=16, block_n=16, win=2, block_m_small=8)
     meta = build_varblock_metadata(qo[None], ko[None], bm[None], sq, sk, cfg)
-    nw = int(meta.num_work)
     covered = torch.zeros(sq, dtype=torch.long)
-    for n, i, r0 in meta.work[:nw].tolist():
-        lo, hi = int(meta.q_bounds[n, i]) + r0, int(meta.q_bounds[n, i + 1])
-        covered[lo:min(hi, lo + 16)] += 1
+    for work, num, rows in ((meta.work, meta.num_work, 16), (meta.work_small, meta.num_work_small, 8)):
+        for n, i, r0 in work[:int(num)].tolist():
+            lo, hi = int(meta.q_bounds[n, i]) + r0, int(meta.q_bounds[n, i + 1])
+            assert lo < hi
+            covered[lo:min(hi, lo + rows)] += 1
     assert torch.equal(covered, torch.ones(sq, dtype=torch.long))
     for i in range(cq):
         want = torch.zeros(sk, dtype=torch.long)
