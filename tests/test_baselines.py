@@ -232,7 +232,7 @@ def test_baselines_experiment_preset_builds_every_method():
         assert {"svg2", "svg1", "positional", "radial", "sliding_tile", "oracle"} <= set(methods)
         for name in methods:
             cfg = compose("config", overrides=["experiment=baselines", f"method={name}",
-                                               "++method.cfg.target_density=0.2"])
+                                               "method.cfg.target_density=0.2"])
             spec = method_spec(cfg)
             if spec.stock or spec.name == "dense":
                 continue
