@@ -15,6 +15,7 @@ Efficiency = density x t_dense / t_kernel. Writes ``<out_dir>/bench_kernels<tag>
 # ruff: noqa: B023  (closures passed to bench() run at once, inside the loop iteration that made them)
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -379,8 +380,7 @@ def run(cfg: dict) -> list[dict]:
 
                 meta = build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg)
                 row = dict(kind="attention", shape=sname, heads=h, seqlen=s, cq=cq, ck=ck, target=dens,
-                           density=density, dense_ms=t_dense, config=[kcfg.block_m, kcfg.block_n, kcfg.win, kcfg.block_m_small,
-                                                                      kcfg.num_warps, kcfg.num_stages])
+                           density=density, dense_ms=t_dense, config=list(dataclasses.astuple(kcfg)))
                 row["meta_ms"] = bench(lambda: build_varblock_metadata(q_off, k_off, bm4, s, s, kcfg), dev, budget)
                 out = varblock_attention_with_metadata(qs, ks, vs, meta)
                 row["ours_ms"] = bench(lambda: varblock_attention_with_metadata(qs, ks, vs, meta), dev, budget)
