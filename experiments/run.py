@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,8 +17,12 @@ from svg2.harness.schema import register_configs
 
 register_configs()
 
+# An absolute path: the console script imports this module from a package, where Hydra would otherwise read
+# "../conf" as a Python module path.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     from svg2.harness.runner import run_from_hydra
 

@@ -40,7 +40,10 @@ class ReportCallback(Callback):
 
     def _report(self, config: DictConfig, store: Path) -> None:
         from analysis.report import write_report
+        from svg2.parallel.harness_hooks import report_allowed
 
+        if not report_allowed():  # under torchrun: after every rank's rows, rank 0 only
+            return
         if not store.exists():
             return
         try:

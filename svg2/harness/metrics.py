@@ -136,6 +136,9 @@ class LpipsScorer:
         if self.model is None:
             raise RuntimeError(f"LPIPS({self.net}) is unavailable: {self.skip_reason}")
         r, o = _pair(ref, out)
+        if min(r.shape[-2:]) < 32:
+            raise ValueError(f"LPIPS({self.net}) needs frames of at least 32x32 pixels, got {tuple(r.shape[-2:])}; "
+                             "set metrics.lpips_nets=[] for smaller videos")
         vals = []
         for i in range(0, r.shape[0], batch):
             rb = r[i:i + batch].to(self.device) * 2 - 1

@@ -79,13 +79,17 @@ def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int
             num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     finally:
         torch.random.set_rng_state(gen_state)
+    for m in (vae, text_encoder, transformer):
+        m.eval()  # built from configs, so in training mode: dropout would make every video differ
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=flow_shift)
     pipe = WanPipeline(tokenizer=_char_tokenizer(text_len), text_encoder=text_encoder, vae=vae,
                        scheduler=scheduler, transformer=transformer)
     pipe._svg2_max_sequence_length = text_len  # the harness passes it as max_sequence_length
-    pipe.to(device=device, dtype=dtype)
-    pipe.vae.to(torch.float32)  # as Wan recommends; cheap at tiny sizes
+    pipe.to(device=device)
+    if dtype != torch.float32:
+        pipe.transformer.to(dtype)
+        pipe.text_encoder.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

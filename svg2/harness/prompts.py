@@ -73,7 +73,18 @@ _SMOKE: dict[str, list[str]] = {
     ],
 }
 
+def _mini_set() -> dict[str, list[str]]:
+    """Held-out captions of the project's mini model (svg2/mini): the prompts its weights can follow."""
+    from svg2.mini.checker import eval_prompts
+
+    out: dict[str, list[str]] = {}
+    for p in eval_prompts(n_per_triple=1, held_out=True):
+        out.setdefault(f"mini_{p.direction}", []).append(p.prompt)
+    return out
+
+
 BUILTIN_SETS: dict[str, dict[str, list[str]]] = {"smoke": _SMOKE}
+_LAZY_SETS = {"mini": _mini_set}  # built on first use (they import optional parts of svg2)
 
 _TEXT_KEYS = ("prompt_en", "prompt", "caption", "text")
 _IMAGE_KEYS = ("image", "image_path", "image_name", "file_name", "img")
@@ -173,8 +184,11 @@ def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
     ``dimensions``, ``limit``). For ``task="i2v"`` every prompt must carry a readable image."""
     source = cfg.source
     if source == "builtin":
+        if cfg.set in _LAZY_SETS and cfg.set not in BUILTIN_SETS:
+            BUILTIN_SETS[cfg.set] = _LAZY_SETS[cfg.set]()
         if cfg.set not in BUILTIN_SETS:
-            raise KeyError(f"unknown built-in prompt set {cfg.set!r}; available: {sorted(BUILTIN_SETS)}")
+            known = sorted({*BUILTIN_SETS, *_LAZY_SETS})
+            raise KeyError(f"unknown built-in prompt set {cfg.set!r}; available: {known}")
         prompts = [Prompt(t, d) for d, ts in BUILTIN_SETS[cfg.set].items() for t in ts]
         # Interleave dimensions so that `limit` picks a spread of dimensions, not one.
         by_dim: dict[str, list[Prompt]] = {}

@@ -29,13 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from svg2.config import SVG2Config
 from svg2.harness.environment import environment_info
 from svg2.harness.generation import GenerationResult, generate
-from svg2.harness.loggers import make_logger
+from svg2.harness.loggers import NullLogger, make_logger
 from svg2.harness.metrics import MetricSuite
 from svg2.harness.models import load_pipeline
 from svg2.harness.prompts import Prompt, load_prompts
 from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.store import ResultsStore
 from svg2.harness.video import MP4_SETTINGS, read_mp4, write_mp4
+from svg2.parallel import harness_hooks as par
 
 __all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job", "clear_pipeline_cache"]
 
@@ -100,6 +101,7 @@ def job_identity(cfg: DictConfig, spec: MethodSpec) -> dict[str, Any]:
                                                 "compare_on")},
         "compile": bool(cfg.compile),
         "warmup_runs": int(cfg.latency.warmup_runs),
+        **par.identity(cfg),  # parallel.mode=ulysses: {"ulysses_degree": N} (other latencies); else nothing
     }
 
 
@@ -125,6 +127,7 @@ def _get_pipeline(cfg: DictConfig) -> tuple[Any, torch.device, torch.dtype]:
     if key not in _PIPE_CACHE:
         clear_pipeline_cache()  # one pipeline at a time: free the previous one first
         pipe, device, dtype = load_pipeline(cfg.model)
+        par.parallelize(cfg, pipe)  # parallel.mode=ulysses: shard the sequence across the ranks
         if cfg.compile:
             for name in ("transformer", "transformer_2"):
                 if getattr(pipe, name, None) is not None:
@@ -164,11 +167,12 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     from tqdm.auto import tqdm
 
     job_info = dict(job_info or {})
-    store = ResultsStore(store_dir)
+    par.job_start(cfg)
+    store = par.store_for_rank(cfg, ResultsStore(store_dir))
     out_dir = Path(out_dir or store_dir)
     prompts = load_prompts(cfg.prompts, task=cfg.model.task)  # a bad prompt set fails before any generation
     seeds = [int(s) for s in cfg.seeds]
-    items = [(p, s) for p in prompts for s in seeds]
+    items = par.rows_for_rank(cfg, [(p, s) for p in prompts for s in seeds])  # torchrun: this rank's share
     counts = {"total": len(items), "skipped": 0, "ok": 0, "failed": 0}
 
     base_job = {"name": cfg.name, **job_info, "model": cfg.model.name, "model_family": cfg.model.family,
@@ -177,6 +181,7 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
                 "guidance_scale": cfg.model.guidance_scale, "dtype": cfg.model.dtype, "compile": bool(cfg.compile),
                 "kernel_attention": cfg.kernel.attention, "kernel_kmeans": cfg.kernel.kmeans,
                 "method": cfg.method.name, "method_label": cfg.method.label or cfg.method.name,
+                **par.row_fields(cfg),
                 "config_json": _json(_plain(cfg))}
     try:
         spec = method_spec(cfg)
@@ -237,6 +242,7 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = ReferenceCache(Path(os.path.expanduser(cfg.cache.dir)), dtype=cfg.cache.dtype, enabled=cfg.cache.enabled)
+    cache = par.cache_for_rank(cfg, cache)
     model_plain = _plain(cfg.model)
     compare_on = list(cfg.metrics.compare_on)
     bad = set(compare_on) - {"memory", "mp4"}
@@ -245,7 +251,8 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     progress = _progress_enabled(cfg)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
-    logger = make_logger(cfg.logger, _plain(cfg), name=str(tag), out_dir=out_dir)
+    logger = NullLogger() if par.is_follower(cfg) else make_logger(cfg.logger, _plain(cfg), name=str(tag),
+                                                                    out_dir=out_dir)
 
     refs: dict[tuple[str, int], _Ref] = {}
     failed_keys: set[str] = set()
@@ -314,7 +321,7 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
                 if ref is None:  # stock method, reference not cached yet: this video is the reference
                     ref = store_reference(p, s, res)
                 row.update(_latency_fields(res, warmup_s, env))
-                row.update(_stats_fields(handle))
+                row.update(_stats_fields(par.stats_view(cfg, handle)))  # ulysses: all ranks' heads
                 row.update(ref_key=ref.meta.get("key"), ref_cached=ref.cached, ref_latency_s=ref.meta.get("latency_s"),
                            ref_gpu=ref.meta.get("gpu"), ref_frames_dtype=ref.meta.get("frames_dtype", cfg.cache.dtype),
                            ref_video_path=str(ref.mp4))
@@ -399,6 +406,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, int]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    par.setup(cfg)  # under torchrun: join the process group (svg2.parallel.harness_hooks)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
@@ -408,6 +416,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, int]:
         store_dir = (Path(hc.sweep.dir) if multirun else out_dir) / "results"
     job_info = {"job_num": hc.job.num if multirun else 0, "override_dirname": hc.job.override_dirname or "default",
                 "output_dir": str(out_dir)}
+    store_dir = par.shared_path(store_dir)
     counts = run_job(cfg, store_dir, job_info, out_dir=out_dir)
     print(f"[svg2-run] {job_info['override_dirname']}: {counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} already done -> {store_dir}", file=sys.stderr)

@@ -151,6 +151,15 @@ class CacheConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Several processes under torchrun (svg2.parallel.harness_hooks): ``none`` | ``shard`` (one video per GPU,
+    rows split across ranks) | ``ulysses`` (one video on all GPUs, sequence parallel; rank 0 writes)."""
+
+    mode: str = "none"
+    ulysses_degree: Optional[int] = None  # None: the world size
+
+
+@dataclass
 class RunConfig:
     name: str = "adhoc"
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -167,6 +176,7 @@ class RunConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def register_configs() -> None:
