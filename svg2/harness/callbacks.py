@@ -21,22 +21,33 @@ def report_dir_for(store_dir: Path) -> Path:
 class ReportCallback(Callback):
     """``report: true`` (default) writes ``<run or sweep dir>/report/`` from the results store."""
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from svg2.harness.runner import STORES_WRITTEN
 
-        if not config.get("report", True):
-            return
-        out = Path(HydraConfig.get().runtime.output_dir)
-        self._report(config, Path(config.store.dir).expanduser() if config.store.get("dir") else out / "results")
+        STORES_WRITTEN.clear()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.on_run_start(config)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from svg2.harness.runner import STORES_WRITTEN
+
+        if config.get("report", True) and STORES_WRITTEN:
+            self._report(config, STORES_WRITTEN[-1])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from svg2.harness.runner import STORES_WRITTEN
+
         if not config.get("report", True):
             return
-        if config.store.get("dir"):
-            store = Path(config.store.dir).expanduser()
+        if STORES_WRITTEN:  # jobs ran in this process (basic launcher)
+            stores = list(dict.fromkeys(STORES_WRITTEN))
+        elif config.store.get("dir"):  # jobs ran elsewhere (SLURM): the store the config names
+            stores = [Path(config.store.dir).expanduser()]
         else:
-            store = Path(str(config.hydra.sweep.dir)) / "results"
-        self._report(config, store)
+            stores = [Path(str(config.hydra.sweep.dir)) / "results"]
+        for store in stores:
+            self._report(config, store)
 
     def _report(self, config: DictConfig, store: Path) -> None:
         from analysis.report import write_report

@@ -111,6 +111,9 @@ def row_key(identity: dict[str, Any], prompt: Prompt, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+# Store folders this process wrote to (read by svg2.harness.callbacks.ReportCallback).
+STORES_WRITTEN: list[Path] = []
+
 # -- pipeline reuse across the jobs of one process (a multirun with the basic launcher) ---------------------
 _PIPE_CACHE: dict[str, tuple[Any, torch.device, torch.dtype]] = {}
 
@@ -417,6 +420,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, int]:
     job_info = {"job_num": hc.job.num if multirun else 0, "override_dirname": hc.job.override_dirname or "default",
                 "output_dir": str(out_dir)}
     store_dir = par.shared_path(store_dir)
+    STORES_WRITTEN.append(store_dir)  # for the report callback at the end of the run / multirun
     counts = run_job(cfg, store_dir, job_info, out_dir=out_dir)
     print(f"[svg2-run] {job_info['override_dirname']}: {counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} already done -> {store_dir}", file=sys.stderr)
