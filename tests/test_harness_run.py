@@ -128,3 +128,21 @@ def test_failed_job_is_recorded_and_retried(tmp_path):
     assert counts["ok"] == 1
     counts = run_job(cfg_ok, tmp_path / "results")
     assert counts == {"total": 1, "skipped": 1, "ok": 0, "failed": 0}
+
+
+def test_wandb_logger_path(tmp_path):
+    # WANDB_MODE=disabled (tests/conftest.py): the W&B code path runs without writing or sending anything.
+    cfg = _compose([*TINY, "prompts.limit=1", "method=dense", "logger=wandb", "metrics=fast",
+                    f"cache.dir={tmp_path / 'cache'}"])
+    assert cfg.logger.mode == "offline"  # the default when W&B is on
+    assert run_job(cfg, tmp_path / "results")["ok"] == 1
+
+
+def test_missing_weights_give_one_clear_message(tmp_path):
+    cfg = _compose(["model=wan2.1-t2v-1.3b", "model.device=cpu", "prompts.limit=2", f"cache.dir={tmp_path / 'c'}"])
+    counts = run_job(cfg, tmp_path / "results")
+    assert counts["failed"] == 2
+    rows = _rows(tmp_path / "results")
+    assert set(rows["failed_stage"]) == {"load"} and set(rows["error_type"]) == {"ModelLoadError"}
+    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in rows["error"].iloc[0]
+    assert "model=tiny" in rows["error"].iloc[0]

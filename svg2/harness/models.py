@@ -106,6 +106,13 @@ def _set_flow_shift(pipe: Any, shift: float) -> None:
     pipe.scheduler = type(sched).from_config(conf, **{key: shift})
 
 
+def _deprecation_utils():
+    try:
+        return importlib.import_module("diffusers.utils.deprecation_utils")
+    except ImportError:
+        return object()
+
+
 def _import_target(target: str):
     mod, _, attr = target.partition(":")
     if not attr:
@@ -137,8 +144,10 @@ def load_pipeline(cfg: Any) -> tuple[Any, torch.device, torch.dtype]:
         if not cfg.get("repo_id"):
             raise ValueError(f"model {cfg.name}: loader=diffusers needs model.repo_id (a Hub id or local folder)")
         cls = getattr(diffusers, cfg.pipeline_class) if cfg.get("pipeline_class") else diffusers.DiffusionPipeline
+        # diffusers renamed torch_dtype to dtype (the old name warns); pass whichever this version reads.
+        dtype_kw = "dtype" if hasattr(_deprecation_utils(), "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
         try:
-            pipe = cls.from_pretrained(cfg.repo_id, torch_dtype=dtype, **kwargs)
+            pipe = cls.from_pretrained(cfg.repo_id, **{dtype_kw: dtype}, **kwargs)
         except (OSError, ValueError) as e:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise ModelLoadError(
