@@ -298,7 +298,10 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
             handle = enable_svg2(pipe, spec.cfg, method=spec.name, timing=bool(cfg.latency.components),
                                  **spec.kwargs)
         warmup_s = 0.0
-        for _ in range(int(cfg.latency.warmup_runs)):
+        n_warmup = int(cfg.latency.warmup_runs)
+        if n_warmup < 0:
+            n_warmup = 1 if device.type == "cuda" else 0
+        for _ in range(n_warmup):
             p0, s0 = todo[0]
             warmup_s += generate(pipe, cfg.model, p0, s0, device, per_step=False).latency_s
     except Exception as e:  # noqa: BLE001

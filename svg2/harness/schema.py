@@ -131,7 +131,9 @@ class LoggerConfig:
 
 @dataclass
 class LatencyConfig:
-    warmup_runs: int = 0  # untimed generations before the first timed one of each job (time reported)
+    # Untimed generations before the first timed one of each job (their time is reported as warmup_s): kernel
+    # compilation, autotuning and torch.compile land there. -1 = auto: 1 on a GPU, 0 on the CPU.
+    warmup_runs: int = -1
     per_step: bool = True  # per-denoising-step times through callback_on_step_end
     components: bool = True  # per-component times from the svg2 handle
 
