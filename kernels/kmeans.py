@@ -213,7 +213,8 @@ class TritonKMeans(KMeansVariant):
 
     name = "triton"
     priority = 100
-    devices = ("cuda",)
+    # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
+    devices = ("cuda", "cpu") if _interpreting() else ("cuda",)
     requires = ("triton",)
 
     def not_supported_reasons(self, inputs: KMeansInputs) -> list[str]:
@@ -224,7 +225,7 @@ class TritonKMeans(KMeansVariant):
 
     def run(self, x, centroids, iters):
         res = kmeans_triton(x, centroids, iters)
-        return res.labels, res.centroids, res.sizes
+        return res.labels, res.centroids, res.sizes, res.offsets, res.perm
 
 
 register_kmeans_variant(TritonKMeans())

@@ -79,8 +79,24 @@ class AttentionVariant:
             reasons.append(f"head dim {inputs.head_dim} not in {self.head_dims}")
         return reasons
 
+    # A variant that can read Q in token order through the query permutation and write O back in token
+    # order (fusing both permutation passes into the kernel) sets this and implements forward_token_order.
+    fuses_query_permutation: bool = False
+
     def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):  # pragma: no cover
         raise NotImplementedError
+
+    def forward_token_order(self, q, k, v, q_perm, q_offsets, k_offsets, block_map, scale=None):
+        """Like ``forward`` but q (B, H, Sq, D) and the output are in token order; ``q_perm`` (B, H, Sq)
+        maps sorted position -> token index."""
+        qs = self.gather_rows(q, q_perm)
+        out_sorted = self.forward(qs, k, v, q_offsets, k_offsets, block_map, scale)
+        out = torch.empty_like(out_sorted)
+        return out.scatter_(2, q_perm.unsqueeze(-1).expand_as(out_sorted), out_sorted)
+
+    def gather_rows(self, x, perm):
+        """x (B, H, S, D), perm (B, H, S) -> rows of x in perm order (the permutation step)."""
+        return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, priority={self.priority})"
@@ -91,7 +107,9 @@ class KMeansVariant:
 
     Semantics (every variant): ``iters`` Lloyd iterations of (assign, update); the returned labels are the
     last assignment and the returned centroids are the means of exactly those clusters (empty clusters keep
-    their previous centroid). With ``iters == 0`` it only assigns to the given centroids.
+    their previous centroid). With ``iters == 0`` it only assigns to the given centroids. A variant whose
+    update already orders the points by cluster may return ``(labels, centroids, sizes, offsets, perm)``
+    with ``perm`` equal to ``argsort(labels, stable=True)``; the layout then skips its own sort.
     """
 
     name: str = "base"

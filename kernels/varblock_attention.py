@@ -423,7 +423,8 @@ class TritonVarBlockAttention(AttentionVariant):
 
     name = "triton"
     priority = 100
-    devices = ("cuda",)
+    # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
+    devices = ("cuda", "cpu") if _interpreting() else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     requires = ("triton",)
 
@@ -433,8 +434,22 @@ class TritonVarBlockAttention(AttentionVariant):
             reasons.append(f"head dim {inputs.head_dim} > 256")
         return reasons
 
+    fuses_query_permutation = True
+
     def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):
         return varblock_attention(q, k, v, q_offsets, k_offsets, block_map, scale)
+
+    def forward_token_order(self, q, k, v, q_perm, q_offsets, k_offsets, block_map, scale=None):
+        # The kernel gathers Q rows through q_perm and scatters O back: no separate permutation passes.
+        _check(q, k, v, q_offsets, k_offsets, block_map)
+        cfg = default_config(q.device.type, q.shape[-1])
+        meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
+        return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
+
+    def gather_rows(self, x, perm):
+        from svg2_kernels.permute import permute_rows
+
+        return permute_rows(x, perm)
 
 
 register_attention_variant(TritonVarBlockAttention())

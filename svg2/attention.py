@@ -168,6 +168,8 @@ def build_layout(
             rq.labels.view(b, h, sv), rk.labels.view(b, h, sv), block_map.view(b, h, cq, ck),
             q_sizes=rq.sizes.view(b, h, cq), k_sizes=rk.sizes.view(b, h, ck),
             num_text_tokens=num_text_tokens, text_mask=text_mask,
+            q_perm=None if rq.perm is None else rq.perm.view(b, h, sv),
+            k_perm=None if rk.perm is None else rk.perm.view(b, h, sv),
         )
     return layout
 
@@ -222,9 +224,8 @@ def svg2_attention(
         state.last_kernels["attention"] = variant.name
 
     with sec("permutation"):
-        qs = _gather_rows(q[:, :, :sv], layout.q_perm)
-        ks = _gather_rows(k[:, :, :sv], layout.k_perm)
-        vs = _gather_rows(v[:, :, :sv], layout.k_perm)
+        ks = variant.gather_rows(k[:, :, :sv], layout.k_perm)
+        vs = variant.gather_rows(v[:, :, :sv], layout.k_perm)
         q_off = layout.q_offsets
         k_off = layout.k_offsets
         block_map = layout.block_map
@@ -244,11 +245,19 @@ def svg2_attention(
             k_off = torch.cat([k_off, (sv + real).unsqueeze(-1)], dim=-1)
             ones = torch.ones(*block_map.shape[:-1], 1, dtype=torch.bool, device=q.device)
             block_map = torch.cat([block_map, ones], dim=-1)
-    with sec("attention"):
-        out_sorted = variant.forward(qs, ks, vs, q_off, k_off, block_map, scale)
-    with sec("permutation"):
-        out_video = torch.empty_like(out_sorted)
-        out_video.scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_sorted)
+    if variant.fuses_query_permutation:
+        # The kernel reads Q through q_perm and writes O in token order (permutation fused into it).
+        with sec("attention"):
+            out_video = variant.forward_token_order(q[:, :, :sv], ks, vs, layout.q_perm, q_off, k_off, block_map,
+                                                    scale)
+    else:
+        with sec("permutation"):
+            qs = variant.gather_rows(q[:, :, :sv], layout.q_perm)
+        with sec("attention"):
+            out_sorted = variant.forward(qs, ks, vs, q_off, k_off, block_map, scale)
+        with sec("permutation"):
+            out_video = torch.empty_like(out_sorted)
+            out_video.scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_sorted)
     if t == 0:
         return out_video, layout
     with sec("attention"):

@@ -40,6 +40,7 @@ class KMeansResult:
     centroids: torch.Tensor
     sizes: torch.Tensor
     kernel: str = "torch"
+    perm: torch.Tensor | None = None  # (batch, num_points) stable argsort of labels, when the kernel made it
 
     def inertia(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of squared distances of points to their centroid, per batch: (batch,) float32."""
@@ -100,5 +101,7 @@ def kmeans(
     elif init.shape != (n, c, d):
         raise ValueError(f"warm-start centroids have shape {tuple(init.shape)}, expected {(n, c, d)}")
     variant = select_kmeans_variant(kernel, KMeansInputs.of(x, c))
-    labels, centroids, sizes = variant.run(x, init.to(x.device), iters)
-    return KMeansResult(labels, centroids, sizes, kernel=variant.name)
+    out = variant.run(x, init.to(x.device), iters)
+    # A variant may also return (offsets, perm): its counting sort already ordered the points by cluster.
+    perm = out[4] if len(out) > 4 else None
+    return KMeansResult(out[0], out[1], out[2], kernel=variant.name, perm=perm)

@@ -76,8 +76,13 @@ class ClusterLayout:
         k_sizes: torch.Tensor | None = None,
         num_text_tokens: int = 0,
         text_mask: torch.Tensor | None = None,
+        q_perm: torch.Tensor | None = None,
+        k_perm: torch.Tensor | None = None,
     ) -> ClusterLayout:
-        """Build from per-token labels (B, H, S) and a block map (B, H, Cq, Ck)."""
+        """Build from per-token labels (B, H, S) and a block map (B, H, Cq, Ck).
+
+        ``q_perm``/``k_perm`` may be given when already known (they must equal the stable argsort of the
+        labels, as the Triton k-means' counting sort produces); otherwise they are computed here."""
         if q_labels.dim() != 3 or k_labels.dim() != 3 or block_map.dim() != 4:
             raise ValueError("expected q_labels/k_labels (B, H, S) and block_map (B, H, Cq, Ck), got "
                              f"{tuple(q_labels.shape)}, {tuple(k_labels.shape)}, {tuple(block_map.shape)}")
@@ -88,9 +93,11 @@ class ClusterLayout:
             q_sizes = _bincount(q_labels, cq)
         if k_sizes is None:
             k_sizes = _bincount(k_labels, ck)
-        q_perm = torch.sort(q_labels, dim=-1, stable=True).indices
-        k_perm = torch.sort(k_labels, dim=-1, stable=True).indices
-        return cls(q_labels, k_labels, q_sizes.long(), k_sizes.long(), q_perm, k_perm, block_map,
+        if q_perm is None:
+            q_perm = torch.sort(q_labels, dim=-1, stable=True).indices
+        if k_perm is None:
+            k_perm = torch.sort(k_labels, dim=-1, stable=True).indices
+        return cls(q_labels, k_labels, q_sizes.long(), k_sizes.long(), q_perm.long(), k_perm.long(), block_map,
                    num_text_tokens, text_mask)
 
     # ------------------------------------------------------------------------------------- properties

@@ -122,6 +122,37 @@ def permute_case():
     return "permute", ok, "gather and scatter"
 
 
+def svg2_end_to_end_case():
+    """svg2_attention with the Triton k-means (perm passthrough) and the fused-permutation attention path,
+    joint text with padding included, against float64 masked dense attention on the layout it produced."""
+    from svg2 import SVG2Config, svg2_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, h, sv, t, d = 2, 2, 70, 5, 32
+    centers = torch.randn(b, h, 6, d, generator=g) * 2
+    pick = torch.randint(0, 6, (b, h, sv + t), generator=g)
+    base = torch.gather(centers, 2, pick[..., None].expand(-1, -1, -1, d))
+    q = (base + 0.3 * torch.randn(b, h, sv + t, d, generator=g)).float()
+    k = (base + 0.3 * torch.randn(b, h, sv + t, d, generator=g)).float()
+    v = torch.randn(b, h, sv + t, d, generator=g)
+    tm = torch.ones(b, t, dtype=torch.bool)
+    tm[1, 3:] = False
+    cfg = SVG2Config(num_q_centroids=6, num_k_centroids=9, top_p=0.8, kmeans_iters_init=4,
+                     attention_kernel="triton", kmeans_kernel="triton")
+    out, layout = svg2_attention(q, k, v, cfg, num_text_tokens=t, text_mask=tm)
+    sorted_q = torch.gather(layout.q_labels, 2, layout.q_perm)
+    perm_ok = bool((sorted_q.diff(dim=-1) >= 0).all())
+    mask = layout.to_dense()
+    qd, kd, vd = q.double(), k.double(), v.double()
+    s = (qd @ kd.transpose(-1, -2)) / d**0.5
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vd
+    same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    err = (out.double() - ref).abs().max().item()
+    err_torch = (same.double() - ref).abs().max().item()
+    ok = perm_ok and err <= 2 * err_torch + 1e-4 and layout.density() < 1
+    return "svg2_end_to_end", ok, f"err {err:.3g} vs torch {err_torch:.3g}, perm sorted {perm_ok}"
+
+
 def opcheck_case():
     from svg2_kernels.varblock_attention import _varblock_attention_op
 
@@ -161,6 +192,7 @@ def main() -> None:
     jobs.append(gather_q_case)
     jobs.append(permute_case)
     jobs.append(opcheck_case)
+    jobs.append(svg2_end_to_end_case)
     for job in jobs:
         try:
             name, ok, detail = job()
