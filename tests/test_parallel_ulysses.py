@@ -58,23 +58,25 @@ def _scenario(model, inputs, name):
 
 def _worker(rank, world, path):
     from svg2.parallel import enable_ulysses, gather_rank_records
-    from svg2.parallel.ulysses import _dim_exchange_fallback, heads_to_seq, seq_to_heads, ulysses_group
+    from svg2.parallel.ulysses import _dim_exchange_fallback, global_stats, heads_to_seq, seq_to_heads, ulysses_group
 
     inputs = wan_inputs(batch=2, seed=3)
     model = wan()
     ref = {"stock": _loop(model, inputs, steps=1)}
-    ref_density = {}
+    ref_density, ref_stats = {}, {}
     for name in SCENARIOS:
         h, ref[name], recs = _scenario(model, inputs, name)
         ref_density[name] = [r["density"] for r in recs]
+        ref_stats[name] = h.stats()
         h.remove()
 
     # svg2 enabled after the sequence is sharded: our processors inherit the stock processors' config.
     config = enable_ulysses(model, world)
     got = {"stock": _loop(model, inputs, steps=1)}
-    got_density = {}
+    got_density, got_stats = {}, {}
     for name in SCENARIOS:
         h, got[name], _ = _scenario(model, inputs, name)
+        got_stats[name] = global_stats(h)
         by_call: dict[tuple, list[float]] = {}
         for r in gather_rank_records(h):
             by_call.setdefault((r["layer"], r["step"], r["branch"]), []).append(r["density"])
@@ -95,7 +97,8 @@ def _worker(rank, world, path):
     exchange = dict(roundtrip=torch.equal(heads_to_seq(y, g), x), shape=tuple(y.shape),
                     fallback=torch.equal(_dim_exchange_fallback(x, 2, 1, g.group), y),
                     fallback_back=torch.equal(_dim_exchange_fallback(y, 1, 2, g.group), x), local_rank=g.rank)
-    torch.save(dict(ref=ref, got=got, ref_density=ref_density, got_density=got_density, exchange=exchange),
+    torch.save(dict(ref=ref, got=got, ref_density=ref_density, got_density=got_density, exchange=exchange,
+                    ref_stats=ref_stats, got_stats=got_stats),
                f"{path}/rank{rank}.pt")
 
 
@@ -126,6 +129,9 @@ def test_two_ranks_match_one_process(results, name):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     if name != "dense":  # the per-rank densities (local heads) average to the single-process ones
         assert results[0]["got_density"][name] == pytest.approx(results[0]["ref_density"][name], abs=1e-6)
+    for res in results:  # global_stats: the handle's summary over all ranks' heads
+        for k in ("mean_density", "num_calls", "num_dense_calls", "density_per_layer"):
+            assert res["got_stats"][name][k] == pytest.approx(res["ref_stats"][name][k], abs=1e-6), k
 
 
 def test_svg2_enabled_before_sharding(results):

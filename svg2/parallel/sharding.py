@@ -1,13 +1,13 @@
 """Prompt sharding: split the (job, prompt, seed) rows of a sweep across ranks, one video per GPU.
 
-Every rank runs a disjoint share of the rows that are still to do and writes them into the one results
-store (``svg2.harness.store.ResultsStore``: one file per row key, consolidation under a file lock), so the
-shares merge by construction and a relaunch resumes: finished rows are skipped, the rest are shared out
-again. With a process group, rank 0 decides the shares and broadcasts them (every rank sees the same list
-even while others are already writing); without one (independent SLURM tasks), shares are a stable
-function of the full row list, and each rank skips its finished rows.
+Shares are a stable function of the full row list (round-robin), not of what is finished: ranks need no
+communication to agree, a (prompt, seed) pair keeps its rank across the jobs of a sweep (its dense reference is
+generated once and then read from the reference cache), and a relaunch resumes (each rank skips its finished
+rows). Every rank writes into the one results store (``svg2.harness.store.ResultsStore``: one file per row
+key, consolidation under a file lock), so shares merge by construction; ``merge_stores`` merges stores that
+were written apart (node-local disks).
 
-    rows = my_rows(all_rows, key=lambda r: r.key, store=store)   # this rank's rows, in sweep order
+    rows = my_rows(all_rows, key=lambda r: r.key, store=store)   # this rank's unfinished rows, in sweep order
     for row in rows: ...run, store.write(result, consolidate=False)...
     finish(store)                                                 # barrier, then rank 0 consolidates
 """
@@ -19,8 +19,6 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch.distributed as dist
 
 from svg2.parallel.dist import DistInfo, barrier, dist_info
 
@@ -45,15 +43,6 @@ def pending_keys(store: Any, keys: Iterable[str], retry_failed: bool = True) -> 
     return [k for k in keys if store.should_run(k, retry_failed=retry_failed)]
 
 
-def _shared_plan(keys: list[str], store: Any, retry_failed: bool, info: DistInfo) -> list[str]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == info.world_size:
-        todo = [pending_keys(store, keys, retry_failed) if info.is_main else None]
-        dist.broadcast_object_list(todo, src=0)
-        return shard_keys(todo[0], info.rank, info.world_size)
-    # No process group: shares must not depend on what other ranks have already written.
-    return pending_keys(store, shard_keys(keys, info.rank, info.world_size), retry_failed)
-
-
 def my_rows(rows: Sequence[T], key: Callable[[T], str], store: Any, *, retry_failed: bool = True,
             info: DistInfo | None = None) -> list[T]:
     """This rank's rows still to run (all pending rows for a single process).
@@ -69,9 +58,7 @@ def my_rows(rows: Sequence[T], key: Callable[[T], str], store: Any, *, retry_fai
     keys = list(by_key)
     if len(keys) != len(rows):
         raise ValueError("two rows of the sweep have the same key; they would overwrite each other")
-    if not info.distributed:
-        return [by_key[k] for k in pending_keys(store, keys, retry_failed)]
-    return [by_key[k] for k in _shared_plan(keys, store, retry_failed, info)]
+    return [by_key[k] for k in pending_keys(store, shard_keys(keys, info.rank, info.world_size), retry_failed)]
 
 
 def finish(store: Any) -> None:

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from svg2.clustering import head_shard
 
 __all__ = ["UlyssesGroup", "ulysses_group", "ulysses_attention", "seq_to_heads", "heads_to_seq",
-           "check_ulysses_support", "enable_ulysses", "gather_rank_records", "per_rank_summary"]
+           "check_ulysses_support", "enable_ulysses", "gather_rank_records", "global_stats", "GlobalStatsView",
+           "per_rank_summary"]
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,45 @@ def gather_rank_records(handle: Any, group: Any = None) -> list[dict[str, Any]]:
     parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, mine, group=group)
     return [r for p in parts for r in p]
+
+
+class _MergedRecords:
+    """A handle whose records are the mean over ranks (for ``SVG2Handle.stats``)."""
+
+    def __init__(self, handle: Any, rows: list[dict[str, Any]]) -> None:
+        self._handle, self._rows = handle, rows
+
+    def records(self) -> list[dict[str, Any]]:
+        return self._rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def global_stats(handle: Any, group: Any = None) -> dict[str, Any]:
+    """``handle.stats()`` over all heads: each call's density is the mean of the ranks' densities (every rank
+    holds heads/N heads). A collective: every rank must call it. Timings stay this rank's."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return handle.stats()
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, handle.records(), group=group)
+    if len({len(p) for p in parts}) != 1:
+        raise RuntimeError(f"ranks recorded different numbers of attention calls: {[len(p) for p in parts]}")
+    merged = [{**calls[0], "density": sum(c["density"] for c in calls) / len(calls)} for calls in zip(*parts)]
+    return type(handle).stats(_MergedRecords(handle, merged))
+
+
+class GlobalStatsView:
+    """Wraps a handle so that ``stats()`` is :func:`global_stats` (everything else is the handle's)."""
+
+    def __init__(self, handle: Any, group: Any = None) -> None:
+        self._handle, self._group = handle, group
+
+    def stats(self) -> dict[str, Any]:
+        return global_stats(self._handle, self._group)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
 
 
 def per_rank_summary(handle: Any, group: Any = None) -> list[dict[str, Any]]:
