@@ -43,6 +43,7 @@ class StepTracker:
         self.branch = "cond"
         self.manual = False
         self.context: tuple[str, dict[str, Any]] | None = None  # set by the cache_context wrapper
+        self.video_shape: tuple[int, int, int] | None = None  # (frames, height, width) in tokens
         self._seen: set[str] = set()
 
     def begin_video(self, num_steps: int | None = None) -> None:
@@ -113,9 +114,29 @@ class AttentionCore:
             layer_index=self.layer_index, step_index=max(t.step_index, 0), num_steps=t.num_steps or 1,
             branch=t.branch, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=None, state=self.state,
             check_finite=self.check_finite,
+            extra={} if t.video_shape is None else {"video_shape": t.video_shape},
         )
         out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
         return out.transpose(1, 2)
+
+
+def video_token_shape(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) of the video in tokens, from the transformer's latent input (B, C, F, H, W)
+    and its patch size; baselines with geometric masks (svg1, radial, sliding_tile) read it."""
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+        return None
+    cfg = getattr(getattr(module, "_orig_mod", module), "config", None)
+    ps = getattr(cfg, "patch_size", None)
+    if isinstance(ps, (tuple, list)) and len(ps) == 3:  # Wan: (t, h, w)
+        pt, ph, pw = (int(x) for x in ps)
+    elif ps is not None:  # HunyuanVideo: spatial patch_size plus patch_size_t
+        ph = pw = int(ps)
+        pt = int(getattr(cfg, "patch_size_t", 1) or 1)
+    else:
+        return None
+    f, h, w = hs.shape[2:]
+    return (f // pt, h // ph, w // pw)
 
 
 @dataclass
@@ -173,6 +194,7 @@ class SVG2Handle:
             module.cache_context = cache_context
 
         def pre_hook(mod, args, kwargs):
+            self.tracker.video_shape = video_token_shape(mod, args, kwargs)
             if self.tracker.advance():
                 self._reset_states()
             return None
