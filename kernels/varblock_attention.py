@@ -60,6 +60,10 @@ class VarBlockConfig:
     num_stages: int = 2
     block_m_small: int = 0  # >0: remainders of <= this many rows run as a second launch with this tile
     num_warps_small: int = 4
+    # True: each key tile finds its run window through a per-tile table (tile_run) instead of carrying
+    # it from the previous tile. Costs (N, Cq+1, T_row) int32 of metadata, but removes the loop-carried
+    # dependency from the address chain, so Triton's pipeliner can issue the loads stages ahead.
+    tile_table: bool = False
 
     @property
     def min_run(self) -> int:
@@ -92,6 +96,7 @@ class VarBlockMetadata:
     num_tiles: (N, Cq + 1) key tiles per query cluster (0 for the tail).
     run_vstart, run_delta, run_vend: (N, Cq + 1, R) per run: virtual start, physical row - virtual
         position, virtual end of the real rows.
+    tile_run: (N, Cq + 1, T_row) first run of every key tile (``config.tile_table``), else (1, 1, 1).
     """
 
     config: VarBlockConfig
@@ -104,6 +109,7 @@ class VarBlockMetadata:
     run_vstart: torch.Tensor
     run_delta: torch.Tensor
     run_vend: torch.Tensor
+    tile_run: torch.Tensor | None = None
 
 
 def build_varblock_metadata(
@@ -154,6 +160,16 @@ def build_varblock_metadata(
     kv_len = torch.where(nruns > 0, run_vend.gather(-1, last).squeeze(-1), 0)  # (n, cq+1)
     num_tiles = (kv_len + config.block_n - 1) // config.block_n
     run_vstart = torch.where(has, vstart, _NO_RUN)
+    if config.tile_table:
+        t_row = -(-(seqlen_k + ck * config.min_run) // config.block_n) + 1
+        tile_pos = torch.arange(t_row, device=dev, dtype=i32) * config.block_n
+        tile_run = torch.searchsorted(
+            run_vstart.to(i32).reshape(n * (cq + 1), ck).contiguous(),
+            tile_pos.expand(n * (cq + 1), t_row).contiguous(), right=True, out_int32=True,
+        ) - 1
+        tile_run = tile_run.clamp_min(0).reshape(n, cq + 1, t_row).contiguous()
+    else:
+        tile_run = torch.zeros(1, 1, 1, dtype=i32, device=dev)
 
     # -- query tiles: (head, cluster, first row) work items, fixed upper bounds on their number --
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
@@ -179,6 +195,7 @@ def build_varblock_metadata(
         run_vstart=run_vstart.to(i32).contiguous(),
         run_delta=run_delta.to(i32).contiguous(),
         run_vend=run_vend.to(i32).contiguous(),
+        tile_run=tile_run,
     )
 
 
@@ -206,15 +223,16 @@ if _HAS_TRITON:
     def _varblock_fwd_kernel(
         Q, K, V, Out, QIDX,
         work_ptr, num_work_ptr, q_bounds_ptr, num_tiles_ptr,
-        vstart_ptr, delta_ptr, vend_ptr,
+        vstart_ptr, delta_ptr, vend_ptr, tile_run_ptr,
         qk_scale,
         stride_qb, stride_qh, stride_qs,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
-        H, Cq1, RUNS, SEQ_Q,
+        H, Cq1, RUNS, SEQ_Q, T_ROW,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr, GATHER_Q: tl.constexpr,
+        TILE_TABLE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if pid >= tl.load(num_work_ptr):
@@ -259,6 +277,13 @@ if _HAS_TRITON:
         w_delta = tl.load(delta_ptr + meta + offs_w, mask=w_mask, other=0)
         w_end = tl.load(vend_ptr + meta + offs_w, mask=w_mask, other=0)
         for t in range(0, n_tiles):
+            if TILE_TABLE:  # window from the per-tile table: no dependency on the previous iteration
+                r0 = tl.load(tile_run_ptr + row_id.to(tl.int64) * T_ROW + t)
+                w_idx = r0 + offs_w
+                w_mask = w_idx < RUNS
+                w_start = tl.load(vstart_ptr + meta + w_idx, mask=w_mask, other=1 << 30)
+                w_delta = tl.load(delta_ptr + meta + w_idx, mask=w_mask, other=0)
+                w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
             # -- row addresses of this tile of the virtual key sequence --
             pos = t * BLOCK_N + offs_n
             run = tl.sum((w_start[None, :] <= pos[:, None]).to(tl.int32), axis=1) - 1
@@ -275,13 +300,13 @@ if _HAS_TRITON:
                 v_base + rows[:, None] * stride_vs + offs_d[None, :],
                 mask=n_mask[:, None] & d_mask[None, :], other=0.0,
             )
-            # -- prefetch the next tile's run window --
-            r0 = r0 + tl.sum((w_start <= (t + 1) * BLOCK_N).to(tl.int32), axis=0) - 1
-            w_idx = r0 + offs_w
-            w_mask = w_idx < RUNS
-            w_start = tl.load(vstart_ptr + meta + w_idx, mask=w_mask, other=1 << 30)
-            w_delta = tl.load(delta_ptr + meta + w_idx, mask=w_mask, other=0)
-            w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
+            if not TILE_TABLE:  # -- prefetch the next tile's run window --
+                r0 = r0 + tl.sum((w_start <= (t + 1) * BLOCK_N).to(tl.int32), axis=0) - 1
+                w_idx = r0 + offs_w
+                w_mask = w_idx < RUNS
+                w_start = tl.load(vstart_ptr + meta + w_idx, mask=w_mask, other=1 << 30)
+                w_delta = tl.load(delta_ptr + meta + w_idx, mask=w_mask, other=0)
+                w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
             # -- scores and online softmax --
             qk = tl.dot(q, k)
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
@@ -335,15 +360,16 @@ def varblock_attention_with_metadata(
         _varblock_fwd_kernel[(work.shape[0],)](
             q, k, v, out, qidx,
             work, num_work, meta.q_bounds, meta.num_tiles,
-            meta.run_vstart, meta.run_delta, meta.run_vend,
+            meta.run_vstart, meta.run_delta, meta.run_vend, meta.tile_run,
             scale * 1.4426950408889634,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            h, cq1, meta.run_vstart.shape[-1], sq,
+            h, cq1, meta.run_vstart.shape[-1], sq, meta.tile_run.shape[-1],
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, WIN=cfg.win, GATHER_Q=q_perm is not None,
+            TILE_TABLE=cfg.tile_table,
             num_warps=warps, num_stages=cfg.num_stages,
         )
     return out
