@@ -75,8 +75,10 @@ def default_config(device_type: str, head_dim: int) -> VarBlockConfig:
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64)
-    return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64)
+        return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64,
+                              tile_table=True)
+    return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=2, block_m_small=64,
+                          tile_table=True)
 
 
 def _interpreting() -> bool:
