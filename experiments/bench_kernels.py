@@ -490,7 +490,12 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("Settings (override as key=value):\n" + (ROOT / "conf" / "bench_kernels.yaml").read_text())
+        return
+    cfg = load_config(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     run(cfg)
