@@ -26,6 +26,37 @@ from svg2.mini.pipeline import MiniPipeline, load_mini_pipeline
 from svg2.mini.structure import measure_top_mass
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Per-frame PSNR (data range 1.0) averaged over frames; a, b: (F, H, W, 3)."""
+    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(-1)
+    return float((10 * np.log10(1.0 / np.maximum(mse, 1e-12))).mean())
+
+
+def density_sweep(pipe: MiniPipeline, densities: list[float], n_prompts: int) -> list[dict]:
+    """SVG2 (paper defaults otherwise) at each target density, and at its top_p defaults: PSNR vs dense."""
+    from svg2 import SVG2Config
+    from svg2.integrations import enable_svg2
+
+    prompts = [p.prompt for p in checker.eval_prompts(1, held_out=True)][:n_prompts]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        dense = pipe(prompt, generator=torch.Generator().manual_seed(i)).frames[0]
+        for td in [None, *densities]:
+            handle = enable_svg2(pipe, SVG2Config(target_density=td))
+            try:
+                t0 = time.time()
+                sparse = pipe(prompt, generator=torch.Generator().manual_seed(i)).frames[0]
+                stats = handle.stats()
+            finally:
+                handle.remove()
+            row = {"prompt": prompt, "target_density": td, "psnr": _psnr(sparse, dense),
+                   "mean_sparse_density": stats["mean_sparse_density"], "mean_density": stats["mean_density"],
+                   "seconds": time.time() - t0}
+            rows.append(row)
+            print(f"  density sweep: {row}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="quick", choices=["quick", "long"])
@@ -37,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--structure", action="store_true", help="measure attention structure (1 prompt)")
     p.add_argument("--no-adherence", action="store_true")
+    p.add_argument("--density-sweep", default=None,
+                   help="comma-separated SVG2 target densities: PSNR of SVG2 vs dense at each (plus defaults)")
+    p.add_argument("--sweep-prompts", type=int, default=2)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
@@ -70,6 +104,9 @@ def main(argv=None) -> int:
         for name, r in result["structure"].items():
             print(f"top-15% attention mass ({name}): mean {r['mean']:.3f}, per layer "
                   f"{[round(v, 3) for v in r['per_layer'].values()]}", flush=True)
+    if args.density_sweep:
+        result["density_sweep"] = density_sweep(pipe, [float(x) for x in args.density_sweep.split(",")],
+                                                args.sweep_prompts)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
