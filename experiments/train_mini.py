@@ -5,8 +5,11 @@ clips on the device, and takes a rectified-flow step on the transformer and the 
 (bf16 autocast, AdamW, grad clipping, fp32 EMA). The batch size of a bucket keeps tokens per step about
 constant, so short CPU-sized clips and long 8k-token clips are both in distribution.
 
-    python experiments/train_mini.py --steps 4000 --out runs/mini            # full recipe (GPU)
-    python experiments/train_mini.py --steps 3 --tiny --device cpu --out /tmp/m   # smoke test
+    python experiments/train_mini.py --out runs/s1 --seed 0 --steps 1471                      # stage 1 (GPU)
+    python experiments/train_mini.py --out runs/s2 --init-from runs/s1 --seed 1 --steps 1066 \
+        --tokens-per-step 65536 --lr 4e-4 --warmup 50                                        # stage 2
+    python experiments/train_mini.py --out runs/s2 --assemble weights/mini                  # ship
+    python experiments/train_mini.py --steps 3 --tiny --device cpu --out /tmp/m              # smoke test
 
 Outputs under --out: ``mini_ema-NN.safetensors`` shards (EMA weights in bf16, each < 16 MB, configs in
 the metadata; ``--assemble`` turns them into the weights/mini folder), ``train_log.jsonl``, ``loss.png``,

@@ -32,6 +32,7 @@ __all__ = [
     "sample_scenes",
     "scenes_from_spec",
     "render",
+    "trajectories",
     "captions",
     "caption_vocabulary",
     "held_out_triples",
@@ -171,7 +172,7 @@ def _layout(scene: Scene, g: torch.Generator) -> None:
     scene.disp = torch.where(horizontal | vertical, disp, torch.zeros_like(disp))
     # Bouncing: the floor is y0 (low in the frame), the object rises by bounce_h.
     bounce_h = _u(g, (B, K), 0.25, 0.45)
-    floor = (hi - 0.0).clamp(max=1.0)
+    floor = hi
     bounce = m == 4
     scene.y0 = torch.where(bounce, floor, scene.y0)
     scene.bounce_h = torch.where(bounce, torch.minimum(bounce_h, floor - lo), torch.zeros_like(bounce_h))
