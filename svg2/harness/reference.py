@@ -58,8 +58,10 @@ class ReferenceCache:
         frames = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
         return frames, meta
 
-    def put(self, key: str, frames: np.ndarray, meta: dict[str, Any], fps: int) -> tuple[np.ndarray, Path]:
-        """Store a reference; returns the frames as stored (what every comparison uses) and the MP4 path."""
+    def put(self, key: str, frames: np.ndarray, meta: dict[str, Any], fps: int,
+            write_video: bool = True) -> tuple[np.ndarray, Path | None]:
+        """Store a reference; returns the frames as stored (what every comparison uses) and the MP4 path
+        (None when ``write_video`` is False, e.g. imageio-ffmpeg is not installed)."""
         d = self.entry(key)
         d.mkdir(parents=True, exist_ok=True)
         if self.dtype == "uint8":
@@ -69,7 +71,7 @@ class ReferenceCache:
         tmp = d / f".frames.{os.getpid()}.npy"
         np.save(tmp, stored)
         os.replace(tmp, d / "frames.npy")
-        mp4 = write_mp4(d / "video.mp4", frames, fps=fps)
+        mp4 = write_mp4(d / "video.mp4", frames, fps=fps) if write_video else None
         meta = {**meta, "key": key, "frames_dtype": self.dtype, "created_at": time.time()}
         atomic_write_text(d / "meta.json", json.dumps(meta, sort_keys=True, default=str, indent=1))
         out = stored.astype(np.float32) / 255.0 if stored.dtype == np.uint8 else stored.astype(np.float32)

@@ -35,7 +35,7 @@ from svg2.harness.models import load_pipeline
 from svg2.harness.prompts import Prompt, load_prompts
 from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.store import ResultsStore
-from svg2.harness.video import MP4_SETTINGS, read_mp4, write_mp4
+from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
 from svg2.parallel import harness_hooks as par
 
 __all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job", "clear_pipeline_cache"]
@@ -251,6 +251,14 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     bad = set(compare_on) - {"memory", "mp4"}
     if bad:
         raise ValueError(f"metrics.compare_on has {sorted(bad)}; use memory and/or mp4")
+    save_videos = bool(cfg.store.save_videos)
+    mp4_ok, mp4_why = mp4_support()
+    if not mp4_ok:
+        if "mp4" in compare_on or save_videos:
+            # Recorded in every row (mp4_skipped_reason), not silently dropped.
+            log.warning("MP4 output and MP4 metrics are skipped: %s", mp4_why)
+        compare_on = [c for c in compare_on if c != "mp4"]
+        save_videos = False
     progress = _progress_enabled(cfg)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
@@ -266,14 +274,17 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     def store_reference(p: Prompt, s: int, res: GenerationResult) -> _Ref:
         meta = {"latency_s": res.latency_s, "gpu": env["gpu"], "git_rev": env["git_rev"], "model": cfg.model.name,
                 "prompt": p.text, "seed": s}
-        frames, mp4 = cache.put(ref_key(p, s), res.frames, meta, fps=cfg.model.fps)
+        frames, mp4 = cache.put(ref_key(p, s), res.frames, meta, fps=cfg.model.fps, write_video=mp4_ok)
         return _Ref(frames, mp4, {**meta, "key": ref_key(p, s)}, cached=False)
 
     # 1. references (stock pipeline). A stock method's own generation doubles as its missing reference.
     for p, s in todo:
         hit = cache.get(ref_key(p, s))
         if hit is not None:
-            refs[(p.text + (p.image or ""), s)] = _Ref(hit[0], cache.entry(ref_key(p, s)) / "video.mp4", hit[1], True)
+            ref_mp4 = cache.entry(ref_key(p, s)) / "video.mp4"
+            if "mp4" in compare_on and not ref_mp4.exists():  # cached where imageio-ffmpeg was missing
+                write_mp4(ref_mp4, hit[0], fps=cfg.model.fps)
+            refs[(p.text + (p.image or ""), s)] = _Ref(hit[0], ref_mp4, hit[1], True)
     missing = [(p, s) for p, s in todo if (p.text + (p.image or ""), s) not in refs]
     if missing and not spec.stock:
         for p, s in tqdm(missing, desc=f"dense references [{tag}]", disable=not progress, leave=False):
@@ -330,8 +341,8 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
                 row.update(_stats_fields(par.stats_view(cfg, handle)))  # ulysses: all ranks' heads
                 row.update(ref_key=ref.meta.get("key"), ref_cached=ref.cached, ref_latency_s=ref.meta.get("latency_s"),
                            ref_gpu=ref.meta.get("gpu"), ref_frames_dtype=ref.meta.get("frames_dtype", cfg.cache.dtype),
-                           ref_video_path=str(ref.mp4))
-                if cfg.store.save_videos or "mp4" in compare_on:
+                           ref_video_path=str(ref.mp4) if ref.mp4 else "")
+                if save_videos or "mp4" in compare_on:
                     video_path = write_mp4(store.root / "videos" / f"{row['key']}.mp4", res.frames, fps=cfg.model.fps)
                     row["video_path"] = str(video_path)
                 scalars, per_frame = {}, {}
@@ -345,7 +356,8 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
                     per_frame.update(pf)
                 row.update(scalars)
                 row.update(suite.describe())
-                row.update(compared_on=",".join(compare_on), mp4_settings_json=_json(MP4_SETTINGS),
+                row.update(compared_on=",".join(compare_on), mp4_skipped_reason=mp4_why,
+                           mp4_settings_json=_json(MP4_SETTINGS),
                            per_frame_json=_json(per_frame), status="ok", finished_at=time.time(), **env)
                 counts["ok"] += 1
                 if progress and "psnr" in scalars:

@@ -6,10 +6,28 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["to_uint8", "write_mp4", "read_mp4", "MP4_SETTINGS"]
+__all__ = ["to_uint8", "write_mp4", "read_mp4", "mp4_support", "MP4_SETTINGS"]
 
 # Recorded with every row that compares decoded MP4s.
 MP4_SETTINGS = {"codec": "libx264", "pixelformat": "yuv420p", "quality": 8}
+
+
+def mp4_support() -> tuple[bool, str]:
+    """Whether MP4s can be written and read here, and if not, why (imageio picks another format silently)."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio") is None:
+        return False, "imageio is not installed (pip install 'svg2[eval]')"
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return False, "imageio-ffmpeg is not installed (pip install 'svg2[eval]' or imageio-ffmpeg)"
+    return True, ""
+
+
+def _require_mp4() -> None:
+    ok, why = mp4_support()
+    if not ok:
+        raise RuntimeError(f"cannot write/read MP4: {why}. Or run with metrics.compare_on=[memory] "
+                           "store.save_videos=false")
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -18,6 +36,7 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 16) -> Path:
     """Write frames to an H.264 MP4 (atomically: a partial file never has the final name)."""
+    _require_mp4()
     import imageio.v2 as imageio
 
     path = Path(path)
@@ -37,6 +56,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 16) -> Path:
 
 def read_mp4(path: str | Path) -> np.ndarray:
     """Decode an MP4 to float32 ``[F, H, W, 3]`` in [0, 1]."""
+    _require_mp4()
     import imageio.v2 as imageio
 
     with imageio.get_reader(Path(path), format="ffmpeg") as r:
