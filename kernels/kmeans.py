@@ -208,6 +208,24 @@ def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> KMean
     return KMeansResult(labels, c, sizes.long(), offsets.long(), perm)
 
 
+@torch.library.custom_op("svg2_kernels::kmeans", mutates_args=())
+def _kmeans_op(
+    x: torch.Tensor, centroids: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r = kmeans_triton(x, centroids, iters)
+    c = r.centroids.clone() if r.centroids.data_ptr() == centroids.data_ptr() else r.centroids  # no aliasing
+    return r.labels.long(), c, r.sizes, r.offsets, r.perm
+
+
+@_kmeans_op.register_fake
+def _(x, centroids, iters):
+    n, s, _ = x.shape
+    c, d = centroids.shape[1], centroids.shape[2]
+    i64 = dict(dtype=torch.long, device=x.device)
+    return (x.new_empty((n, s), **i64), x.new_empty((n, c, d), dtype=torch.float32), x.new_empty((n, c), **i64),
+            x.new_empty((n, c + 1), **i64), x.new_empty((n, s), **i64))
+
+
 class TritonKMeans(KMeansVariant):
     """Fused distance+argmin on tensor cores, counting-sort centroid update (no full sort)."""
 
@@ -224,8 +242,8 @@ class TritonKMeans(KMeansVariant):
         return reasons
 
     def run(self, x, centroids, iters):
-        res = kmeans_triton(x, centroids, iters)
-        return res.labels, res.centroids, res.sizes, res.offsets, res.perm
+        # A custom op: torch.compile sees one opaque node with known output shapes.
+        return _kmeans_op(x, centroids, int(iters))
 
 
 register_kmeans_variant(TritonKMeans())

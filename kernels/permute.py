@@ -58,7 +58,19 @@ def _launch(x: torch.Tensor, perm: torch.Tensor, scatter: bool, out: torch.Tenso
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather: x (..., S, D), perm (..., S) int (sorted position -> token) -> x in sorted order."""
+    if out is None:  # the functional form is a custom op, so torch.compile sees one opaque node
+        return _permute_rows_op(x, perm)
     return _launch(x, perm, False, out)
+
+
+@torch.library.custom_op("svg2_kernels::permute_rows", mutates_args=())
+def _permute_rows_op(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return _launch(x, perm, False, None)
+
+
+@_permute_rows_op.register_fake
+def _(x, perm):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def unpermute_rows(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

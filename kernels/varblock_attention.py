@@ -43,6 +43,7 @@ __all__ = [
     "build_varblock_metadata",
     "varblock_attention",
     "varblock_attention_with_metadata",
+    "varblock_attention_token_order",
     "TritonVarBlockAttention",
 ]
 
@@ -401,6 +402,45 @@ def _(q, k, v, q_offsets, k_offsets, block_map, scale):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("svg2_kernels::varblock_attention_token_order", mutates_args=())
+def _varblock_attention_token_order_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_perm: torch.Tensor,
+    q_offsets: torch.Tensor,
+    k_offsets: torch.Tensor,
+    block_map: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    cfg = default_config(q.device.type, q.shape[-1])
+    meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
+    return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
+
+
+@_varblock_attention_token_order_op.register_fake
+def _(q, k, v, q_perm, q_offsets, k_offsets, block_map, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def varblock_attention_token_order(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_perm: torch.Tensor,
+    q_offsets: torch.Tensor,
+    k_offsets: torch.Tensor,
+    block_map: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Like :func:`varblock_attention` but q and the output are in *token* order: the kernel gathers Q rows
+    through ``q_perm`` (B, H, Sq) (sorted position -> token) and scatters O back, so the query permutation and
+    the inverse output permutation cost no separate passes. k, v stay cluster-sorted."""
+    _check(q, k, v, q_offsets, k_offsets, block_map)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _varblock_attention_token_order_op(q, k, v, q_perm, q_offsets, k_offsets, block_map, scale)
+
+
 def varblock_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -469,10 +509,7 @@ class TritonVarBlockAttention(AttentionVariant):
 
     def forward_token_order(self, q, k, v, q_perm, q_offsets, k_offsets, block_map, scale=None):
         # The kernel gathers Q rows through q_perm and scatters O back: no separate permutation passes.
-        _check(q, k, v, q_offsets, k_offsets, block_map)
-        cfg = default_config(q.device.type, q.shape[-1])
-        meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
-        return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
+        return varblock_attention_token_order(q, k, v, q_perm, q_offsets, k_offsets, block_map, scale)
 
     def gather_rows(self, x, perm):
         from svg2_kernels.permute import permute_rows

@@ -122,6 +122,28 @@ def permute_case():
     return "permute", ok, "gather and scatter"
 
 
+def opcheck_more_case():
+    """Schema and fake-tensor checks of the token-order attention, k-means and permutation custom ops."""
+    from svg2_kernels.kmeans import _kmeans_op
+    from svg2_kernels.permute import _permute_rows_op
+    from svg2_kernels.varblock_attention import _varblock_attention_token_order_op
+
+    g = torch.Generator().manual_seed(4)
+    qo = random_offsets(2, 30, 3, g).reshape(1, 2, 4)
+    ko = random_offsets(2, 30, 5, g).reshape(1, 2, 6)
+    bm = torch.rand(1, 2, 3, 5, generator=g) < 0.5
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float16) for _ in range(3))
+    perm = torch.stack([torch.randperm(30, generator=g) for _ in range(2)]).reshape(1, 2, 30)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(_varblock_attention_token_order_op, (q, k, v, perm, qo, ko, bm, 0.25), test_utils=checks)
+    x = torch.randn(2, 40, 16, generator=g)
+    c = x[:, :5].clone()
+    for iters in (0, 2):  # iters=0 returns the input centroids: must not alias them
+        torch.library.opcheck(_kmeans_op, (x, c, iters), test_utils=checks)
+    torch.library.opcheck(_permute_rows_op, (q, perm), test_utils=checks)
+    return "opcheck_more", True, "token-order attention, kmeans, permute_rows"
+
+
 def svg2_end_to_end_case():
     """svg2_attention with the Triton k-means (perm passthrough) and the fused-permutation attention path,
     joint text with padding included, against float64 masked dense attention on the layout it produced."""
@@ -196,6 +218,7 @@ def main() -> None:
     jobs.append(permute_case)
     jobs.append(opcheck_case)
     jobs.append(svg2_end_to_end_case)
+    jobs.append(opcheck_more_case)
     for job in jobs:
         try:
             name, ok, detail = job()

@@ -24,7 +24,7 @@ _CASES = [
     "attn_fp16_basic", "attn_fp32_basic", "attn_fp16_win2_pad", "attn_fp32_bm32_d48", "attn_fp16_dense_all",
     "attn_fp16_sparse", "attn_fp16_two_tier", "attn_fp16_tile_table", "attn_fp32_tile_table_win2",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
-    "gather_q", "permute", "opcheck", "svg2_end_to_end",
+    "gather_q", "permute", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
