@@ -124,9 +124,14 @@ def video_token_shape(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     """(frames, height, width) of the video in tokens, from the transformer's latent input (B, C, F, H, W)
     and its patch size; baselines with geometric masks (svg1, radial, sliding_tile) read it."""
     hs = kwargs.get("hidden_states", args[0] if args else None)
+    cfg = getattr(getattr(module, "_orig_mod", module), "config", None)
+    if all(isinstance(kwargs.get(k), int) for k in ("num_frames", "height", "width")):
+        # LTX-Video: packed latents (B, S, C); the latent grid comes as keyword arguments.
+        p = int(getattr(cfg, "patch_size", 1) or 1)
+        pt = int(getattr(cfg, "patch_size_t", 1) or 1)
+        return (kwargs["num_frames"] // pt, kwargs["height"] // p, kwargs["width"] // p)
     if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
         return None
-    cfg = getattr(getattr(module, "_orig_mod", module), "config", None)
     ps = getattr(cfg, "patch_size", None)
     if isinstance(ps, (tuple, list)) and len(ps) == 3:  # Wan: (t, h, w)
         pt, ph, pw = (int(x) for x in ps)

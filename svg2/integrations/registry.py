@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from svg2.integrations.hunyuan import SVG2HunyuanVideoAttnProcessor, hunyuan_self_attention_sites
+from svg2.integrations.ltx import SVG2LTXVideoAttnProcessor, ltx_self_attention_sites
 from svg2.integrations.wan import SVG2WanAttnProcessor, wan_self_attention_sites
 
 __all__ = ["ModelFamily", "FAMILIES", "detect_family", "supported_models", "unwrap_compiled"]
@@ -30,6 +31,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("hunyuan_video", ("HunyuanVideoTransformer3DModel",),
                 "HunyuanVideo T2V / I2V (HunyuanVideoPipeline, HunyuanVideoImageToVideoPipeline)",
                 hunyuan_self_attention_sites, SVG2HunyuanVideoAttnProcessor),
+    ModelFamily("ltx_video", ("LTXVideoTransformer3DModel",),
+                "LTX-Video T2V / I2V (LTXPipeline, LTXImageToVideoPipeline)",
+                ltx_self_attention_sites, SVG2LTXVideoAttnProcessor),
 )
 
 
