@@ -132,6 +132,12 @@ def video_token_shape(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
         return (kwargs["num_frames"] // pt, kwargs["height"] // p, kwargs["width"] // p)
     if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
         return None
+    if type(getattr(module, "_orig_mod", module)).__name__.startswith("CogVideoX"):
+        # CogVideoX latents are (B, F, C, H, W); 1.5 pads frames to a multiple of patch_size_t.
+        p = int(getattr(cfg, "patch_size", 2) or 2)
+        pt = int(getattr(cfg, "patch_size_t", None) or 1)
+        f, h, w = hs.shape[1], hs.shape[3], hs.shape[4]
+        return (-(-f // pt), h // p, w // p)
     ps = getattr(cfg, "patch_size", None)
     if isinstance(ps, (tuple, list)) and len(ps) == 3:  # Wan: (t, h, w)
         pt, ph, pw = (int(x) for x in ps)

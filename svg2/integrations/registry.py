@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from svg2.integrations.cogvideox import SVG2CogVideoXAttnProcessor, cogvideox_self_attention_sites
 from svg2.integrations.hunyuan import SVG2HunyuanVideoAttnProcessor, hunyuan_self_attention_sites
 from svg2.integrations.ltx import SVG2LTXVideoAttnProcessor, ltx_self_attention_sites
 from svg2.integrations.wan import SVG2WanAttnProcessor, wan_self_attention_sites
@@ -34,6 +35,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("ltx_video", ("LTXVideoTransformer3DModel",),
                 "LTX-Video T2V / I2V (LTXPipeline, LTXImageToVideoPipeline)",
                 ltx_self_attention_sites, SVG2LTXVideoAttnProcessor),
+    ModelFamily("cogvideox", ("CogVideoXTransformer3DModel",),
+                "CogVideoX 1.0 / 1.5 T2V, I2V (CogVideoXPipeline, CogVideoXImageToVideoPipeline)",
+                cogvideox_self_attention_sites, SVG2CogVideoXAttnProcessor),
 )
 
 
