@@ -27,7 +27,8 @@ TABLE1_COLUMNS = [
     ("psnr", "PSNR ↑", True, "{:.2f}"),
     ("ssim", "SSIM ↑", True, "{:.4f}"),
     ("lpips", "LPIPS ↓", False, "{:.4f}"),
-    ("density", "Density", None, "{:.1%}"),
+    ("density", "Density", None, "{:.1%}"),  # every attention call of the video, dense warm-up included
+    ("density_sparse", "Sparse density", None, "{:.1%}"),  # the sparse calls only (what the knob controls)
     ("latency_s", "Latency (s)", False, "{:.2f}"),
     ("speedup", "Speedup", True, "{:.2f}x"),
 ]
@@ -102,6 +103,8 @@ def summarise(df: pd.DataFrame, mp4: bool = False) -> pd.DataFrame:
             rec[c] = float(vals.mean()) if vals.notna().any() else math.nan
         rec["lpips_net"] = lpips_net
         rec["density"] = float(g["density"].astype(float).mean()) if "density" in g else math.nan
+        sparse = g["density_sparse"].astype(float) if "density_sparse" in g else pd.Series(dtype=float)
+        rec["density_sparse"] = float(sparse.mean()) if sparse.notna().any() else math.nan
         rec["latency_s"] = float(g["latency_s"].astype(float).mean())
         # Speedup over the same (prompt, seed, device) set: ratio of mean latencies.
         keys = list(map(tuple, g[match].to_numpy()))
@@ -147,11 +150,17 @@ def _fmt(v: Any, fmt: str, latex: bool) -> str:
     return s.replace("%", r"\%") if latex else s
 
 
+def _columns(s: pd.DataFrame) -> list[tuple]:
+    """TABLE1_COLUMNS, without "Sparse density" for stores written before it was recorded."""
+    has_sparse = "density_sparse" in s and s["density_sparse"].astype(float).notna().any()
+    return [c for c in TABLE1_COLUMNS if c[0] != "density_sparse" or has_sparse]
+
+
 def _rows(s: pd.DataFrame, latex: bool) -> list[list[str]]:
     rows = []
     for _, r in s.iterrows():
         cells = []
-        for col, _h, _hb, fmt in TABLE1_COLUMNS:
+        for col, _h, _hb, fmt in _columns(s):
             v = r.get(col)
             if r["is_dense"] and col in ("psnr", "ssim", "lpips"):
                 v = None  # the reference itself: quality columns are empty, as in the paper
@@ -162,10 +171,11 @@ def _rows(s: pd.DataFrame, latex: bool) -> list[list[str]]:
 
 def to_markdown(s: pd.DataFrame) -> str:
     """Table 1 as a GitHub Markdown table (best non-dense value per model in bold)."""
-    headers = ["Model", "Method", *[h for _, h, _, _ in TABLE1_COLUMNS]]
+    cols = _columns(s)
+    headers = ["Model", "Method", *[h for _, h, _, _ in cols]]
     rows = _rows(s, latex=False)
     _bold_best(s, rows, lambda x: f"**{x}**")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(TABLE1_COLUMNS)) + "|"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(cols)) + "|"]
     prev = None
     for r in rows:
         model = r[0] if r[0] != prev else ""
@@ -175,7 +185,7 @@ def to_markdown(s: pd.DataFrame) -> str:
 
 
 def _bold_best(s: pd.DataFrame, rows: list[list[str]], mark) -> None:
-    for j, (col, _h, higher, _f) in enumerate(TABLE1_COLUMNS):
+    for j, (col, _h, higher, _f) in enumerate(_columns(s)):
         if higher is None:
             continue
         for _model, g in s[~s["is_dense"]].groupby("model"):
@@ -197,10 +207,11 @@ def to_latex(s: pd.DataFrame, caption: str = "Quality and efficiency against den
     """Table 1 as a booktabs LaTeX table (needs \\usepackage{booktabs,multirow})."""
     rows = _rows(s, latex=True)
     _bold_best(s, rows, lambda x: rf"\textbf{{{x}}}")
-    ncol = len(TABLE1_COLUMNS)
+    cols = _columns(s)
+    ncol = len(cols)
     out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", r"\label{tab:svg2-table1}",
            r"\begin{tabular}{ll" + "r" * ncol + "}", r"\toprule",
-           " & ".join(["Model", "Method", *[_tex(h) for _, h, _, _ in TABLE1_COLUMNS]]) + r" \\", r"\midrule"]
+           " & ".join(["Model", "Method", *[_tex(h) for _, h, _, _ in cols]]) + r" \\", r"\midrule"]
     models = list(dict.fromkeys(r[0] for r in rows))
     for mi, model in enumerate(models):
         mrows = [r for r in rows if r[0] == model]

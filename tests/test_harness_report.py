@@ -68,3 +68,17 @@ def test_pareto_front():
     y = np.array([30.0, 28.0, 20.0, 27.0])
     assert pareto_front(x, y).tolist() == [0, 1, 3, 2]
     assert pareto_front(x, np.array([0.1, 0.2, 0.3, 0.4]), higher_y=False).tolist() == [0, 1, 2]
+
+
+def test_sparse_density_column_when_recorded():
+    from analysis.tables import to_markdown
+
+    s = pd.DataFrame([
+        dict(model="m", variant="Dense", is_dense=True, psnr=None, ssim=None, lpips=None, density=1.0,
+             density_sparse=float("nan"), latency_s=2.0, speedup=1.0),
+        dict(model="m", variant="SVG2", is_dense=False, psnr=25.0, ssim=0.8, lpips=None, density=0.44,
+             density_sparse=0.15, latency_s=1.0, speedup=2.0),
+    ])
+    lines = to_markdown(s).splitlines()
+    assert "| Sparse density |" in lines[0]
+    assert lines[3].split("|")[7].strip() == "15.0%"  # the sparse calls only; Density keeps all calls (44.0%)
