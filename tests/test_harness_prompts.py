@@ -65,3 +65,22 @@ def test_i2v_images_are_checked(tmp_path):
 def test_vbench_missing_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="pip install vbench"):
         load_prompts(_cfg(source="vbench", set="vbench"))
+
+
+def test_builtin_i2v_smoke_set(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from svg2.harness.prompts import load_prompts
+
+    monkeypatch.setenv("SVG2_CACHE_DIR", str(tmp_path))
+    cfg = OmegaConf.create({"source": "builtin", "set": "smoke_i2v", "dimensions": None, "limit": 3})
+    ps = load_prompts(cfg, task="i2v")
+    assert len(ps) == 3 and len({p.dimension for p in ps}) == 3
+    for p in ps:
+        with Image.open(p.image) as im:
+            assert im.size == (832, 480)
+    again = load_prompts(cfg, task="i2v")
+    assert [p.image for p in again] == [p.image for p in ps]  # deterministic and cached
+    a = (tmp_path / "prompt_images")
+    assert len(list(a.glob("*.png"))) == 3 and not list(a.glob(".*"))  # no temporary files left

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Prompt", "BUILTIN_SETS", "load_prompts", "load_prompt_file", "find_vbench_info"]
+__all__ = ["Prompt", "BUILTIN_SETS", "load_prompts", "load_prompt_file", "find_vbench_info", "synthetic_image"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,38 @@ def _mini_set() -> dict[str, list[str]]:
     return out
 
 
+def synthetic_image(text: str, size: tuple[int, int] = (832, 480)) -> Path:
+    """A deterministic synthetic conditioning image for ``text`` (gradient background and a few shapes whose
+    colours and places derive from the text's hash), cached as PNG under ``$SVG2_CACHE_DIR/prompt_images``.
+    For I2V smoke runs only: it exercises the image path of a pipeline, it does not depict the caption."""
+    import numpy as np
+    from PIL import Image
+
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    root = Path(os.environ.get("SVG2_CACHE_DIR", "~/.cache/svg2")).expanduser() / "prompt_images"
+    path = root / f"{digest[:16]}_{size[0]}x{size[1]}.png"
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(int(digest[:12], 16))
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    img = top[None, None, :] * (1 - yy / h)[..., None] + bottom[None, None, :] * (yy / h)[..., None]
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0.15, 0.85) * w, rng.uniform(0.2, 0.8) * h, rng.uniform(0.05, 0.2) * h
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r if rng.uniform() < 0.5 else (
+            (abs(xx - cx) < r) & (abs(yy - cy) < r))
+        img[inside] = rng.uniform(0, 1, 3)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    Image.fromarray((img * 255).astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written image
+    return path
+
+
 BUILTIN_SETS: dict[str, dict[str, list[str]]] = {"smoke": _SMOKE}
+# Built-in image-to-video smoke set: the first smoke prompt of every dimension with a synthetic image.
+_IMAGE_SETS = {"smoke_i2v": lambda: {d: ts[:1] for d, ts in _SMOKE.items()}}
 _LAZY_SETS = {"mini": _mini_set}  # built on first use (they import optional parts of svg2)
 
 _TEXT_KEYS = ("prompt_en", "prompt", "caption", "text")
@@ -186,10 +218,13 @@ def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
     if source == "builtin":
         if cfg.set in _LAZY_SETS and cfg.set not in BUILTIN_SETS:
             BUILTIN_SETS[cfg.set] = _LAZY_SETS[cfg.set]()
-        if cfg.set not in BUILTIN_SETS:
-            known = sorted({*BUILTIN_SETS, *_LAZY_SETS})
+        if cfg.set in _IMAGE_SETS:  # images are attached after the selection below (only those used)
+            prompts = [Prompt(t, d) for d, ts in _IMAGE_SETS[cfg.set]().items() for t in ts]
+        elif cfg.set not in BUILTIN_SETS:
+            known = sorted({*BUILTIN_SETS, *_LAZY_SETS, *_IMAGE_SETS})
             raise KeyError(f"unknown built-in prompt set {cfg.set!r}; available: {known}")
-        prompts = [Prompt(t, d) for d, ts in BUILTIN_SETS[cfg.set].items() for t in ts]
+        else:
+            prompts = [Prompt(t, d) for d, ts in BUILTIN_SETS[cfg.set].items() for t in ts]
         # Interleave dimensions so that `limit` picks a spread of dimensions, not one.
         by_dim: dict[str, list[Prompt]] = {}
         for p in prompts:
@@ -218,6 +253,8 @@ def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
         prompts = [p for p in prompts if p.dimension in set(dims)]
     if cfg.get("limit") is not None:
         prompts = prompts[: int(cfg.limit)]
+    if source == "builtin" and cfg.set in _IMAGE_SETS:
+        prompts = [Prompt(p.text, p.dimension, str(synthetic_image(p.text))) for p in prompts]
     if task == "i2v":
         for p in prompts:
             if p.image is None:
