@@ -92,3 +92,21 @@ def test_method_spec_merges_model_defaults_method_cfg_and_kernel():
 def test_out_of_range_knob_is_a_clear_error():
     with pytest.raises(ValueError, match="top_p"):
         method_spec(_compose(["method.cfg.top_p=1.5"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["experiment=quickstart"], 6),  # method: dense,svg2 x top_p: 3 values
+        (["experiment=quickstart", "method.cfg.top_p=0.5"], 2),  # the command line wins over the preset
+        (["experiment=baselines"], 21),
+        (["experiment=pareto"], 32),  # 2 methods x 4 top_p x 2 Cq x 2 Ck (dense rows repeat: skipped by key)
+    ],
+)
+def test_count_sweep_jobs(overrides, expected):
+    from svg2.harness.callbacks import count_sweep_jobs
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert count_sweep_jobs(cfg) == expected
