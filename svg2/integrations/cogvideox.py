@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from svg2.integrations.handle import AttentionCore
+from svg2.integrations.handle import SVG2ProcessorBase, latent_input, model_config
 
-__all__ = ["SVG2CogVideoXAttnProcessor", "cogvideox_self_attention_sites"]
+__all__ = ["SVG2CogVideoXAttnProcessor", "cogvideox_self_attention_sites", "cogvideox_video_shape"]
 
 
-class SVG2CogVideoXAttnProcessor:
+class SVG2CogVideoXAttnProcessor(SVG2ProcessorBase):
     """Joint text+video attention processor for CogVideoX's ``attn1``; returns (video, text) like the stock one."""
-
-    _parallel_config = None
-
-    def __init__(self, core: AttentionCore, stock) -> None:
-        self.core = core
-        self.stock = stock
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None,
@@ -64,3 +58,14 @@ class SVG2CogVideoXAttnProcessor:
 def cogvideox_self_attention_sites(transformer: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, attention module) for every joint attention of a CogVideoXTransformer3DModel."""
     return [(i, block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+
+
+def cogvideox_video_shape(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) in tokens from the latents (B, F, C, H, W); 1.5 pads frames to patch_size_t."""
+    hs = latent_input(args, kwargs)
+    if hs is None or hs.dim() != 5:
+        return None
+    cfg = model_config(transformer)
+    p, pt = int(cfg.patch_size), int(cfg.patch_size_t or 1)
+    f, h, w = hs.shape[1], hs.shape[3], hs.shape[4]
+    return (-(-f // pt), h // p, w // p)

@@ -83,7 +83,7 @@ def enable_svg2(
     handle = SVG2Handle(built, tracker, timer)
     for (name, m), family in zip(modules, families):
         state = MethodState(timer=timer)
-        target = _Target(name=name, module=m, family=family.name, state=state)
+        target = _Target(name=name, module=m, family=family.name, state=state, video_shape=family.video_shape)
         for layer, attn in family.sites(m):
             stock = attn.processor
             core = AttentionCore(built, state, tracker, layer, check_finite)

@@ -120,34 +120,28 @@ class AttentionCore:
         return out.transpose(1, 2)
 
 
-def video_token_shape(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """(frames, height, width) of the video in tokens, from the transformer's latent input (B, C, F, H, W)
-    and its patch size; baselines with geometric masks (svg1, radial, sliding_tile) read it."""
+class SVG2ProcessorBase:
+    """What every svg2 attention processor shares: the attention core of its call site, the stock processor it
+    replaced (it handles every call that is not the self-attention we sparsify), and diffusers' context-parallel
+    config, which ``enable_parallelism`` sets on processors that have the attribute."""
+
+    _parallel_config = None
+
+    def __init__(self, core: AttentionCore, stock) -> None:
+        self.core = core
+        self.stock = stock
+        # enable_parallelism may have run before enable_svg2: inherit the stock processor's config.
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+
+def latent_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The transformer's latent input (``hidden_states``), positional or keyword."""
     hs = kwargs.get("hidden_states", args[0] if args else None)
-    cfg = getattr(getattr(module, "_orig_mod", module), "config", None)
-    if all(isinstance(kwargs.get(k), int) for k in ("num_frames", "height", "width")):
-        # LTX-Video: packed latents (B, S, C); the latent grid comes as keyword arguments.
-        p = int(getattr(cfg, "patch_size", 1) or 1)
-        pt = int(getattr(cfg, "patch_size_t", 1) or 1)
-        return (kwargs["num_frames"] // pt, kwargs["height"] // p, kwargs["width"] // p)
-    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
-        return None
-    if type(getattr(module, "_orig_mod", module)).__name__.startswith("CogVideoX"):
-        # CogVideoX latents are (B, F, C, H, W); 1.5 pads frames to a multiple of patch_size_t.
-        p = int(getattr(cfg, "patch_size", 2) or 2)
-        pt = int(getattr(cfg, "patch_size_t", None) or 1)
-        f, h, w = hs.shape[1], hs.shape[3], hs.shape[4]
-        return (-(-f // pt), h // p, w // p)
-    ps = getattr(cfg, "patch_size", None)
-    if isinstance(ps, (tuple, list)) and len(ps) == 3:  # Wan: (t, h, w)
-        pt, ph, pw = (int(x) for x in ps)
-    elif ps is not None:  # HunyuanVideo: spatial patch_size plus patch_size_t
-        ph = pw = int(ps)
-        pt = int(getattr(cfg, "patch_size_t", 1) or 1)
-    else:
-        return None
-    f, h, w = hs.shape[2:]
-    return (f // pt, h // ph, w // pw)
+    return hs if isinstance(hs, torch.Tensor) else None
+
+
+def model_config(module: torch.nn.Module) -> Any:
+    return getattr(getattr(module, "_orig_mod", module), "config", None)
 
 
 @dataclass
@@ -158,6 +152,8 @@ class _Target:
     module: torch.nn.Module
     family: str
     state: MethodState
+    # (transformer, args, kwargs) -> (frames, height, width) in tokens, or None: the family's video_shape
+    video_shape: Any = None
     originals: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)  # (attention module, processor)
     hooks: list[Any] = field(default_factory=list)
     had_cache_context_attr: bool = False
@@ -205,7 +201,7 @@ class SVG2Handle:
             module.cache_context = cache_context
 
         def pre_hook(mod, args, kwargs):
-            self.tracker.video_shape = video_token_shape(mod, args, kwargs)
+            self.tracker.video_shape = target.video_shape(mod, args, kwargs) if target.video_shape else None
             if self.tracker.advance():
                 self._reset_states()
             return None

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from svg2.integrations.handle import AttentionCore
+from svg2.integrations.handle import SVG2ProcessorBase, latent_input, model_config
 
-__all__ = ["SVG2HunyuanVideoAttnProcessor", "hunyuan_self_attention_sites"]
+__all__ = ["SVG2HunyuanVideoAttnProcessor", "hunyuan_self_attention_sites", "hunyuan_video_shape"]
 
 
 def _text_mask(attention_mask: torch.Tensor | None, num_text: int) -> torch.Tensor | None:
@@ -31,16 +31,8 @@ def _text_mask(attention_mask: torch.Tensor | None, num_text: int) -> torch.Tens
                      f"(batch, seqlen), got {tuple(attention_mask.shape)}")
 
 
-class SVG2HunyuanVideoAttnProcessor:
+class SVG2HunyuanVideoAttnProcessor(SVG2ProcessorBase):
     """Joint-attention processor for HunyuanVideo blocks; repeats ``HunyuanVideoAttnProcessor2_0`` math."""
-
-    _parallel_config = None  # diffusers' enable_parallelism sets it on processors that have the attribute
-
-    def __init__(self, core: AttentionCore, stock) -> None:
-        self.core = core
-        self.stock = stock
-        # enable_parallelism may have run before enable_svg2: inherit the stock processor's config.
-        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -106,3 +98,14 @@ def hunyuan_self_attention_sites(transformer: torch.nn.Module) -> list[tuple[int
     """(layer index, attention module): dual-stream blocks first, then single-stream blocks."""
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     return [(i, block.attn) for i, block in enumerate(blocks)]
+
+
+def hunyuan_video_shape(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) in tokens from the latents (B, C, F, H, W), patch_size and patch_size_t."""
+    hs = latent_input(args, kwargs)
+    if hs is None or hs.dim() != 5:
+        return None
+    cfg = model_config(transformer)
+    p, pt = int(cfg.patch_size), int(cfg.patch_size_t or 1)
+    f, h, w = hs.shape[2:]
+    return (f // pt, h // p, w // p)

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from svg2.integrations.handle import AttentionCore
+from svg2.integrations.handle import SVG2ProcessorBase, model_config
 
-__all__ = ["SVG2LTXVideoAttnProcessor", "ltx_self_attention_sites"]
+__all__ = ["SVG2LTXVideoAttnProcessor", "ltx_self_attention_sites", "ltx_video_shape"]
 
 
-class SVG2LTXVideoAttnProcessor:
+class SVG2LTXVideoAttnProcessor(SVG2ProcessorBase):
     """Self-attention processor for ``LTXAttention`` (``attn1``); anything else goes to the stock processor."""
-
-    _parallel_config = None
-
-    def __init__(self, core: AttentionCore, stock) -> None:
-        self.core = core
-        self.stock = stock
-        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -51,3 +44,12 @@ class SVG2LTXVideoAttnProcessor:
 def ltx_self_attention_sites(transformer: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, attention module) for every self-attention of an LTXVideoTransformer3DModel."""
     return [(i, block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+
+
+def ltx_video_shape(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) in tokens: LTX gets packed latents (B, S, C) and the latent grid as keywords."""
+    if not all(isinstance(kwargs.get(k), int) for k in ("num_frames", "height", "width")):
+        return None
+    cfg = model_config(transformer)
+    p, pt = int(cfg.patch_size or 1), int(cfg.patch_size_t or 1)
+    return (kwargs["num_frames"] // pt, kwargs["height"] // p, kwargs["width"] // p)

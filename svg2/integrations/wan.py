@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from svg2.integrations.handle import AttentionCore
+from svg2.integrations.handle import SVG2ProcessorBase, latent_input, model_config
 
-__all__ = ["SVG2WanAttnProcessor", "wan_self_attention_sites"]
+__all__ = ["SVG2WanAttnProcessor", "wan_self_attention_sites", "wan_video_shape"]
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -25,17 +25,9 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     return out.type_as(x)
 
 
-class SVG2WanAttnProcessor:
+class SVG2WanAttnProcessor(SVG2ProcessorBase):
     """Self-attention processor for ``WanAttention`` (``attn1``). Anything that is not plain self-attention
     (encoder states or a mask given) goes to the stock processor unchanged."""
-
-    _parallel_config = None  # diffusers' enable_parallelism sets it on processors that have the attribute
-
-    def __init__(self, core: AttentionCore, stock) -> None:
-        self.core = core
-        self.stock = stock
-        # enable_parallelism may have run before enable_svg2: inherit the stock processor's config.
-        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -67,3 +59,13 @@ class SVG2WanAttnProcessor:
 def wan_self_attention_sites(transformer: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, attention module) for every self-attention of a WanTransformer3DModel."""
     return [(i, block.attn1) for i, block in enumerate(transformer.blocks)]
+
+
+def wan_video_shape(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) in tokens from the latents (B, C, F, H, W) and the (t, h, w) patch size."""
+    hs = latent_input(args, kwargs)
+    if hs is None or hs.dim() != 5:
+        return None
+    pt, ph, pw = (int(x) for x in model_config(transformer).patch_size)
+    f, h, w = hs.shape[2:]
+    return (f // pt, h // ph, w // pw)
