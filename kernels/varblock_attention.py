@@ -378,10 +378,11 @@ def varblock_attention_with_metadata(
     return out
 
 
-def _forward(q, k, v, q_offsets, k_offsets, block_map, scale, config: VarBlockConfig | None = None):
+def _forward(q, k, v, q_offsets, k_offsets, block_map, scale, config: VarBlockConfig | None = None,
+             q_perm: torch.Tensor | None = None):
     cfg = config or default_config(q.device.type, q.shape[-1])
     meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
-    return varblock_attention_with_metadata(q, k, v, meta, scale)
+    return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
 
 
 @torch.library.custom_op("svg2_kernels::varblock_attention", mutates_args=())
@@ -413,9 +414,7 @@ def _varblock_attention_token_order_op(
     block_map: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    cfg = default_config(q.device.type, q.shape[-1])
-    meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
-    return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
+    return _forward(q, k, v, q_offsets, k_offsets, block_map, scale, q_perm=q_perm)
 
 
 @_varblock_attention_token_order_op.register_fake
