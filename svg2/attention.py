@@ -174,10 +174,6 @@ def build_layout(
     return layout
 
 
-def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
-
-
 def svg2_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -236,7 +232,7 @@ def svg2_attention(
             if text_mask is not None:
                 tperm = torch.sort((~text_mask).to(torch.int8), dim=-1, stable=True).indices
                 tperm = tperm[:, None, :].expand(b, h, t)
-                kt, vt = _gather_rows(kt, tperm), _gather_rows(vt, tperm)
+                kt, vt = variant.gather_rows(kt, tperm), variant.gather_rows(vt, tperm)
                 real = text_mask.sum(-1)[:, None].expand(b, h)
             else:
                 real = torch.full((b, h), t, dtype=torch.long, device=q.device)
