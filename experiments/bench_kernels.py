@@ -34,9 +34,11 @@ SHAPES = {  # frames x latent height x width after 2x2 patching (81 frames -> 21
     "hunyuan": dict(heads=24, frames=33, height=45, width=80),  # 720p 129f: S = 118800 (text not added)
     "tiny": dict(heads=2, frames=2, height=8, width=12),  # CPU smoke (interpreter)
 }
-DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages, block_m_small (0: one tier)
-    (128, 128, 16, 8, 2, 0), (128, 128, 16, 8, 2, 64), (128, 128, 32, 8, 2, 64), (128, 64, 16, 8, 2, 64),
-    (128, 128, 16, 8, 3, 64), (128, 64, 32, 8, 3, 64), (64, 128, 16, 4, 2, 0), (64, 64, 16, 4, 2, 0),
+DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages, block_m_small, warps_small, tile_table, layout, chunk
+    (128, 128, 16, 8, 2, 64, 4, True),  # v3
+    (128, 128, 16, 8, 3, 64, 4, False, "chunks", 32), (128, 128, 16, 8, 3, 64, 4, False, "chunks", 16),
+    (128, 64, 16, 8, 3, 64, 4, False, "chunks", 32), (128, 64, 16, 4, 3, 64, 4, False, "chunks", 32),
+    (128, 128, 16, 8, 2, 64, 4, False, "chunks", 32), (128, 128, 16, 8, 4, 64, 4, False, "chunks", 64),
 ]
 
 
@@ -246,6 +248,36 @@ def tile_utilization(meta, useful_pairs: float) -> float:
     return useful_pairs / max(total, 1.0)
 
 
+def probe_dense_layout(q, k, v, t_dense, cfg, sname, budget, emit) -> None:
+    """Every tune config on a fully dense layout (query clusters of 256 rows, one key cluster, all selected):
+    what the kernel's inner loop reaches on whole tiles, against cuDNN on the same tensors."""
+    from svg2_kernels.varblock_attention import (
+        VarBlockConfig,
+        build_varblock_metadata,
+        varblock_attention_with_metadata,
+    )
+
+    b, h, s, _ = q.shape
+    cq = -(-s // 256)
+    q_off = torch.clamp(torch.arange(cq + 1, device=q.device) * 256, max=s).to(torch.int32).expand(b, h, -1)
+    k_off = torch.tensor([0, s], device=q.device, dtype=torch.int32).expand(b, h, -1)
+    bm = torch.ones(b, h, cq, 1, dtype=torch.bool, device=q.device)
+    for c in (cfg["tune_configs"] or DEFAULT_CONFIGS):
+        vc = VarBlockConfig(*c)
+        info = []
+        try:
+            meta = build_varblock_metadata(q_off.contiguous(), k_off.contiguous(), bm, s, s, vc)
+            out = varblock_attention_with_metadata(q, k, v, meta, compile_info=info)
+            ref = F.scaled_dot_product_attention(q[:, :1], k[:, :1], v[:, :1]).float()
+            err = (out[:, :1].float() - ref).abs().max()
+            t = bench(lambda meta=meta: varblock_attention_with_metadata(q, k, v, meta), q.device, budget)
+        except Exception as e:  # noqa: BLE001
+            t, err = float("nan"), float("nan")
+            print(f"dense probe {c} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        emit(dict(kind="dense_probe", shape=sname, cq=cq, ck=1, density=1.0, config=list(c), ms=t,
+                  efficiency=t_dense / t, max_err_head0=float(err), compile=info))
+
+
 def breakdown(call, q, k, v, reps: int) -> dict[str, float]:
     call(q, k, v)
     per = {}
@@ -317,6 +349,8 @@ def run(cfg: dict) -> list[dict]:
         n = b * h
         t_dense = dense_time(q, k, v, budget) if dev.type == "cuda" else float("nan")
         print(f"[{sname}] S={s} H={h} dense cuDNN {t_dense:.2f} ms", flush=True)
+        if cfg.get("probe_dense") and dev.type == "cuda":
+            probe_dense_layout(q, k, v, t_dense, cfg, sname, budget, lambda r: emit(r, tune_rows))
         for cq, ck in cfg["clusters"]:
             g = torch.Generator(device="cpu").manual_seed(cfg["seed"])
             init_q = q.reshape(n, s, d)[:, torch.randperm(s, generator=g)[:cq].to(dev)].float()
@@ -358,20 +392,23 @@ def run(cfg: dict) -> list[dict]:
                 bm4 = bm.view(b, h, cq, ck)
 
                 # -- tile-config sweep (first shape's hardest layout, or every layout if asked) --
-                if cfg["tune"] and dev.type == "cuda" and (cq, ck) == tuple(cfg["clusters"][-1]) and abs(
-                        dens - 0.25) < 1e-6:
+                tune_here = (cq, ck) == tuple(cfg["clusters"][-1]) or cfg.get("tune_layouts", "last") == "all"
+                if cfg["tune"] and dev.type == "cuda" and tune_here and abs(dens - 0.25) < 1e-6:
                     best = None
                     for c in (cfg["tune_configs"] or DEFAULT_CONFIGS):
                         vc = VarBlockConfig(*c)
+                        info, util = [], float("nan")
                         try:
                             meta = build_varblock_metadata(q_off, k_off, bm4, s, s, vc)
+                            varblock_attention_with_metadata(qs, ks, vs, meta, compile_info=info)
+                            util = tile_utilization(meta, float(pairs.sum().item()))
                             t = bench(lambda meta=meta: varblock_attention_with_metadata(qs, ks, vs, meta), dev,
                                       budget)
                         except Exception as e:  # noqa: BLE001
                             t = float("nan")
                             print(f"config {c} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         emit(dict(kind="tune", shape=sname, cq=cq, ck=ck, density=density, config=list(c),
-                                  ms=t, efficiency=density * t_dense / t), tune_rows)
+                                  ms=t, efficiency=density * t_dense / t, tile_util=util, compile=info), tune_rows)
                         if t == t and (best is None or t < best[0]):
                             best = (t, vc)
                     if best is not None and not cfg.get("config"):
@@ -478,11 +515,19 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
               "and output scatter are fused into attention); graph = the same call replayed as one CUDA graph.",
               "efficiency = density x dense / ours; tile util = useful pairs / pairs computed by the tiles."]
     if tune_rows:
-        lines += ["", "## Tile configs (block_m, block_n, win, warps, stages, block_m_small)", "",
-                  "| shape | Cq/Ck | density | config | ms | efficiency |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Tile configs (block_m, block_n, win, warps, stages, block_m_small, warps_small, "
+                  "tile_table, key_layout, chunk)", "",
+                  "dense_probe rows: the config on a fully dense layout (efficiency = t_dense / t). compile: "
+                  "K/V buffers in flight per tile / registers / spills / sync loads in the loop (first launch).", "",
+                  "| kind | shape | Cq/Ck | density | config | ms | efficiency | tile util | compile |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in tune_rows:
-            lines.append(f"| {r['shape']} | {r['cq']}/{r['ck']} | {_fmt(r['density'], 3)} | {r['config']} | "
-                         f"{_fmt(r['ms'])} | {_fmt(r['efficiency'])} |")
+            comp = r.get("compile") or [{}]
+            c0 = comp[0]
+            ctext = f"{c0.get('kv_buffers')}/{c0.get('n_regs')}/{c0.get('n_spills')}/{c0.get('sync_loads_in_loop')}"
+            lines.append(f"| {r['kind']} | {r['shape']} | {r['cq']}/{r['ck']} | {_fmt(r['density'], 3)} | "
+                         f"{r['config']} | {_fmt(r['ms'])} | {_fmt(r['efficiency'])} | "
+                         f"{_fmt(r.get('tile_util', float('nan')))} | {ctext} |")
     text = "\n".join(lines) + "\n"
     (out_dir / f"bench_kernels{tag}.md").write_text(text)
     (out_dir / f"bench_kernels{tag}.json").write_text(json.dumps(dict(env=env, rows=rows, tune=tune_rows), indent=1))

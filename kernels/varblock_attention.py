@@ -65,6 +65,18 @@ class VarBlockConfig:
     # it from the previous tile. Costs (N, Cq+1, T_row) int32 of metadata, but removes the loop-carried
     # dependency from the address chain, so Triton's pipeliner can issue the loads stages ahead.
     tile_table: bool = False
+    # "window": v3 (runs packed densely into tiles, a run-window search per tile); "chunks": v4 (tiles of
+    # contiguous ``chunk``-row pieces of runs, one broadcast load per tile: svg2_kernels.varblock_chunks).
+    key_layout: str = "window"
+    chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.key_layout not in ("window", "chunks"):
+            raise ValueError(f"key_layout must be 'window' or 'chunks', got {self.key_layout!r}")
+        if self.key_layout == "chunks" and (self.block_n % self.chunk or not 1 <= self.chunk <= 128
+                                            or self.chunk & (self.chunk - 1)):
+            raise ValueError(f"chunk ({self.chunk}) must be a power of two <= 128 dividing block_n "
+                             f"({self.block_n})")
 
     @property
     def min_run(self) -> int:
@@ -113,6 +125,8 @@ class VarBlockMetadata:
     run_delta: torch.Tensor
     run_vend: torch.Tensor
     tile_run: torch.Tensor | None = None
+    chunk_table: torch.Tensor | None = None  # (N, Cq + 1, T) packed chunks (key_layout "chunks")
+    chunk_count: torch.Tensor | None = None  # (N, Cq + 1)
 
 
 def build_varblock_metadata(
@@ -142,6 +156,15 @@ def build_varblock_metadata(
     sel = bm & (ksz > 0).unsqueeze(1)
     # One extra all-false row: the tail "cluster" of query rows past q_offsets[-1].
     sel = torch.cat([sel, torch.zeros(n, 1, ck, dtype=torch.bool, device=dev)], dim=1)  # (n, cq+1, ck)
+    if config.key_layout == "chunks":
+        from svg2_kernels.varblock_chunks import build_chunk_table
+
+        table, count = build_chunk_table(ko, sel, seqlen_k, config.chunk)
+        empty = torch.zeros(1, 1, 1, dtype=i32, device=dev)
+        nch = config.block_n // config.chunk
+        return _with_query_tiles(qo, seqlen_q, n, cq, config, num_tiles=(count + nch - 1) // nch, run_vstart=empty,
+                                 run_delta=empty, run_vend=empty, tile_run=empty, chunk_table=table,
+                                 chunk_count=count)
     prev = torch.zeros_like(sel)
     prev[..., 1:] = sel[..., :-1]
     start = sel & ~prev
@@ -173,7 +196,14 @@ def build_varblock_metadata(
         tile_run = tile_run.clamp_min(0).reshape(n, cq + 1, t_row).contiguous()
     else:
         tile_run = torch.zeros(1, 1, 1, dtype=i32, device=dev)
+    return _with_query_tiles(qo, seqlen_q, n, cq, config, num_tiles=num_tiles.to(i32).contiguous(),
+                             run_vstart=run_vstart.to(i32).contiguous(), run_delta=run_delta.to(i32).contiguous(),
+                             run_vend=run_vend.to(i32).contiguous(), tile_run=tile_run)
 
+
+def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig, **key_side) -> VarBlockMetadata:
+    """Add the query-tile schedule to the key-side metadata."""
+    dev, i32 = qo.device, torch.int32
     # -- query tiles: (head, cluster, first row) work items, fixed upper bounds on their number --
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
     qsz = (q_bounds[:, 1:] - q_bounds[:, :-1]).clamp_min(0).reshape(-1)  # (n*(cq+1),)
@@ -187,19 +217,8 @@ def build_varblock_metadata(
         small = torch.zeros_like(qsz)
     work, num_work = _work_items(big, cq + 1, n * (-(-seqlen_q // bm_) + cq + 1), bm_, None)
     work_s, num_work_s = _work_items(small, cq + 1, n * (cq + 1) if bs_ > 0 else 0, bm_, qsz // bm_)
-    return VarBlockMetadata(
-        config=config,
-        work=work,
-        num_work=num_work,
-        work_small=work_s,
-        num_work_small=num_work_s,
-        q_bounds=q_bounds.contiguous(),
-        num_tiles=num_tiles.to(i32).contiguous(),
-        run_vstart=run_vstart.to(i32).contiguous(),
-        run_delta=run_delta.to(i32).contiguous(),
-        run_vend=run_vend.to(i32).contiguous(),
-        tile_run=tile_run,
-    )
+    return VarBlockMetadata(config=config, work=work, num_work=num_work, work_small=work_s,
+                            num_work_small=num_work_s, q_bounds=q_bounds.contiguous(), **key_side)
 
 
 def _work_items(count, cq1: int, t_max: int, block_m: int, first_tile):
@@ -338,12 +357,14 @@ def varblock_attention_with_metadata(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     q_perm: torch.Tensor | None = None,
+    compile_info: list | None = None,
 ) -> torch.Tensor:
     """Launch the kernel with prebuilt metadata (reuse it across calls that share a layout).
 
     q_perm: optional (B, H, Sq) int sorted position -> token index. Then q is in *token* order, the kernel
     gathers its rows through q_perm and scatters the output back to token order (fusing the query
-    permutation and the inverse permutation of the output into the kernel).
+    permutation and the inverse permutation of the output into the kernel). compile_info: a list that
+    receives one dict per launch (registers, spills, shared memory, K/V pipeline depth) for benchmarks.
     """
     bsz, h, sq, d = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -360,22 +381,65 @@ def varblock_attention_with_metadata(
     for work, num_work, block_m, warps in tiers:
         if work.shape[0] == 0:
             continue
-        _varblock_fwd_kernel[(work.shape[0],)](
-            q, k, v, out, qidx,
-            work, num_work, meta.q_bounds, meta.num_tiles,
-            meta.run_vstart, meta.run_delta, meta.run_vend, meta.tile_run,
-            scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            h, cq1, meta.run_vstart.shape[-1], sq, meta.tile_run.shape[-1],
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-            BLOCK_M=block_m, BLOCK_N=cfg.block_n, WIN=cfg.win, GATHER_Q=q_perm is not None,
-            TILE_TABLE=cfg.tile_table,
-            num_warps=warps, num_stages=cfg.num_stages,
-        )
+        if cfg.key_layout == "chunks":
+            from svg2_kernels.varblock_chunks import launch_chunk_kernel
+
+            compiled = launch_chunk_kernel(q, k, v, out, qidx, q_perm is not None, work, num_work, meta.q_bounds,
+                                           meta.chunk_count, meta.chunk_table, scale, block_m, cfg.block_n,
+                                           cfg.chunk, warps, cfg.num_stages)
+        else:
+            compiled = _varblock_fwd_kernel[(work.shape[0],)](
+                q, k, v, out, qidx,
+                work, num_work, meta.q_bounds, meta.num_tiles,
+                meta.run_vstart, meta.run_delta, meta.run_vend, meta.tile_run,
+                scale * 1.4426950408889634,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                h, cq1, meta.run_vstart.shape[-1], sq, meta.tile_run.shape[-1],
+                HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+                BLOCK_M=block_m, BLOCK_N=cfg.block_n, WIN=cfg.win, GATHER_Q=q_perm is not None,
+                TILE_TABLE=cfg.tile_table,
+                num_warps=warps, num_stages=cfg.num_stages,
+            )
+        if compile_info is not None:
+            compile_info.append(_compile_summary(compiled, block_m))
     return out
+
+
+def _compile_summary(compiled, block_m: int) -> dict:
+    """Registers, spills, shared memory and K/V pipeline depth (buffers per tile) of one compiled launch."""
+    import re
+
+    info = {"block_m": block_m}
+    for key in ("n_regs", "n_spills"):
+        info[key] = getattr(compiled, key, None)
+    info["shared"] = getattr(getattr(compiled, "metadata", None), "shared", None)
+    try:
+        ttgir = compiled.asm["ttgir"]
+        depths = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x(?:bf16|f16|f32)", ttgir)
+        info["kv_buffers"] = max((int(x) for x in depths), default=1)
+        info["sync_loads_in_loop"] = _sync_loads_in_loop(ttgir)
+    except Exception as e:  # noqa: BLE001  (diagnostics only)
+        info["ttgir_error"] = f"{type(e).__name__}: {e}"[:200]
+    return info
+
+
+def _sync_loads_in_loop(ttgir: str) -> int:
+    """Plain (synchronous) tt.load ops inside the first scf.for of the kernel body."""
+    lines = ttgir.splitlines()
+    depth, inside, count = 0, False, 0
+    for ln in lines:
+        if not inside and "scf.for" in ln:
+            inside, depth = True, 0
+        if inside:
+            depth += ln.count("{") - ln.count("}")
+            if "tt.load" in ln:
+                count += 1
+            if depth <= 0 and "scf.yield" not in ln and "scf.for" not in ln:
+                break
+    return count
 
 
 def _forward(q, k, v, q_offsets, k_offsets, block_map, scale, config: VarBlockConfig | None = None,

@@ -200,6 +200,15 @@ CASES = [
     # (block_m, block_n, win, warps, stages, block_m_small, warps_small, tile_table)
     ("attn_fp16_tile_table", torch.float16, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16, 4, True)),
     ("attn_fp32_tile_table_win2", torch.float32, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1, 0, 4, True)),
+    # v4 key layout: tiles of contiguous chunks (..., key_layout, chunk)
+    ("attn_fp16_chunks8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1, 0, 4, False, "chunks", 8)),
+    ("attn_fp32_chunks4_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5,
+     (32, 16, 4, 4, 1, 16, 4, False, "chunks", 4)),
+    ("attn_fp16_chunks_box", torch.float16, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1, 0, 4, False, "chunks", 16)),
+    ("attn_fp16_chunks_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15,
+     (16, 32, 8, 4, 1, 0, 4, False, "chunks", 8)),
+    ("attn_fp16_chunks_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01,
+     (16, 32, 4, 4, 1, 0, 4, False, "chunks", 16)),
 ]
 KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),

@@ -23,6 +23,8 @@ _HERE = Path(__file__).resolve().parent
 _CASES = [
     "attn_fp16_basic", "attn_fp32_basic", "attn_fp16_win2_pad", "attn_fp32_bm32_d48", "attn_fp16_dense_all",
     "attn_fp16_sparse", "attn_fp16_two_tier", "attn_fp16_tile_table", "attn_fp32_tile_table_win2",
+    "attn_fp16_chunks8", "attn_fp32_chunks4_two_tier", "attn_fp16_chunks_box", "attn_fp16_chunks_sparse",
+    "attn_fp16_chunks_dense_all",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "gather_q", "permute", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
@@ -112,15 +114,25 @@ def _gpu_layout(b, h, s, c, seed):
 @cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varblock_gpu_matches_reference(dtype, d):
+@pytest.mark.parametrize("layout", ["default", "window", "chunks32", "chunks64_bn64"])
+def test_varblock_gpu_matches_reference(dtype, d, layout):
+    import dataclasses
+
     from svg2_kernels.reference import varblock_attention_reference as ref
-    from svg2_kernels.varblock_attention import varblock_attention
+    from svg2_kernels.varblock_attention import _forward, default_config
 
     b, h, s, cq, ck = 2, 3, 4099, 37, 101
     qo, ko = _gpu_layout(b, h, s - 5, cq, 0), _gpu_layout(b, h, s - 7, ck, 1)
     bm = torch.rand(b, h, cq, ck, device="cuda") < 0.3
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
-    out = varblock_attention(q, k, v, qo, ko, bm)
+    cfg = default_config("cuda", d)
+    cfg = {
+        "default": cfg,
+        "window": dataclasses.replace(cfg, key_layout="window"),
+        "chunks32": dataclasses.replace(cfg, key_layout="chunks", chunk=32, num_stages=3),
+        "chunks64_bn64": dataclasses.replace(cfg, key_layout="chunks", chunk=64, block_n=64, num_stages=3),
+    }[layout]
+    out = _forward(q, k, v, qo, ko, bm, None, cfg)
     r32 = ref(q, k, v, qo, ko, bm)
     rlow = ref(q, k, v, qo, ko, bm, compute_dtype=None)
     err = (out.float() - r32.float()).abs().max().item()

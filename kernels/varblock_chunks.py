@@ -1,0 +1,189 @@
+"""Variable-block sparse attention, v4: key tiles made of contiguous chunks (pipeliner-friendly).
+
+Same contract as :mod:`svg2_kernels.varblock_attention` (query cluster ``i`` attends to the union of its
+selected key clusters, each a contiguous range of the cluster-sorted K/V), with a different key-side layout:
+
+* The selected key clusters of one query cluster are merged into runs (adjacent selected clusters; empty
+  clusters never break a run) and every run is cut into **chunks** of ``CH`` rows, the last one partial.
+  A chunk is one int32: ``physical start << 8 | valid rows``. A key tile of ``BLOCK_N`` rows is
+  ``BLOCK_N // CH`` consecutive chunks, so row ``r`` of tile ``t`` lives at ``start[t * NCH + r // CH] +
+  r % CH``: one (broadcast) load gives every row address, with no search and no loop-carried state.
+* Why (notes/kernels.md, v4): in v3 the K/V row addresses came out of a run-window search fed by loads
+  inside the loop; Triton's pipeliner kept the K/V tiles one stage ahead only and left the window loads
+  synchronous, so each iteration waited on global-memory latency. Here the address of tile ``t`` is a pure
+  function of ``t`` and one pipelinable load, so ``num_stages`` = 3 keeps two K/V tiles in flight.
+* Cost: chunk padding (at most ``CH - 1`` rows per run) instead of v3's dense packing; ``CH`` = 32 or 64
+  keeps it small at real cluster sizes (30-150 tokens, runs of several clusters).
+
+The chunk table has a fixed upper bound per query cluster (``ceil(Sk / CH) + ceil(Ck / 2) + 1`` slots), so
+it is built on the GPU without host syncs (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    _HAS_TRITON = False
+
+__all__ = ["build_chunk_table", "launch_chunk_kernel", "MAX_SEQ"]
+
+MAX_SEQ = 1 << 23  # a chunk packs its start in 23 bits (int32, 8 bits of valid-row count)
+
+
+def build_chunk_table(
+    k_offsets: torch.Tensor, sel: torch.Tensor, seqlen_k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks of the selected key runs of every (head, query cluster) row.
+
+    Args:
+        k_offsets: (N, Ck + 1) int32 key cluster offsets in the sorted K.
+        sel: (N, R, Ck) bool, selected key clusters of each of the R rows (query clusters, tail included).
+        seqlen_k: rows of the sorted K; chunk: rows per chunk (<= 255).
+    Returns:
+        table: (N, R, T) int32 packed chunks (``start << 8 | valid``), slots past ``count`` zero.
+        count: (N, R) int32 chunks per row.
+    """
+    if seqlen_k >= MAX_SEQ:
+        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits")
+    if not 1 <= chunk <= 255:
+        raise ValueError(f"chunk must be in [1, 255], got {chunk}")
+    n, r, ck = sel.shape
+    dev = sel.device
+    i32 = torch.int32
+    ksz = (k_offsets[:, 1:] - k_offsets[:, :-1]).to(i32)  # (n, ck)
+    nonempty = (ksz > 0).unsqueeze(1)
+    # Empty clusters have no rows, so they never split a run: a run is a maximal stretch of selected or
+    # empty clusters (its physical start is the offset of its first cluster, empty or not).
+    cover = sel | ~nonempty
+    prev = torch.zeros_like(cover)
+    prev[..., 1:] = cover[..., :-1]
+    start = cover & ~prev
+    run_id = torch.cumsum(start, dim=-1, dtype=i32) - 1
+    rid = run_id.clamp_min(0).long()
+    run_len = torch.zeros(n, r, ck, dtype=i32, device=dev)
+    run_len.scatter_add_(-1, rid, torch.where(sel & nonempty, ksz.unsqueeze(1), 0))
+    run_pstart = torch.zeros(n, r, ck, dtype=i32, device=dev)
+    run_pstart.scatter_add_(-1, rid, torch.where(start, k_offsets[:, None, :-1].to(i32), 0))
+    nch = (run_len + (chunk - 1)) // chunk  # (n, r, ck) chunks per run (0 for unused run slots)
+    cum = torch.cumsum(nch, dim=-1, dtype=i32)
+    count = cum[..., -1].contiguous()
+    t_max = -(-seqlen_k // chunk) + (ck + 1) // 2 + 1
+    # Run of every chunk slot: mark each run's first slot with its id, then a running maximum.
+    first = cum - nch
+    marker = torch.full((n, r, t_max + 1), -1, dtype=i32, device=dev)
+    ids = torch.arange(ck, device=dev, dtype=i32).expand(n, r, ck)
+    marker.scatter_reduce_(-1, torch.where(nch > 0, first, t_max).long(), ids, reduce="amax")
+    slot_run = torch.cummax(marker[..., :t_max], dim=-1).values.clamp_min(0).long()
+    slot = torch.arange(t_max, device=dev, dtype=i32)
+    j = slot - first.gather(-1, slot_run)  # chunk index inside its run
+    p = run_pstart.gather(-1, slot_run) + j * chunk
+    valid = (run_len.gather(-1, slot_run) - j * chunk).clamp(0, chunk)
+    table = torch.where(slot < count.unsqueeze(-1), (p << 8) | valid, 0).to(i32).contiguous()
+    return table, count
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _chunk_fwd_kernel(
+        Q, K, V, Out, QIDX,
+        work_ptr, num_work_ptr, q_bounds_ptr, count_ptr, table_ptr,
+        qk_scale,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        H, Cq1, T_ROW, SEQ_Q, SEQ_K,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr, GATHER_Q: tl.constexpr,
+    ):
+        NCH: tl.constexpr = BLOCK_N // CH
+        pid = tl.program_id(0)
+        if pid >= tl.load(num_work_ptr):
+            return
+        n = tl.load(work_ptr + pid * 3)
+        i = tl.load(work_ptr + pid * 3 + 1)
+        row0 = tl.load(work_ptr + pid * 3 + 2)
+        b = (n // H).to(tl.int64)
+        h = (n % H).to(tl.int64)
+        row_id = n * Cq1 + i
+        qs = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i)
+        qe = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i + 1)
+
+        offs_m = qs + row0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_mask = offs_m < qe
+        if GATHER_Q:  # Q and O in token order: sorted row -> token through the query permutation
+            q_rows = tl.load(QIDX + n.to(tl.int64) * SEQ_Q + offs_m, mask=m_mask, other=0)
+        else:
+            q_rows = offs_m
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        chunks = table_ptr + row_id.to(tl.int64) * T_ROW
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_chunks = tl.load(count_ptr + row_id)
+        n_tiles = (n_chunks + NCH - 1) // NCH
+        offs_n = tl.arange(0, BLOCK_N)
+        within = offs_n % CH
+        for t in range(0, n_tiles):
+            # -- row addresses: one (broadcast) load of this tile's chunks; slots past the count read 0 --
+            slot = t * NCH + offs_n // CH
+            packed = tl.load(chunks + slot, mask=slot < n_chunks, other=0)
+            n_mask = within < (packed & 255)
+            # Padding rows read real rows (clamped into the head) and are masked out of the scores only.
+            rows = tl.minimum((packed >> 8) + within, SEQ_K - 1)
+            k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            # -- scores and online softmax --
+            qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        # -- epilogue: rows without keys (and the tail cluster) write zeros --
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(
+            Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bounds, count, table,
+                        scale: float, block_m: int, block_n: int, chunk: int, num_warps: int,
+                        num_stages: int):
+    """One launch over the ``work`` items (tensors already validated by the caller); returns Triton's
+    compiled kernel (its ``asm`` / ``n_regs`` / ``n_spills`` are what benchmarks record)."""
+    h, sq, d = q.shape[1], q.shape[2], q.shape[3]
+    return _chunk_fwd_kernel[(work.shape[0],)](
+        q, k, v, out, qidx,
+        work, num_work, q_bounds, count, table,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, count.shape[1], table.shape[-1], sq, k.shape[2],
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q,
+        num_warps=num_warps, num_stages=num_stages,
+    )
