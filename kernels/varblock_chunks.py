@@ -102,6 +102,7 @@ if _HAS_TRITON:
         H, Cq1, T_ROW, SEQ_Q, SEQ_K,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr, GATHER_Q: tl.constexpr,
+        WARP_SPEC: tl.constexpr,
     ):
         NCH: tl.constexpr = BLOCK_N // CH
         pid = tl.program_id(0)
@@ -139,7 +140,7 @@ if _HAS_TRITON:
         n_tiles = (n_chunks + NCH - 1) // NCH
         offs_n = tl.arange(0, BLOCK_N)
         within = offs_n % CH
-        for t in range(0, n_tiles):
+        for t in tl.range(0, n_tiles, warp_specialize=WARP_SPEC):
             # -- row addresses: one (broadcast) load of this tile's chunks; slots past the count read 0 --
             slot = t * NCH + offs_n // CH
             packed = tl.load(chunks + slot, mask=slot < n_chunks, other=0)
@@ -170,7 +171,7 @@ if _HAS_TRITON:
 
 def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bounds, count, table,
                         scale: float, block_m: int, block_n: int, chunk: int, num_warps: int,
-                        num_stages: int):
+                        num_stages: int, warp_specialize: bool = False):
     """One launch over the ``work`` items (tensors already validated by the caller); returns Triton's
     compiled kernel (its ``asm`` / ``n_regs`` / ``n_spills`` are what benchmarks record)."""
     h, sq, d = q.shape[1], q.shape[2], q.shape[3]
@@ -184,6 +185,6 @@ def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bo
         out.stride(0), out.stride(1), out.stride(2),
         h, count.shape[1], table.shape[-1], sq, k.shape[2],
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q,
+        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
