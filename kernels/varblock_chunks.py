@@ -188,3 +188,95 @@ def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bo
         BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _chunk_table_kernel(
+        KO, BM, TABLE, COUNT, F_SCR, P_SCR,
+        Cq, Ck, T_ROW,
+        CH: tl.constexpr, BLOCK_C: tl.constexpr, LOG_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        # One program per (head, query cluster) row; row Cq is the tail "cluster" with no keys.
+        pid = tl.program_id(0)
+        n = pid // (Cq + 1)
+        r = pid % (Cq + 1)
+        c = tl.arange(0, BLOCK_C)
+        cm = c < Ck
+        ko = KO + n.to(tl.int64) * (Ck + 1)
+        bm = BM + (n.to(tl.int64) * Cq + r) * Ck
+        has_row = r < Cq
+        lo = tl.load(ko + c, mask=cm, other=0)
+        hi = tl.load(ko + c + 1, mask=cm, other=0)
+        lo_prev = tl.load(ko + c - 1, mask=cm & (c >= 1), other=0)
+        hi_next = tl.load(ko + c + 2, mask=(c + 1) < Ck, other=0)
+        sel = tl.load(bm + c, mask=cm & has_row, other=0) != 0
+        sel_prev = tl.load(bm + c - 1, mask=cm & (c >= 1) & has_row, other=0) != 0
+        sel_next = tl.load(bm + c + 1, mask=((c + 1) < Ck) & has_row, other=0) != 0
+        # -- runs: maximal stretches of selected or empty clusters (empty ones have no rows) --
+        cover = (sel | (hi == lo)) & cm
+        cover_prev = (sel_prev | (lo == lo_prev)) & (c >= 1)
+        cover_next = (sel_next | (hi_next == hi)) & ((c + 1) < Ck)
+        start = cover & ~cover_prev
+        end = cover & ~cover_next
+        pstart = tl.associative_scan(tl.where(start, lo, 0), 0, _max_combine)  # offsets never decrease
+        length = tl.where(end, hi - pstart, 0)  # a run is physically contiguous: lo[first] .. hi[last]
+        nch = (length + CH - 1) // CH
+        f_incl = tl.cumsum(nch, 0)
+        count = tl.sum(nch, 0)
+        tl.store(COUNT + pid, count)
+        scr = pid.to(tl.int64) * BLOCK_C
+        tl.store(F_SCR + scr + c, tl.where(cm, f_incl, 2147483647))
+        tl.store(P_SCR + scr + c, pstart)
+        tl.debug_barrier()  # the scratch rows are read back by other threads of this program
+        out = TABLE + pid.to(tl.int64) * T_ROW
+        for u0 in range(0, count, BLOCK_T):
+            u = u0 + tl.arange(0, BLOCK_T)
+            # -- run of slot u: the first cluster e with f_incl[e] > u (binary search) --
+            idx = tl.full([BLOCK_T], -1, dtype=tl.int32)
+            for s in tl.static_range(LOG_C):
+                cand = idx + (BLOCK_C >> (s + 1))
+                f = tl.load(F_SCR + scr + cand)
+                idx = tl.where(f <= u, cand, idx)
+            e = idx + 1
+            f_e = tl.load(F_SCR + scr + e)
+            p = tl.load(P_SCR + scr + e)
+            ln = tl.load(ko + e + 1) - p
+            j = u - (f_e - (ln + CH - 1) // CH)
+            valid = tl.minimum(ln - j * CH, CH)
+            tl.store(out + u, ((p + j * CH) << 8) | valid, mask=u < count)
+
+
+def build_chunk_table_triton(
+    k_offsets: torch.Tensor, block_map: torch.Tensor, seqlen_k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_chunk_table` as one Triton launch (no host sync); slots past ``count`` are undefined.
+
+    Args:
+        k_offsets: (N, Ck + 1) int32; block_map: (N, Cq, Ck) bool (the tail row Cq is added here).
+    Returns:
+        table (N, Cq + 1, T) int32, count (N, Cq + 1) int32.
+    """
+    if seqlen_k >= MAX_SEQ:
+        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits")
+    n, cq, ck = block_map.shape
+    dev = block_map.device
+    t_max = -(-seqlen_k // chunk) + (ck + 1) // 2 + 1
+    block_c = max(16, triton.next_power_of_2(ck))
+    rows = n * (cq + 1)
+    table = torch.empty(n, cq + 1, t_max, dtype=torch.int32, device=dev)
+    count = torch.empty(n, cq + 1, dtype=torch.int32, device=dev)
+    f_scr = torch.empty(rows, block_c, dtype=torch.int32, device=dev)
+    p_scr = torch.empty(rows, block_c, dtype=torch.int32, device=dev)
+    _chunk_table_kernel[(rows,)](
+        k_offsets.contiguous(), block_map.contiguous().view(torch.uint8), table, count, f_scr, p_scr,
+        cq, ck, t_max,
+        CH=chunk, BLOCK_C=block_c, LOG_C=block_c.bit_length() - 1, BLOCK_T=128,
+        num_warps=4 if block_c <= 1024 else 8,
+    )
+    return table, count

@@ -26,7 +26,7 @@ _CASES = [
     "attn_fp16_chunks8", "attn_fp32_chunks4_two_tier", "attn_fp16_chunks_box", "attn_fp16_chunks_sparse",
     "attn_fp16_chunks_dense_all",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
-    "gather_q", "permute", "opcheck", "svg2_end_to_end", "opcheck_more",
+    "gather_q", "permute", "chunk_table", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
