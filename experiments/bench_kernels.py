@@ -376,6 +376,19 @@ def run(cfg: dict) -> list[dict]:
                     except Exception as e:  # noqa: BLE001
                         km[f"flash_{name}_ms"] = float("nan")
                         km["flash_error"] = f"{type(e).__name__}: {e}"[:200]
+            for blocks in cfg.get("kmeans_tune") or []:  # assignment tiles (BLOCK_M, BLOCK_C, warps, stages)
+                kt = dict(kind="kmeans_tune", shape=sname, cq=cq, ck=ck, blocks=list(blocks))
+                try:
+                    kt["q_ms"] = bench(lambda b_=tuple(blocks): kmeans_triton(q.reshape(n, s, d), rq.centroids, it,
+                                                                               blocks=b_), dev, budget)
+                    kt["k_ms"] = bench(lambda b_=tuple(blocks): kmeans_triton(k.reshape(n, s, d), rk.centroids, it,
+                                                                               blocks=b_), dev, budget)
+                    same = kmeans_triton(k.reshape(n, s, d), rk.centroids, it, blocks=tuple(blocks))
+                    ref = kmeans_triton(k.reshape(n, s, d), rk.centroids, it)
+                    kt["label_agreement_vs_default"] = (same.labels == ref.labels).float().mean().item()
+                except Exception as e:  # noqa: BLE001
+                    kt["error"] = f"{type(e).__name__}: {e}"[:200]
+                emit(kt, tune_rows)
             qsz = rq.sizes.float()
             km["q_cluster_size_p10_p50_p90"] = [round(x, 1) for x in qsz.quantile(
                 torch.tensor([0.1, 0.5, 0.9], device=dev)).tolist()]
@@ -524,12 +537,22 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
                   "| kind | shape | Cq/Ck | density | config | ms | efficiency | tile util | compile |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in tune_rows:
+            if r["kind"] == "kmeans_tune":
+                continue
             comp = r.get("compile") or [{}]
             c0 = comp[0]
             ctext = f"{c0.get('kv_buffers')}/{c0.get('n_regs')}/{c0.get('n_spills')}/{c0.get('sync_loads_in_loop')}"
             lines.append(f"| {r['kind']} | {r['shape']} | {r['cq']}/{r['ck']} | {_fmt(r['density'], 3)} | "
                          f"{r['config']} | {_fmt(r['ms'])} | {_fmt(r['efficiency'])} | "
                          f"{_fmt(r.get('tile_util', float('nan')))} | {ctext} |")
+    kt = [r for r in tune_rows if r["kind"] == "kmeans_tune"]
+    if kt:
+        lines += ["", "## k-means assignment tiles (BLOCK_M, BLOCK_C, warps, stages), 2 warm iterations", "",
+                  "| shape | Cq/Ck | blocks | Q ms | K ms | K labels equal to default |", "|---|---|---|---|---|---|"]
+        for r in kt:
+            nan = float("nan")
+            lines.append(f"| {r['shape']} | {r['cq']}/{r['ck']} | {r['blocks']} | {_fmt(r.get('q_ms', nan))} "
+                         f"| {_fmt(r.get('k_ms', nan))} | {_fmt(r.get('label_agreement_vs_default', nan), 4)} |")
     text = "\n".join(lines) + "\n"
     (out_dir / f"bench_kernels{tag}.md").write_text(text)
     (out_dir / f"bench_kernels{tag}.json").write_text(json.dumps(dict(env=env, rows=rows, tune=tune_rows), indent=1))

@@ -51,10 +51,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(x: torch.Tensor) -> tuple[int, int, int]:
+def _blocks(x: torch.Tensor, blocks: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M points, BLOCK_C centroids, warps, stages) of the assignment kernel."""
+    if blocks is not None:
+        return blocks
     if x.device.type != "cuda" or _interpreting():
-        return 16, 16, 4
-    return 128, 64, 8  # BLOCK_M points, BLOCK_C centroids, warps
+        return 16, 16, 4, 1
+    return 128, 64, 8, 2
 
 
 if _HAS_TRITON:
@@ -81,9 +84,9 @@ if _HAS_TRITON:
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_mask = offs_c < NC
             c = tl.load(C + n * stride_cn + offs_c[None, :] * stride_cc + offs_d[:, None],
-                        mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) fp32
+                        mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
-            xc = tl.dot(x, c.to(x.dtype))
+            xc = tl.dot(x, c)
             dist = cn[None, :] - 2.0 * xc
             t_min = tl.min(dist, axis=1)
             t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
@@ -146,10 +149,13 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return labels
 
 
-def _assign(x, c, cn, with_sort: bool):
+def _assign(x, c, cn, with_sort: bool, blocks=None):
     n, s, d = x.shape
     nc = c.shape[1]
-    bm, bc, warps = _blocks(x)
+    bm, bc, warps, stages = _blocks(x, blocks)
+    # Centroids in x's dtype once per iteration: every point tile re-reads all of them (half the bytes of
+    # fp32, and no conversion inside the kernel). Norms stay fp32 from the fp32 centroids.
+    c = c.to(x.dtype).contiguous()
     nb = triton.cdiv(s, bm)
     labels = torch.empty(n, s, dtype=torch.long, device=x.device)
     if with_sort:
@@ -161,7 +167,7 @@ def _assign(x, c, cn, with_sort: bool):
         x, c, cn, labels, rank, hist, s, nc, nb,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=bm, BLOCK_C=bc, WITH_SORT=with_sort,
-        num_warps=warps, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
     return labels, rank, hist, nb, bm
 
@@ -188,20 +194,22 @@ def _sort_and_update(x, c, labels, rank, hist, nb, bm, update: bool):
     return perm, offsets, sizes, c_new, cn_new
 
 
-def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> KMeansResult:
+def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
+                  blocks: tuple[int, int, int, int] | None = None) -> KMeansResult:
     """``iters`` Lloyd iterations from ``centroids``; see :class:`KMeansResult`.
 
     Args:
         x: (N, S, D) fp16/bf16/fp32 points (dot products in x's dtype, fp32 accumulation).
         centroids: (N, C, D) initial centroids (any float dtype).
         iters: >= 0; with 0 the points are only assigned (centroids returned unchanged, as fp32).
+        blocks: assignment tiles (BLOCK_M, BLOCK_C, warps, stages); None: the measured default.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
     c = centroids.float().contiguous()
     cn = (c * c).sum(-1).contiguous()
     for _ in range(max(iters, 1)):
-        labels, rank, hist, nb, bm = _assign(x, c, cn, with_sort=True)
+        labels, rank, hist, nb, bm = _assign(x, c, cn, with_sort=True, blocks=blocks)
         perm, offsets, sizes, c_new, cn_new = _sort_and_update(x, c, labels, rank, hist, nb, bm, update=iters > 0)
         if iters > 0:
             c, cn = c_new, cn_new

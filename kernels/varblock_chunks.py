@@ -106,8 +106,10 @@ if _HAS_TRITON:
     ):
         NCH: tl.constexpr = BLOCK_N // CH
         pid = tl.program_id(0)
-        if pid >= tl.load(num_work_ptr):
-            return
+        # Surplus programs run item 0 with no key tiles and store nothing (no early return: Triton's warp
+        # specialisation pass rejects the branch it creates).
+        active = pid < tl.load(num_work_ptr)
+        pid = tl.where(active, pid, 0)
         n = tl.load(work_ptr + pid * 3)
         i = tl.load(work_ptr + pid * 3 + 1)
         row0 = tl.load(work_ptr + pid * 3 + 2)
@@ -137,7 +139,7 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_chunks = tl.load(count_ptr + row_id)
-        n_tiles = (n_chunks + NCH - 1) // NCH
+        n_tiles = tl.where(active, (n_chunks + NCH - 1) // NCH, 0)
         offs_n = tl.arange(0, BLOCK_N)
         within = offs_n % CH
         for t in tl.range(0, n_tiles, warp_specialize=WARP_SPEC):
@@ -165,7 +167,7 @@ if _HAS_TRITON:
         tl.store(
             Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
             out.to(Out.dtype.element_ty),
-            mask=m_mask[:, None] & d_mask[None, :],
+            mask=m_mask[:, None] & d_mask[None, :] & active,
         )
 
 
