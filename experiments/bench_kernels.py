@@ -34,13 +34,12 @@ SHAPES = {  # frames x latent height x width after 2x2 patching (81 frames -> 21
     "hunyuan": dict(heads=24, frames=33, height=45, width=80),  # 720p 129f: S = 118800 (text not added)
     "tiny": dict(heads=2, frames=2, height=8, width=12),  # CPU smoke (interpreter)
 }
-DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages, block_m_small, warps_small, tile_table, layout, chunk, ws
+DEFAULT_CONFIGS = [  # block_m, block_n, win, warps, stages, block_m_small, warps_small, tile_table, layout, chunk
     (128, 128, 16, 8, 2, 64, 4, True),  # v3
     (128, 128, 16, 8, 3, 64, 4, False, "chunks", 16),  # v4 as first measured (run r4a)
     (128, 128, 16, 8, 3, 0, 4, False, "chunks", 16), (128, 64, 16, 4, 3, 64, 4, False, "chunks", 16),
     (64, 128, 16, 4, 3, 0, 4, False, "chunks", 16), (64, 64, 16, 4, 3, 0, 4, False, "chunks", 16),
     (64, 64, 16, 4, 4, 0, 4, False, "chunks", 16), (64, 128, 16, 4, 2, 0, 4, False, "chunks", 16),
-    (128, 128, 16, 8, 3, 64, 4, False, "chunks", 16, True),
 ]
 
 

@@ -57,7 +57,7 @@ def _blocks(x: torch.Tensor, blocks: tuple[int, int, int, int] | None = None) ->
         return blocks
     if x.device.type != "cuda" or _interpreting():
         return 16, 16, 4, 1
-    return 128, 64, 8, 2
+    return 256, 64, 8, 2  # fastest of 8 tilings at Wan 1.3B and 14B shapes on an H200 (run r4d)
 
 
 if _HAS_TRITON:

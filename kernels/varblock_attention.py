@@ -69,7 +69,6 @@ class VarBlockConfig:
     # contiguous ``chunk``-row pieces of runs, one broadcast load per tile: svg2_kernels.varblock_chunks).
     key_layout: str = "window"
     chunk: int = 64
-    warp_specialize: bool = False  # chunks only: Triton's warp specialisation of the key loop (if supported)
 
     def __post_init__(self) -> None:
         if self.key_layout not in ("window", "chunks"):
@@ -389,7 +388,7 @@ def varblock_attention_with_metadata(
 
             compiled = launch_chunk_kernel(q, k, v, out, qidx, q_perm is not None, work, num_work, meta.q_bounds,
                                            meta.chunk_count, meta.chunk_table, scale, block_m, cfg.block_n,
-                                           cfg.chunk, warps, cfg.num_stages, cfg.warp_specialize)
+                                           cfg.chunk, warps, cfg.num_stages)
         else:
             compiled = _varblock_fwd_kernel[(work.shape[0],)](
                 q, k, v, out, qidx,

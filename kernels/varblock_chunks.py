@@ -102,14 +102,11 @@ if _HAS_TRITON:
         H, Cq1, T_ROW, SEQ_Q, SEQ_K,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr, GATHER_Q: tl.constexpr,
-        WARP_SPEC: tl.constexpr,
     ):
         NCH: tl.constexpr = BLOCK_N // CH
         pid = tl.program_id(0)
-        # Surplus programs run item 0 with no key tiles and store nothing (no early return: Triton's warp
-        # specialisation pass rejects the branch it creates).
-        active = pid < tl.load(num_work_ptr)
-        pid = tl.where(active, pid, 0)
+        if pid >= tl.load(num_work_ptr):
+            return
         n = tl.load(work_ptr + pid * 3)
         i = tl.load(work_ptr + pid * 3 + 1)
         row0 = tl.load(work_ptr + pid * 3 + 2)
@@ -139,10 +136,10 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_chunks = tl.load(count_ptr + row_id)
-        n_tiles = tl.where(active, (n_chunks + NCH - 1) // NCH, 0)
+        n_tiles = (n_chunks + NCH - 1) // NCH
         offs_n = tl.arange(0, BLOCK_N)
         within = offs_n % CH
-        for t in tl.range(0, n_tiles, warp_specialize=WARP_SPEC):
+        for t in range(0, n_tiles):
             # -- row addresses: one (broadcast) load of this tile's chunks; slots past the count read 0 --
             slot = t * NCH + offs_n // CH
             packed = tl.load(chunks + slot, mask=slot < n_chunks, other=0)
@@ -167,13 +164,13 @@ if _HAS_TRITON:
         tl.store(
             Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
             out.to(Out.dtype.element_ty),
-            mask=m_mask[:, None] & d_mask[None, :] & active,
+            mask=m_mask[:, None] & d_mask[None, :],
         )
 
 
 def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bounds, count, table,
                         scale: float, block_m: int, block_n: int, chunk: int, num_warps: int,
-                        num_stages: int, warp_specialize: bool = False):
+                        num_stages: int):
     """One launch over the ``work`` items (tensors already validated by the caller); returns Triton's
     compiled kernel (its ``asm`` / ``n_regs`` / ``n_spills`` are what benchmarks record)."""
     h, sq, d = q.shape[1], q.shape[2], q.shape[3]
@@ -187,7 +184,7 @@ def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bo
         out.stride(0), out.stride(1), out.stride(2),
         h, count.shape[1], table.shape[-1], sq, k.shape[2],
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q, WARP_SPEC=warp_specialize,
+        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q,
         num_warps=num_warps, num_stages=num_stages,
     )
 
