@@ -7,18 +7,21 @@ j]``), each a contiguous ``(start, length)`` range of the cluster-sorted K/V. Se
 
 How the work is laid out (DESIGN.md §4):
 
-* **Key side: ranges, densely packed.** Selected, adjacent, non-empty key clusters are merged into *runs*;
-  the runs of one query cluster form a virtual concatenated key sequence that the kernel walks in full
-  ``BLOCK_N`` tiles, each tile loading rows from several runs. A row's address is ``pos + delta[run]``, the
-  run found by comparing ``pos`` against a window of ``WIN`` run starts. Every run gets a virtual length of at
-  least ``ceil(BLOCK_N / (WIN - 1))`` (padding masked) so that one tile never spans more runs than the
-  window holds; real clusters (30-80 tokens) are longer than that and waste nothing.
-* **Query side: tiles of clusters.** Each query cluster is split into ``BLOCK_M``-row tiles; the schedule of
-  ``(head, cluster, first row)`` work items is built on the GPU with a fixed upper bound on its length
-  (``heads * (ceil(Sq / BLOCK_M) + Cq + 1)``), so the grid needs no host sync; surplus programs exit.
-  Rows past ``q_offsets[-1]`` form one extra cluster with no keys, so the kernel writes their zeros.
-* All metadata is built with torch ops on the device: no ``.item()``, no host copies; the op is CUDA-graph
-  capturable and is a ``torch.library.custom_op`` with a fake implementation for ``torch.compile``.
+* **Key side** (``VarBlockConfig.key_layout``). Selected, adjacent, non-empty key clusters are merged into
+  *runs*, and the runs of one query cluster form a virtual key sequence walked in ``BLOCK_N`` tiles.
+  - ``"chunks"`` (v4, the default on GPUs; :mod:`svg2_kernels.varblock_chunks`): runs are cut into
+    ``chunk``-row pieces and a tile is ``BLOCK_N // chunk`` of them, so a tile's row addresses are one
+    broadcast load (no search, nothing loop-carried) and Triton's pipeliner leaves no synchronous load in
+    the loop. Costs at most ``chunk - 1`` padding rows per run.
+  - ``"window"`` (v3): runs packed densely into tiles; a row's address is ``pos + delta[run]``, the run
+    found by comparing ``pos`` against a window of ``WIN`` run starts (every run padded to at least
+    ``ceil(BLOCK_N / (WIN - 1))`` virtual rows so a tile never spans more runs than the window holds).
+* **Query side: tiles of clusters.** Each query cluster is split into ``BLOCK_M``-row tiles (plus an optional
+  second tier of ``block_m_small`` rows for small remainders); the schedule of ``(head, cluster, first row)``
+  work items is built on the GPU with a fixed upper bound on its length, so the grid needs no host sync;
+  surplus programs exit. Rows past ``q_offsets[-1]`` form one extra cluster with no keys (zeros written).
+* All metadata is built on the device: no ``.item()``, no host copies; the op is CUDA-graph capturable and
+  is a ``torch.library.custom_op`` with a fake implementation for ``torch.compile``.
 """
 
 from __future__ import annotations
