@@ -90,6 +90,9 @@ class VarBlockConfig:
 def default_config(device_type: str, head_dim: int) -> VarBlockConfig:
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
+    if head_dim > 128:  # 128x128 tiles of D=256 exceed shared memory; 64x64, 4 warps fit (164 KB)
+        return VarBlockConfig(block_m=64, block_n=64, win=16, num_warps=4, num_stages=2, key_layout="chunks",
+                              chunk=16)
     # v4 (chunk key layout), the fastest measured on an H200 at Wan 1.3B and 14B shapes (runs r4a/r4b):
     # 128x128 tiles, 8 warps, 3 stages, 64-row second query tier, 16-row chunks.
     return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=3, block_m_small=64,

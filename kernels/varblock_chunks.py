@@ -50,7 +50,8 @@ def build_chunk_table(
         count: (N, R) int32 chunks per row.
     """
     if seqlen_k >= MAX_SEQ:
-        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits")
+        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits; "
+                         "use VarBlockConfig(key_layout='window') for longer sequences")
     if not 1 <= chunk <= 255:
         raise ValueError(f"chunk must be in [1, 255], got {chunk}")
     n, r, ck = sel.shape
@@ -262,7 +263,8 @@ def build_chunk_table_triton(
         table (N, Cq + 1, T) int32, count (N, Cq + 1) int32.
     """
     if seqlen_k >= MAX_SEQ:
-        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits")
+        raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits; "
+                         "use VarBlockConfig(key_layout='window') for longer sequences")
     n, cq, ck = block_map.shape
     dev = block_map.device
     t_max = -(-seqlen_k // chunk) + (ck + 1) // 2 + 1

@@ -112,10 +112,12 @@ def _gpu_layout(b, h, s, c, seed):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["default", "window", "chunks32", "chunks64_bn64"])
 def test_varblock_gpu_matches_reference(dtype, d, layout):
+    if d == 256 and layout != "default":
+        pytest.skip("head dim 256 runs with its own default tiles only (the 128x128 ones exceed shared memory)")
     import dataclasses
 
     from svg2_kernels.reference import varblock_attention_reference as ref
