@@ -35,6 +35,7 @@ from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_at
 try:  # Triton is optional (CPU-only installs on other platforms); the variant refuses without it.
     import triton
     import triton.language as tl
+    from svg2_kernels.varblock_common import online_softmax_step, query_tile, store_output
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -267,26 +268,9 @@ if _HAS_TRITON:
         pid = tl.program_id(0)
         if pid >= tl.load(num_work_ptr):
             return
-        n = tl.load(work_ptr + pid * 3)
-        i = tl.load(work_ptr + pid * 3 + 1)
-        row0 = tl.load(work_ptr + pid * 3 + 2)
-        b = (n // H).to(tl.int64)
-        h = (n % H).to(tl.int64)
-        row_id = n * Cq1 + i
-        qs = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i)
-        qe = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i + 1)
-
-        offs_m = qs + row0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        m_mask = offs_m < qe
-        if GATHER_Q:  # Q and O in token order: sorted row -> token through the query permutation
-            q_rows = tl.load(QIDX + n.to(tl.int64) * SEQ_Q + offs_m, mask=m_mask, other=0)
-        else:
-            q_rows = offs_m
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
-            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+        q, n, b, h, row_id, q_rows, m_mask, offs_d, d_mask = query_tile(
+            pid, Q, QIDX, work_ptr, q_bounds_ptr, stride_qb, stride_qh, stride_qs, H, Cq1, SEQ_Q,
+            HEAD_DIM, BLOCK_D, BLOCK_M, GATHER_Q,
         )
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -339,22 +323,8 @@ if _HAS_TRITON:
                 w_end = tl.load(vend_ptr + meta + w_idx, mask=w_mask, other=0)
             # -- scores and online softmax --
             qk = tl.dot(q, k)
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-        # -- epilogue: rows without keys (and the tail cluster) write zeros --
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_i[:, None]
-        tl.store(
-            Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=m_mask[:, None] & d_mask[None, :],
-        )
+            m_i, l_i, acc = online_softmax_step(qk, n_mask, v, qk_scale, m_i, l_i, acc)
+        store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os)
 
 
 def varblock_attention_with_metadata(

@@ -26,6 +26,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from svg2_kernels.varblock_common import online_softmax_step, query_tile, store_output
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -108,26 +109,9 @@ if _HAS_TRITON:
         pid = tl.program_id(0)
         if pid >= tl.load(num_work_ptr):
             return
-        n = tl.load(work_ptr + pid * 3)
-        i = tl.load(work_ptr + pid * 3 + 1)
-        row0 = tl.load(work_ptr + pid * 3 + 2)
-        b = (n // H).to(tl.int64)
-        h = (n % H).to(tl.int64)
-        row_id = n * Cq1 + i
-        qs = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i)
-        qe = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i + 1)
-
-        offs_m = qs + row0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        m_mask = offs_m < qe
-        if GATHER_Q:  # Q and O in token order: sorted row -> token through the query permutation
-            q_rows = tl.load(QIDX + n.to(tl.int64) * SEQ_Q + offs_m, mask=m_mask, other=0)
-        else:
-            q_rows = offs_m
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
-            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+        q, n, b, h, row_id, q_rows, m_mask, offs_d, d_mask = query_tile(
+            pid, Q, QIDX, work_ptr, q_bounds_ptr, stride_qb, stride_qh, stride_qs, H, Cq1, SEQ_Q,
+            HEAD_DIM, BLOCK_D, BLOCK_M, GATHER_Q,
         )
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -151,22 +135,8 @@ if _HAS_TRITON:
             v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             # -- scores and online softmax --
             qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-        # -- epilogue: rows without keys (and the tail cluster) write zeros --
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_i[:, None]
-        tl.store(
-            Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=m_mask[:, None] & d_mask[None, :],
-        )
+            m_i, l_i, acc = online_softmax_step(qk, n_mask, v, qk_scale, m_i, l_i, acc)
+        store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os)
 
 
 def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bounds, count, table,

@@ -1,0 +1,71 @@
+"""Triton pieces shared by the two variable-block attention kernels (window layout and chunk layout).
+
+Both kernels run one query tile per program: the same work-item decoding and Q load, the same online softmax
+step per key tile, the same epilogue. They differ only in how a key tile's row addresses are found.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    _HAS_TRITON = False
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def query_tile(
+        pid, Q, QIDX, work_ptr, q_bounds_ptr,
+        stride_qb, stride_qh, stride_qs, H, Cq1, SEQ_Q,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GATHER_Q: tl.constexpr,
+    ):
+        """Decode work item ``pid`` and load its Q tile. Returns (q, n, b, h, row_id, q_rows, m_mask, offs_d,
+        d_mask)."""
+        n = tl.load(work_ptr + pid * 3)
+        i = tl.load(work_ptr + pid * 3 + 1)
+        row0 = tl.load(work_ptr + pid * 3 + 2)
+        b = (n // H).to(tl.int64)
+        h = (n % H).to(tl.int64)
+        row_id = n * Cq1 + i
+        qs = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i)
+        qe = tl.load(q_bounds_ptr + n * (Cq1 + 1) + i + 1)
+        offs_m = qs + row0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_mask = offs_m < qe
+        if GATHER_Q:  # Q and O in token order: sorted row -> token through the query permutation
+            q_rows = tl.load(QIDX + n.to(tl.int64) * SEQ_Q + offs_m, mask=m_mask, other=0)
+        else:
+            q_rows = offs_m
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        return q, n, b, h, row_id, q_rows, m_mask, offs_d, d_mask
+
+    @triton.jit
+    def online_softmax_step(qk, n_mask, v, qk_scale, m_i, l_i, acc):
+        """Fold one key tile (scores ``qk`` (M, N), valid columns ``n_mask``, values ``v`` (N, D)) into the
+        running max ``m_i``, sum ``l_i`` and accumulator ``acc`` (exp2 domain: qk_scale includes log2 e)."""
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os):
+        """Normalise and store; rows without keys (and the tail cluster) write zeros."""
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(
+            Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
