@@ -9,7 +9,12 @@ How the work is laid out (DESIGN.md §4):
 
 * **Key side** (``VarBlockConfig.key_layout``). Selected, adjacent, non-empty key clusters are merged into
   *runs*, and the runs of one query cluster form a virtual key sequence walked in ``BLOCK_N`` tiles.
-  - ``"chunks"`` (v4, the default on GPUs; :mod:`svg2_kernels.varblock_chunks`): runs are cut into
+  - ``"tma"`` (v5, the default on sm_90+; :mod:`svg2_kernels.varblock_tma`): every run is cut into whole
+    ``BLOCK_N``-row boxes (the last partial), each loaded by a tensor descriptor (TMA) straight into shared
+    memory. Costs up to ``BLOCK_N - 1`` padding rows per run; ordering key clusters so co-selected ones are
+    adjacent (:mod:`svg2_kernels.order`) keeps runs long. Falls back to the chunk kernel (same table, one
+    chunk per tile) where descriptors are unavailable.
+  - ``"chunks"`` (v4, the default on pre-Hopper GPUs; :mod:`svg2_kernels.varblock_chunks`): runs are cut into
     ``chunk``-row pieces and a tile is ``BLOCK_N // chunk`` of them, so a tile's row addresses are one
     broadcast load (no search, nothing loop-carried) and Triton's pipeliner leaves no synchronous load in
     the loop. Costs at most ``chunk - 1`` padding rows per run.
@@ -70,13 +75,16 @@ class VarBlockConfig:
     # dependency from the address chain, so Triton's pipeliner can issue the loads stages ahead.
     tile_table: bool = False
     # "window": v3 (runs packed densely into tiles, a run-window search per tile); "chunks": v4 (tiles of
-    # contiguous ``chunk``-row pieces of runs, one broadcast load per tile: svg2_kernels.varblock_chunks).
+    # contiguous ``chunk``-row pieces of runs, one broadcast load per tile: svg2_kernels.varblock_chunks);
+    # "tma": v5 (tiles are whole boxes of one run, tensor-descriptor loads: svg2_kernels.varblock_tma).
     key_layout: str = "window"
     chunk: int = 64
 
     def __post_init__(self) -> None:
-        if self.key_layout not in ("window", "chunks"):
-            raise ValueError(f"key_layout must be 'window' or 'chunks', got {self.key_layout!r}")
+        if self.key_layout not in ("window", "chunks", "tma"):
+            raise ValueError(f"key_layout must be 'window', 'chunks' or 'tma', got {self.key_layout!r}")
+        if self.key_layout == "tma" and not 16 <= self.block_n <= 128:
+            raise ValueError(f"key_layout 'tma' needs 16 <= block_n <= 128 (one box per tile), got {self.block_n}")
         if self.key_layout == "chunks" and (self.block_n % self.chunk or not 1 <= self.chunk <= 128
                                             or self.chunk & (self.chunk - 1)):
             raise ValueError(f"chunk ({self.chunk}) must be a power of two <= 128 dividing block_n "
@@ -88,9 +96,13 @@ class VarBlockConfig:
         return -(-self.block_n // (self.win - 1))
 
 
-def default_config(device_type: str, head_dim: int) -> VarBlockConfig:
+def default_config(device_type: str, head_dim: int, capability: tuple[int, int] = (9, 0)) -> VarBlockConfig:
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
+    if capability[0] >= 9 and head_dim <= 128:
+        # v5 (TMA boxes of whole runs), the fastest measured on an H200 at Wan 1.3B and 14B shapes (run r6).
+        return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=3, block_m_small=64,
+                              key_layout="tma")
     if head_dim > 128:  # 128x128 tiles of D=256 exceed shared memory; 64x64, 4 warps fit (164 KB)
         return VarBlockConfig(block_m=64, block_n=64, win=16, num_warps=4, num_stages=2, key_layout="chunks",
                               chunk=16)
@@ -162,15 +174,16 @@ def build_varblock_metadata(
     sel = bm & (ksz > 0).unsqueeze(1)
     # One extra all-false row: the tail "cluster" of query rows past q_offsets[-1].
     sel = torch.cat([sel, torch.zeros(n, 1, ck, dtype=torch.bool, device=dev)], dim=1)  # (n, cq+1, ck)
-    if config.key_layout == "chunks":
+    if config.key_layout in ("chunks", "tma"):
         from svg2_kernels.varblock_chunks import build_chunk_table, build_chunk_table_triton
 
+        chunk = config.block_n if config.key_layout == "tma" else config.chunk  # tma: one box per tile
         if _HAS_TRITON and (dev.type == "cuda" or _interpreting()):  # one launch instead of ~30 torch ops
-            table, count = build_chunk_table_triton(ko, bm, seqlen_k, config.chunk)
+            table, count = build_chunk_table_triton(ko, bm, seqlen_k, chunk)
         else:
-            table, count = build_chunk_table(ko, sel, seqlen_k, config.chunk)
+            table, count = build_chunk_table(ko, sel, seqlen_k, chunk)
         empty = torch.zeros(1, 1, 1, dtype=i32, device=dev)
-        nch = config.block_n // config.chunk
+        nch = config.block_n // chunk
         return _with_query_tiles(qo, seqlen_q, n, cq, config, num_tiles=(count + nch - 1) // nch, run_vstart=empty,
                                  run_delta=empty, run_vend=empty, tile_run=empty, chunk_table=table,
                                  chunk_count=count)
@@ -353,18 +366,30 @@ def varblock_attention_with_metadata(
         out = torch.empty_like(q)
     qidx = q_perm.reshape(bsz * h, sq).to(torch.int32) if q_perm is not None else meta.num_work
     cq1 = meta.num_tiles.shape[1]
+    tma_reason = None
+    if cfg.key_layout == "tma":
+        from svg2_kernels.varblock_tma import tma_refusal
+
+        tma_reason = tma_refusal(k, cfg.block_n)
     tiers = [(meta.work, meta.num_work, cfg.block_m, cfg.num_warps)]
     if cfg.block_m_small > 0:
         tiers.append((meta.work_small, meta.num_work_small, cfg.block_m_small, cfg.num_warps_small))
     for work, num_work, block_m, warps in tiers:
         if work.shape[0] == 0:
             continue
-        if cfg.key_layout == "chunks":
+        if cfg.key_layout == "tma" and tma_reason is None:
+            from svg2_kernels.varblock_tma import launch_tma_kernel
+
+            compiled = launch_tma_kernel(q, k, v, out, qidx, q_perm is not None, work, num_work, meta.q_bounds,
+                                         meta.chunk_count, meta.chunk_table, scale, block_m, cfg.block_n, warps,
+                                         cfg.num_stages)
+        elif cfg.key_layout in ("chunks", "tma"):  # tma without descriptors: the same table, one chunk per tile
             from svg2_kernels.varblock_chunks import launch_chunk_kernel
 
+            chunk = cfg.block_n if cfg.key_layout == "tma" else cfg.chunk
             compiled = launch_chunk_kernel(q, k, v, out, qidx, q_perm is not None, work, num_work, meta.q_bounds,
                                            meta.chunk_count, meta.chunk_table, scale, block_m, cfg.block_n,
-                                           cfg.chunk, warps, cfg.num_stages)
+                                           chunk, warps, cfg.num_stages)
         else:
             compiled = _varblock_fwd_kernel[(work.shape[0],)](
                 q, k, v, out, qidx,
@@ -383,6 +408,8 @@ def varblock_attention_with_metadata(
             )
         if compile_info is not None:
             compile_info.append(_compile_summary(compiled, block_m))
+            if tma_reason is not None:
+                compile_info[-1]["tma_fallback"] = tma_reason
     return out
 
 
@@ -422,7 +449,8 @@ def _sync_loads_in_loop(ttgir: str) -> int:
 
 def _forward(q, k, v, q_offsets, k_offsets, block_map, scale, config: VarBlockConfig | None = None,
              q_perm: torch.Tensor | None = None):
-    cfg = config or default_config(q.device.type, q.shape[-1])
+    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else (0, 0)
+    cfg = config or default_config(q.device.type, q.shape[-1], cap)
     meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
     return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
 

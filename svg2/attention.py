@@ -8,6 +8,7 @@ Public functions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -123,6 +124,18 @@ def _cold(state: ClusterState | None, n: int, cq: int, ck: int, d: int) -> bool:
     return tuple(state.q_centroids.shape) != (n, cq, d) or tuple(state.k_centroids.shape) != (n, ck, d)
 
 
+def _chain_ordered(rk):
+    """The same clustering with key clusters renumbered along a nearest-neighbour chain of centroids."""
+    from svg2_kernels.order import chain_order
+
+    order = chain_order(rk.centroids)  # (n, ck): old index at each new position
+    inv = torch.argsort(order, dim=-1)
+    return dataclasses.replace(
+        rk, labels=inv.gather(1, rk.labels), centroids=rk.centroids.gather(1, order[..., None].expand_as(rk.centroids)),
+        sizes=rk.sizes.gather(1, order), perm=None,  # recomputed by ClusterLayout.from_labels
+    )
+
+
 def build_layout(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -153,6 +166,8 @@ def build_layout(
         rq = kmeans(qx, cq, iters, None if cold else state.q_centroids, seed=cfg.seed, kernel=cfg.kmeans_kernel)
         rk = kmeans(kx, ck, iters, None if cold else state.k_centroids, seed=cfg.seed + 1,
                     kernel=cfg.kmeans_kernel)
+        if cold and cfg.order_key_clusters:
+            rk = _chain_ordered(rk)
     if state is not None:
         state.q_centroids, state.k_centroids = rq.centroids, rk.centroids
         state.calls += 1

@@ -32,6 +32,9 @@ class SVG2Config:
             length when a sequence is shorter (documented behaviour, not an error).
         kmeans_iters_init: Lloyd iterations of the first (cold) call per (layer, CFG branch).
         kmeans_iters_step: Lloyd iterations of later calls, warm-started from the cached centroids.
+        order_key_clusters: at each cold start, reorder the key clusters along a nearest-neighbour chain of
+            their centroids so that co-selected clusters are adjacent (longer key runs, fewer partial
+            kernel tiles; warm starts keep the order). Changes only the tiling, not the result.
     Selection:
         top_p: keep, per query cluster, the shortest prefix of key clusters (sorted by estimated attention
             mass) whose mass reaches top_p.
@@ -54,6 +57,7 @@ class SVG2Config:
     target_density: float | None = None
     kmeans_iters_init: int = 50
     kmeans_iters_step: int = 2
+    order_key_clusters: bool = True
     dense_steps_frac: float = 0.2
     dense_layers: int = 1
     seed_centroids_in_warmup: bool = False
@@ -73,8 +77,9 @@ class SVG2Config:
         _check_range("dense_steps_frac", self.dense_steps_frac, 0.0, 1.0)
         _check_int("dense_layers", self.dense_layers, 0)
         _check_int("seed", self.seed, 0)
-        if not isinstance(self.seed_centroids_in_warmup, bool):
-            raise TypeError("SVG2Config.seed_centroids_in_warmup must be a bool")
+        for name in ("seed_centroids_in_warmup", "order_key_clusters"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SVG2Config.{name} must be a bool")
         for name in ("attention_kernel", "kmeans_kernel"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"SVG2Config.{name} must be a non-empty string such as 'auto' or 'torch'")

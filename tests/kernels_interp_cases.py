@@ -108,7 +108,15 @@ def gather_q_case():
     sorted_out = run(q.gather(2, perm[..., None].expand(-1, -1, -1, d)), k, v, meta)
     want = torch.empty_like(sorted_out).scatter_(2, perm[..., None].expand(-1, -1, -1, d), sorted_out)
     got = run(q, k, v, meta, q_perm=perm)
-    return "gather_q", torch.equal(got, want), f"max diff {(got.float() - want.float()).abs().max().item():.3g}"
+    ok = torch.equal(got, want)
+    # the same through the TMA-tile kernel (v5)
+    meta = build_varblock_metadata(qo, ko, bm, s, s, VarBlockConfig(32, 16, 4, 4, 1, 16, key_layout="tma"))
+    sorted_out = run(q.gather(2, perm[..., None].expand(-1, -1, -1, d)), k, v, meta)
+    want_t = torch.empty_like(sorted_out).scatter_(2, perm[..., None].expand(-1, -1, -1, d), sorted_out)
+    got_t = run(q, k, v, meta, q_perm=perm)
+    ok = ok and torch.equal(got_t, want_t)
+    return "gather_q", ok, f"max diff {(got.float() - want.float()).abs().max().item():.3g} (window), " \
+        f"{(got_t.float() - want_t.float()).abs().max().item():.3g} (tma)"
 
 
 def chunk_table_case():
@@ -130,6 +138,17 @@ def chunk_table_case():
         ok &= torch.equal(t_ref[used], t_tri[used])
         total += int(c_ref.sum())
     return "chunk_table", bool(ok), f"{total} chunks compared"
+
+
+def chain_order_case():
+    """The Triton chain (one program per row) visits clusters in exactly the torch path's order."""
+    from svg2_kernels.order import chain_order, chain_order_torch
+
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(3, 37, 16, generator=g)
+    got, want = chain_order(c), chain_order_torch(c)
+    perm_ok = all(sorted(r.tolist()) == list(range(37)) for r in got)
+    return "chain_order", bool(torch.equal(got, want) and perm_ok), f"first row {got[0, :8].tolist()}"
 
 
 def permute_case():
@@ -230,6 +249,12 @@ CASES = [
      (16, 32, 8, 4, 1, 0, 4, False, "chunks", 8)),
     ("attn_fp16_chunks_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01,
      (16, 32, 4, 4, 1, 0, 4, False, "chunks", 16)),
+    # v5 key layout: tiles are whole boxes of one run, tensor-descriptor loads (..., key_layout)
+    ("attn_fp16_tma", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1, 0, 4, False, "tma")),
+    ("attn_fp32_tma_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16, 4, False, "tma")),
+    ("attn_fp16_tma_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
+    ("attn_fp16_tma_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1, 0, 4, False, "tma")),
+    ("attn_fp32_tma_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1, 0, 4, False, "tma")),
 ]
 KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
@@ -246,6 +271,7 @@ def main() -> None:
     jobs += [lambda c=c: kmeans_case(*c) for c in KM_CASES]
     jobs.append(gather_q_case)
     jobs.append(permute_case)
+    jobs.append(chain_order_case)
     jobs.append(chunk_table_case)
     jobs.append(opcheck_case)
     jobs.append(svg2_end_to_end_case)

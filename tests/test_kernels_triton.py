@@ -25,8 +25,9 @@ _CASES = [
     "attn_fp16_sparse", "attn_fp16_two_tier", "attn_fp16_tile_table", "attn_fp32_tile_table_win2",
     "attn_fp16_chunks8", "attn_fp32_chunks4_two_tier", "attn_fp16_chunks_box", "attn_fp16_chunks_sparse",
     "attn_fp16_chunks_dense_all",
+    "attn_fp16_tma", "attn_fp32_tma_two_tier", "attn_fp16_tma_sparse", "attn_fp16_tma_dense_all", "attn_fp32_tma_d48",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
-    "gather_q", "permute", "chunk_table", "opcheck", "svg2_end_to_end", "opcheck_more",
+    "gather_q", "permute", "chunk_table", "chain_order", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -114,9 +115,9 @@ def _gpu_layout(b, h, s, c, seed):
 @cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["default", "window", "chunks32", "chunks64_bn64"])
+@pytest.mark.parametrize("layout", ["default", "window", "chunks16", "chunks32", "chunks64_bn64", "tma", "tma64"])
 def test_varblock_gpu_matches_reference(dtype, d, layout):
-    if d == 256 and layout != "default":
+    if d == 256 and layout not in ("default", "tma64"):
         pytest.skip("head dim 256 runs with its own default tiles only (the 128x128 ones exceed shared memory)")
     import dataclasses
 
@@ -133,6 +134,10 @@ def test_varblock_gpu_matches_reference(dtype, d, layout):
         "window": dataclasses.replace(cfg, key_layout="window"),
         "chunks32": dataclasses.replace(cfg, key_layout="chunks", chunk=32, num_stages=3),
         "chunks64_bn64": dataclasses.replace(cfg, key_layout="chunks", chunk=64, block_n=64, num_stages=3),
+        "chunks16": dataclasses.replace(cfg, key_layout="chunks", chunk=16),
+        "tma": dataclasses.replace(cfg, key_layout="tma"),
+        "tma64": dataclasses.replace(cfg, key_layout="tma", block_m=64, block_n=64, num_warps=4, num_stages=2,
+                                     block_m_small=0),
     }[layout]
     out = _forward(q, k, v, qo, ko, bm, None, cfg)
     r32 = ref(q, k, v, qo, ko, bm)
