@@ -79,6 +79,8 @@ class VarBlockConfig:
     # "tma": v5 (tiles are whole boxes of one run, tensor-descriptor loads: svg2_kernels.varblock_tma).
     key_layout: str = "window"
     chunk: int = 64
+    # Longest-first order of work items inside each head (heads stay in order for L2 reuse of K/V).
+    lpt: bool = False
 
     def __post_init__(self) -> None:
         if self.key_layout not in ("window", "chunks", "tma"):
@@ -100,9 +102,10 @@ def default_config(device_type: str, head_dim: int, capability: tuple[int, int] 
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
     if capability[0] >= 9 and head_dim <= 128:
-        # v5 (TMA boxes of whole runs), the fastest measured on an H200 at Wan 1.3B and 14B shapes (run r6).
-        return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=3, block_m_small=64,
-                              key_layout="tma")
+        # v5 (TMA boxes of whole runs), the fastest measured on an H200 at Wan 14B shapes (runs r6, r6tune).
+        # 128x64 tiles with one warpgroup (4 warps): two programs per SM hide each other's softmax.
+        return VarBlockConfig(block_m=128, block_n=64, win=16, num_warps=4, num_stages=2, block_m_small=64,
+                              key_layout="tma", lpt=True)
     if head_dim > 128:  # 128x128 tiles of D=256 exceed shared memory; 64x64, 4 warps fit (164 KB)
         return VarBlockConfig(block_m=64, block_n=64, win=16, num_warps=4, num_stages=2, key_layout="chunks",
                               chunk=16)
@@ -239,8 +242,23 @@ def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig
         small = torch.zeros_like(qsz)
     work, num_work = _work_items(big, cq + 1, n * (-(-seqlen_q // bm_) + cq + 1), bm_, None)
     work_s, num_work_s = _work_items(small, cq + 1, n * (cq + 1) if bs_ > 0 else 0, bm_, qsz // bm_)
+    if config.lpt:
+        work = _longest_first_within_head(work, num_work, key_side["num_tiles"])
+        work_s = _longest_first_within_head(work_s, num_work_s, key_side["num_tiles"])
     return VarBlockMetadata(config=config, work=work, num_work=num_work, work_small=work_s,
                             num_work_small=num_work_s, q_bounds=q_bounds.contiguous(), **key_side)
+
+
+def _longest_first_within_head(work, num_work, num_tiles):
+    """Reorder work items: heads stay in order (concurrent programs share one head's K/V in L2), and inside
+    a head the items with the most key tiles come first, so the last wave holds short items (less tail)."""
+    if work.shape[0] == 0:
+        return work
+    cost = num_tiles.reshape(-1).gather(0, (work[:, 0].long() * num_tiles.shape[1] + work[:, 1].long()))
+    key = (work[:, 0].long() << 32) + ((1 << 31) - 1 - cost.long())
+    valid = torch.arange(work.shape[0], device=work.device) < num_work
+    key = torch.where(valid, key, torch.iinfo(torch.int64).max)  # surplus slots stay at the end
+    return work.index_select(0, torch.argsort(key, stable=True)).contiguous()
 
 
 def _work_items(count, cq1: int, t_max: int, block_m: int, first_tile):

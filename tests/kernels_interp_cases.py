@@ -255,6 +255,9 @@ CASES = [
     ("attn_fp16_tma_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
     ("attn_fp16_tma_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1, 0, 4, False, "tma")),
     ("attn_fp32_tma_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1, 0, 4, False, "tma")),
+    # longest-first work order inside each head (..., chunk, lpt)
+    ("attn_fp16_tma_lpt_two_tier", torch.float16, 2, 3, 90, 70, 32, 4, 9, 0.5,
+     (32, 16, 4, 4, 1, 16, 4, False, "tma", 16, True)),
 ]
 KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),

@@ -26,6 +26,7 @@ _CASES = [
     "attn_fp16_chunks8", "attn_fp32_chunks4_two_tier", "attn_fp16_chunks_box", "attn_fp16_chunks_sparse",
     "attn_fp16_chunks_dense_all",
     "attn_fp16_tma", "attn_fp32_tma_two_tier", "attn_fp16_tma_sparse", "attn_fp16_tma_dense_all", "attn_fp32_tma_d48",
+    "attn_fp16_tma_lpt_two_tier",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "gather_q", "permute", "chunk_table", "chain_order", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
@@ -94,6 +95,29 @@ def test_metadata_schedule_cpu():
             got[s + d:e + d] += 1
         assert torch.equal(got, want), i
         assert int(meta.num_tiles[0, i]) == math.ceil(int(meta.run_vend[0, i, r - 1]) / 16) if r else True
+
+
+def test_longest_first_schedule_cpu():
+    """lpt=True keeps the same work items (every query row once), heads in order, longest items first."""
+    from svg2_kernels.varblock_attention import VarBlockConfig, build_varblock_metadata
+
+    g = torch.Generator().manual_seed(1)
+    b, h, sq, cq, ck = 1, 3, 300, 6, 9
+    qo = torch.stack([torch.tensor([0, 10, 90, 91, 150, 220, 290]) for _ in range(h)])[None]
+    ko = torch.stack([torch.tensor([0, 5, 40, 41, 100, 130, 131, 200, 260, 300]) for _ in range(h)])[None]
+    bm = torch.rand(b, h, cq, ck, generator=g) < 0.5
+    plain = VarBlockConfig(block_m=32, block_n=16, win=4, block_m_small=16, key_layout="tma")
+    metas = [build_varblock_metadata(qo, ko, bm, sq, sq, c) for c in (plain, VarBlockConfig(**{
+        **plain.__dict__, "lpt": True}))]
+    for tier in ("work", "work_small"):
+        num = int(getattr(metas[0], "num_" + tier))
+        a, l_ = (getattr(m, tier)[:num] for m in metas)
+        assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, l_.tolist()))
+        heads = l_[:, 0]
+        assert bool((heads[1:] >= heads[:-1]).all())
+        cost = metas[1].num_tiles[l_[:, 0].long(), l_[:, 1].long()]
+        same = heads[1:] == heads[:-1]
+        assert bool((cost[1:][same] <= cost[:-1][same]).all())
 
 
 # ---------------------------------------------------------------------------------------------- GPU
