@@ -190,7 +190,11 @@ def main() -> None:
     ap.add_argument("--variants", default="cudnn," + ",".join(VARIANTS))
     ap.add_argument("--out", default="probe_loop.jsonl")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--table", default=None, help="print the markdown table of an existing .jsonl and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table([json.loads(x) for x in open(args.table)]))
+        return
     if args.variant:
         rows = run_variant(args.variant, args.shape)
         with open(args.out, "a") as f:
@@ -214,18 +218,24 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(dict(variant=name, shape=shape, error="timeout")) + "\n")
             print(f"{shape} {name}: {status} in {time.time() - t0:.0f} s", flush=True)
-    rows = [json.loads(x) for x in open(args.out)]
+    print(markdown_table([json.loads(x) for x in open(args.out)]))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One row per (shape, variant, config): ms, TFLOP/s and the ratio to cuDNN of the same shape."""
     dense = {r["shape"]: r["ms"] for r in rows if r["variant"] == "cudnn" and "ms" in r}
-    print(f"{'shape':8} {'variant':13} {'BM':>4} {'BN':>4} {'w':>2} {'st':>2} {'ms':>8} {'TF/s':>6} {'vs cuDNN':>8}")
+    out = ["| shape | variant | (load, mask, fma, ws) | BM | BN | warps | stages | ms | TFLOP/s | vs cuDNN |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cfg = [str(r.get(k, "")) for k in ("block_m", "block_n", "warps", "stages")]
+        what = str(VARIANTS.get(r["variant"], ""))
         if "ms" not in r:
-            print(f"{r['shape']:8} {r['variant']:13} {r.get('block_m', '')!s:>4} {r.get('block_n', '')!s:>4} "
-                  f"{r.get('warps', '')!s:>2} {r.get('stages', '')!s:>2}  {r['error'][:200]}")
+            out.append(f"| {r['shape']} | {r['variant']} | {what} | {' | '.join(cfg)} | {r['error'][:80]} | | |")
             continue
         ratio = dense.get(r["shape"], float("nan")) / r["ms"]
-        print(f"{r['shape']:8} {r['variant']:13} {r.get('block_m', '')!s:>4} {r.get('block_n', '')!s:>4} "
-              f"{r.get('warps', '')!s:>2} {r.get('stages', '')!s:>2} {r['ms']:8.3f} {r['tflops']:6.0f} {ratio:8.3f}")
-
+        out.append(f"| {r['shape']} | {r['variant']} | {what} | {' | '.join(cfg)} | {r['ms']:.3f} | "
+                   f"{r['tflops']:.0f} | {ratio:.3f} |")
+    return "\n".join(out)
 
 if __name__ == "__main__":
     main()
