@@ -79,8 +79,10 @@ class VarBlockConfig:
     # "tma": v5 (tiles are whole boxes of one run, tensor-descriptor loads: svg2_kernels.varblock_tma).
     key_layout: str = "window"
     chunk: int = 64
-    # Longest-first order of work items inside each head (heads stay in order for L2 reuse of K/V).
+    # Longest-first order of work items inside each head (heads stay in order for L2 reuse of K/V);
+    # lpt_global: longest-first over all heads (measured against the per-head order in run r9).
     lpt: bool = False
+    lpt_global: bool = False
 
     def __post_init__(self) -> None:
         if self.key_layout not in ("window", "chunks", "tma"):
@@ -243,19 +245,20 @@ def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig
     work, num_work = _work_items(big, cq + 1, n * (-(-seqlen_q // bm_) + cq + 1), bm_, None)
     work_s, num_work_s = _work_items(small, cq + 1, n * (cq + 1) if bs_ > 0 else 0, bm_, qsz // bm_)
     if config.lpt:
-        work = _longest_first_within_head(work, num_work, key_side["num_tiles"])
-        work_s = _longest_first_within_head(work_s, num_work_s, key_side["num_tiles"])
+        work = _longest_first_within_head(work, num_work, key_side["num_tiles"], config.lpt_global)
+        work_s = _longest_first_within_head(work_s, num_work_s, key_side["num_tiles"], config.lpt_global)
     return VarBlockMetadata(config=config, work=work, num_work=num_work, work_small=work_s,
                             num_work_small=num_work_s, q_bounds=q_bounds.contiguous(), **key_side)
 
 
-def _longest_first_within_head(work, num_work, num_tiles):
+def _longest_first_within_head(work, num_work, num_tiles, across_heads: bool = False):
     """Reorder work items: heads stay in order (concurrent programs share one head's K/V in L2), and inside
-    a head the items with the most key tiles come first, so the last wave holds short items (less tail)."""
+    a head the items with the most key tiles come first, so the last wave holds short items (less tail).
+    ``across_heads``: one longest-first order over all heads instead."""
     if work.shape[0] == 0:
         return work
     cost = num_tiles.reshape(-1).gather(0, (work[:, 0].long() * num_tiles.shape[1] + work[:, 1].long()))
-    key = (work[:, 0].long() << 32) + ((1 << 31) - 1 - cost.long())
+    key = ((1 << 31) - 1 - cost.long()) + (0 if across_heads else work[:, 0].long() << 32)
     valid = torch.arange(work.shape[0], device=work.device) < num_work
     key = torch.where(valid, key, torch.iinfo(torch.int64).max)  # surplus slots stay at the end
     return work.index_select(0, torch.argsort(key, stable=True)).contiguous()
