@@ -344,7 +344,7 @@ def run(cfg: dict) -> list[dict]:
     except ImportError:
         pass
     print(json.dumps(env), flush=True)
-    kcfg = VarBlockConfig(*cfg["config"]) if cfg.get("config") else default_config(dev.type, d)
+    forced = VarBlockConfig(*cfg["config"]) if cfg.get("config") else None
 
     def emit(row: dict, table: list):
         table.append(row)
@@ -364,6 +364,7 @@ def run(cfg: dict) -> list[dict]:
         q, k, v = synthetic_qkv(shape, bsz, d, dtype, dev, cfg["seed"] + si)
         b, h, s, _ = q.shape
         n = b * h
+        kcfg = forced or default_config(dev.type, d, seqlen_k=s)  # the default depends on the sequence length
         t_dense = dense_time(q, k, v, budget) if dev.type == "cuda" else float("nan")
         print(f"[{sname}] S={s} H={h} dense cuDNN {t_dense:.2f} ms", flush=True)
         if cfg.get("probe_dense") and dev.type == "cuda":

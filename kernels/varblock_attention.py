@@ -100,14 +100,17 @@ class VarBlockConfig:
         return -(-self.block_n // (self.win - 1))
 
 
-def default_config(device_type: str, head_dim: int, capability: tuple[int, int] = (9, 0)) -> VarBlockConfig:
+def default_config(device_type: str, head_dim: int, capability: tuple[int, int] = (9, 0),
+                   seqlen_k: int | None = None) -> VarBlockConfig:
     if device_type != "cuda" or _interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
     if capability[0] >= 9 and head_dim <= 128:
         # v5 (TMA boxes of whole runs), the fastest measured on an H200 at Wan 14B shapes (runs r6, r6tune).
         # 128x64 tiles with one warpgroup (4 warps): two programs per SM hide each other's softmax.
+        # Longest-first over all heads won at Wan 1.3B (S=32760: 4.43 -> 4.04 ms) and lost at Wan 14B (S=75600:
+        # 60.8 -> 62.2 ms, 69.5 -> 76.2 ms) against the per-head order (run r9); the threshold sits between.
         return VarBlockConfig(block_m=128, block_n=64, win=16, num_warps=4, num_stages=2, block_m_small=64,
-                              key_layout="tma", lpt=True)
+                              key_layout="tma", lpt=True, lpt_global=seqlen_k is not None and seqlen_k <= 49152)
     if head_dim > 128:  # 128x128 tiles of D=256 exceed shared memory; 64x64, 4 warps fit (164 KB)
         return VarBlockConfig(block_m=64, block_n=64, win=16, num_warps=4, num_stages=2, key_layout="chunks",
                               chunk=16)
@@ -471,7 +474,7 @@ def _sync_loads_in_loop(ttgir: str) -> int:
 def _forward(q, k, v, q_offsets, k_offsets, block_map, scale, config: VarBlockConfig | None = None,
              q_perm: torch.Tensor | None = None):
     cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else (0, 0)
-    cfg = config or default_config(q.device.type, q.shape[-1], cap)
+    cfg = config or default_config(q.device.type, q.shape[-1], cap, k.shape[2])
     meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
     return varblock_attention_with_metadata(q, k, v, meta, scale, q_perm=q_perm)
 
