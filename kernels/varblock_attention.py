@@ -87,6 +87,9 @@ class VarBlockConfig:
     def __post_init__(self) -> None:
         if self.key_layout not in ("window", "chunks", "tma"):
             raise ValueError(f"key_layout must be 'window', 'chunks' or 'tma', got {self.key_layout!r}")
+        for name in ("tile_table", "lpt", "lpt_global"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"VarBlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.key_layout == "tma" and not 16 <= self.block_n <= 128:
             raise ValueError(f"key_layout 'tma' needs 16 <= block_n <= 128 (one box per tile), got {self.block_n}")
         if self.key_layout == "chunks" and (self.block_n % self.chunk or not 1 <= self.chunk <= 128
@@ -394,7 +397,7 @@ def varblock_attention_with_metadata(
     if cfg.key_layout == "tma":
         from svg2_kernels.varblock_tma import tma_refusal
 
-        tma_reason = tma_refusal(k, cfg.block_n)
+        tma_reason = tma_refusal(k, v, cfg.block_n)
     tiers = [(meta.work, meta.num_work, cfg.block_m, cfg.num_warps)]
     if cfg.block_m_small > 0:
         tiers.append((meta.work_small, meta.num_work_small, cfg.block_m_small, cfg.num_warps_small))

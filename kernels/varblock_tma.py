@@ -37,14 +37,17 @@ except ImportError:  # pragma: no cover - Triton < 3.4
 __all__ = ["launch_tma_kernel", "tma_refusal"]
 
 
-def tma_refusal(k: torch.Tensor, block_n: int) -> str | None:
-    """Why the descriptor path cannot take these keys (None when it can)."""
+def tma_refusal(k: torch.Tensor, v: torch.Tensor, block_n: int) -> str | None:
+    """Why the descriptor path cannot take these keys and values (None when it can)."""
     if not (_HAS_TRITON and _HAS_TMA):
         return "this Triton has no tensor descriptors (triton.tools.tensor_descriptor, Triton >= 3.4)"
     if block_n > 128:
         return f"block_n {block_n} > 128 (the tile table packs at most 255 valid rows and TMA boxes 256)"
     if (k.shape[-1] * k.element_size()) % 16:
         return f"head dim {k.shape[-1]} x {k.element_size()} bytes is not a multiple of 16 bytes (TMA rows)"
+    for name, t in (("k", k), ("v", v)):
+        if t.is_contiguous() and t.data_ptr() % 16:  # (a non-contiguous one is copied, and aligned, first)
+            return f"{name} starts at an address that is not 16-byte aligned (a view with an odd offset)"
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
         return "TMA needs sm_90 (Hopper) or newer"
     return None

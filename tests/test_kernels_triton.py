@@ -120,6 +120,22 @@ def test_longest_first_schedule_cpu():
         assert bool((cost[1:][same] <= cost[:-1][same]).all())
 
 
+def test_tma_refusals_name_the_fix():
+    pytest.importorskip("triton")
+    from svg2_kernels.varblock_attention import VarBlockConfig
+    from svg2_kernels.varblock_tma import tma_refusal
+
+    k = torch.zeros(1, 2, 64, 32, dtype=torch.float16)
+    assert tma_refusal(k, k, 64) is None
+    odd = torch.zeros(2 * 64 * 32 + 1, dtype=torch.float16)[1:].view(1, 2, 64, 32)  # 2-byte offset
+    assert "16-byte aligned" in tma_refusal(odd, k, 64)
+    assert "multiple of 16 bytes" in tma_refusal(torch.zeros(1, 1, 8, 4, dtype=torch.float16), k, 64)
+    with pytest.raises(ValueError, match="block_n <= 128"):
+        VarBlockConfig(block_n=256, key_layout="tma")
+    with pytest.raises(TypeError, match="lpt must be a bool"):
+        VarBlockConfig(lpt=1)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
