@@ -83,11 +83,13 @@ class VarBlockConfig:
     # lpt_global: longest-first over all heads (measured against the per-head order in run r9).
     lpt: bool = False
     lpt_global: bool = False
+    # Query-tile schedule from svg2_kernels.varblock_schedule (2 launches) instead of torch ops (~50).
+    triton_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.key_layout not in ("window", "chunks", "tma"):
             raise ValueError(f"key_layout must be 'window', 'chunks' or 'tma', got {self.key_layout!r}")
-        for name in ("tile_table", "lpt", "lpt_global"):
+        for name in ("tile_table", "lpt", "lpt_global", "triton_schedule"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"VarBlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.key_layout == "tma" and not 16 <= self.block_n <= 128:
@@ -239,6 +241,23 @@ def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig
     dev, i32 = qo.device, torch.int32
     # -- query tiles: (head, cluster, first row) work items, fixed upper bounds on their number --
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
+    # Two Triton launches instead of ~50 torch ops. Interpreter-tested against the torch schedule; opt-in on
+    # GPUs until a GPU run has checked and timed it (notes/kernels.md, v5).
+    if _HAS_TRITON and (_interpreting() or (dev.type == "cuda" and config.triton_schedule)):
+        from svg2_kernels.varblock_schedule import build_work_items_triton
+
+        work, num_work, work_s, num_work_s = build_work_items_triton(
+            qo, key_side["num_tiles"].to(i32), seqlen_q, config.block_m, config.block_m_small, config.lpt,
+            config.lpt_global)
+        return VarBlockMetadata(config=config, work=work, num_work=num_work, work_small=work_s,
+                                num_work_small=num_work_s, q_bounds=q_bounds.contiguous(), **key_side)
+    return _with_query_tiles_torch(qo, q_bounds, seqlen_q, n, cq, config, **key_side)
+
+
+def _with_query_tiles_torch(qo, q_bounds, seqlen_q: int, n: int, cq: int, config: VarBlockConfig,
+                            **key_side) -> VarBlockMetadata:
+    """The torch schedule (CPU, and the definition the Triton builder is tested against)."""
+    i32 = torch.int32
     qsz = (q_bounds[:, 1:] - q_bounds[:, :-1]).clamp_min(0).reshape(-1)  # (n*(cq+1),)
     bm_, bs_ = config.block_m, config.block_m_small
     if bs_ > 0:  # full tiles + a large remainder in the big tier; a small remainder in the small tier

@@ -151,6 +151,33 @@ def chain_order_case():
     return "chain_order", bool(torch.equal(got, want) and perm_ok), f"first row {got[0, :8].tolist()}"
 
 
+def schedule_case():
+    """The two-launch Triton schedule builder equals the torch one (both tiers, with and without LPT)."""
+    from svg2_kernels import varblock_attention as va
+    from svg2_kernels.varblock_schedule import build_work_items_triton
+
+    g = torch.Generator().manual_seed(5)
+    ok, checked = True, 0
+    for n, cq, s, bm, bs, lpt, glob in [(3, 6, 300, 32, 16, False, False), (3, 6, 300, 32, 16, True, False),
+                                          (3, 6, 300, 32, 16, True, True), (2, 9, 500, 64, 0, True, False),
+                                          (4, 5, 257, 16, 8, True, True), (1, 1, 40, 16, 0, False, False)]:
+        sz = torch.randint(0, 3 * bm, (n, cq), generator=g)
+        sz[:, 0] = 0  # an empty cluster
+        qo = torch.cat([torch.zeros(n, 1, dtype=torch.long), sz.cumsum(-1)], -1).clamp(max=s - 3).to(torch.int32)
+        nt = torch.randint(0, 5, (n, cq + 1), generator=g).to(torch.int32)
+        nt[:, -1] = 0
+        cfg = va.VarBlockConfig(block_m=bm, block_n=16, win=4, block_m_small=bs, lpt=lpt, lpt_global=glob)
+        q_bounds = torch.cat([qo, torch.full((n, 1), s, dtype=torch.int32)], dim=1)
+        ref = va._with_query_tiles_torch(qo, q_bounds, s, n, cq, cfg, num_tiles=nt, run_vstart=nt, run_delta=nt,
+                                         run_vend=nt)
+        w, nw, ws, nws = build_work_items_triton(qo, nt, s, bm, bs, lpt, glob)
+        k, ks = int(ref.num_work), int(ref.num_work_small)
+        ok &= (int(nw) == k and int(nws) == ks and w.shape == ref.work.shape and ws.shape == ref.work_small.shape
+               and torch.equal(w[:k], ref.work[:k]) and torch.equal(ws[:ks], ref.work_small[:ks]))
+        checked += k + ks
+    return "schedule", bool(ok), f"{checked} work items compared over 6 layouts"
+
+
 def permute_case():
     from svg2_kernels.permute import permute_rows, unpermute_rows
 
@@ -275,6 +302,7 @@ def main() -> None:
     jobs.append(gather_q_case)
     jobs.append(permute_case)
     jobs.append(chain_order_case)
+    jobs.append(schedule_case)
     jobs.append(chunk_table_case)
     jobs.append(opcheck_case)
     jobs.append(svg2_end_to_end_case)

@@ -28,7 +28,7 @@ _CASES = [
     "attn_fp16_tma", "attn_fp32_tma_two_tier", "attn_fp16_tma_sparse", "attn_fp16_tma_dense_all", "attn_fp32_tma_d48",
     "attn_fp16_tma_lpt_two_tier",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
-    "gather_q", "permute", "chunk_table", "chain_order", "opcheck", "svg2_end_to_end", "opcheck_more",
+    "gather_q", "permute", "chunk_table", "chain_order", "schedule", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -155,7 +155,8 @@ def _gpu_layout(b, h, s, c, seed):
 @cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["default", "window", "chunks16", "chunks32", "chunks64_bn64", "tma", "tma64"])
+@pytest.mark.parametrize("layout", ["default", "window", "chunks16", "chunks32", "chunks64_bn64", "tma", "tma64",
+                                    "tma_triton_schedule"])
 def test_varblock_gpu_matches_reference(dtype, d, layout):
     if d == 256 and layout not in ("default", "tma64"):
         pytest.skip("head dim 256 runs with its own default tiles only (the 128x128 ones exceed shared memory)")
@@ -176,6 +177,7 @@ def test_varblock_gpu_matches_reference(dtype, d, layout):
         "chunks64_bn64": dataclasses.replace(cfg, key_layout="chunks", chunk=64, block_n=64, num_stages=3),
         "chunks16": dataclasses.replace(cfg, key_layout="chunks", chunk=16),
         "tma": dataclasses.replace(cfg, key_layout="tma"),
+        "tma_triton_schedule": dataclasses.replace(cfg, key_layout="tma", lpt=True, triton_schedule=True),
         "tma64": dataclasses.replace(cfg, key_layout="tma", block_m=64, block_n=64, num_warps=4, num_stages=2,
                                      block_m_small=0),
     }[layout]
@@ -185,6 +187,26 @@ def test_varblock_gpu_matches_reference(dtype, d, layout):
     err = (out.float() - r32.float()).abs().max().item()
     base = (rlow.float() - r32.float()).abs().max().item()
     assert err <= 2 * base + 1e-3, (err, base)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("lpt,across", [(False, False), (True, False), (True, True)])
+def test_triton_schedule_gpu_equals_torch(lpt, across):
+    from svg2_kernels import varblock_attention as va
+    from svg2_kernels.varblock_schedule import build_work_items_triton
+
+    n, cq, s = 40, 300, 75600
+    qo = _gpu_layout(1, n, s - 11, cq, 3).reshape(n, cq + 1).to(torch.int32)
+    nt = torch.randint(0, 300, (n, cq + 1), device="cuda", dtype=torch.int32)
+    cfg = va.VarBlockConfig(block_m=128, block_n=64, block_m_small=64, key_layout="tma", lpt=lpt, lpt_global=across)
+    q_bounds = torch.cat([qo, torch.full((n, 1), s, dtype=torch.int32, device="cuda")], dim=1)
+    ref = va._with_query_tiles_torch(qo, q_bounds, s, n, cq, cfg, num_tiles=nt, run_vstart=nt, run_delta=nt,
+                                     run_vend=nt)
+    w, nw, ws, nws = build_work_items_triton(qo, nt, s, 128, 64, lpt, across)
+    k, ks = int(ref.num_work), int(ref.num_work_small)
+    assert (int(nw), int(nws)) == (k, ks)
+    assert torch.equal(w[:k], ref.work[:k]) and torch.equal(ws[:ks], ref.work_small[:ks])
 
 
 @pytest.mark.cuda
