@@ -81,6 +81,14 @@ def chain_order(centroids: torch.Tensor) -> torch.Tensor:
     """
     if centroids.dim() != 3:
         raise ValueError(f"centroids must be (N, C, D), got {tuple(centroids.shape)}")
+    if not centroids.is_floating_point():
+        raise TypeError(f"centroids must be a float tensor, got {centroids.dtype}")
+    # A custom op: torch.compile sees one opaque node (the chain is a sequential loop).
+    return _chain_order_op(centroids)
+
+
+@torch.library.custom_op("svg2_kernels::chain_order", mutates_args=())
+def _chain_order_op(centroids: torch.Tensor) -> torch.Tensor:
     n, c, _ = centroids.shape
     if c <= 2:
         return torch.arange(c, device=centroids.device).expand(n, c).contiguous()
@@ -94,3 +102,8 @@ def chain_order(centroids: torch.Tensor) -> torch.Tensor:
     block_c = triton.next_power_of_2(c)
     _chain_kernel[(n,)](sim, order, c, BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8)
     return order
+
+
+@_chain_order_op.register_fake
+def _(centroids):
+    return centroids.new_empty(centroids.shape[:2], dtype=torch.long)

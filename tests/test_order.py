@@ -47,3 +47,11 @@ def test_ordering_changes_tiling_not_results(seed):
     assert torch.equal(lay_o.to_dense(), lay_p.to_dense())
     torch.testing.assert_close(out_o, out_p, rtol=1e-5, atol=1e-5)
     assert _runs(lay_o.block_map, lay_o.k_sizes) <= _runs(lay_p.block_map, lay_p.k_sizes)
+
+
+def test_chain_order_is_a_custom_op():
+    from svg2_kernels.order import _chain_order_op
+
+    torch.library.opcheck(_chain_order_op, (torch.randn(2, 7, 4),), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(TypeError, match="float tensor"):
+        chain_order(torch.zeros(1, 4, 3, dtype=torch.long))
