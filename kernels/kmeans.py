@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from svg2_kernels.registry import KMeansInputs, KMeansVariant, register_kmeans_variant
+from svg2_kernels.registry import KMeansInputs, KMeansVariant, register_kmeans_variant, triton_interpreting
 
 try:
     import triton
@@ -45,17 +45,12 @@ class KMeansResult:
     perm: torch.Tensor
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _blocks(x: torch.Tensor, blocks: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M points, BLOCK_C centroids, warps, stages) of the assignment kernel."""
     if blocks is not None:
         return blocks
-    if x.device.type != "cuda" or _interpreting():
+    if x.device.type != "cuda" or triton_interpreting():
         return 16, 16, 4, 1
     return 256, 64, 8, 2  # fastest of 8 tilings at Wan 1.3B and 14B shapes on an H200 (run r4d)
 
@@ -240,7 +235,7 @@ class TritonKMeans(KMeansVariant):
     name = "triton"
     priority = 100
     # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
-    devices = ("cuda", "cpu") if _interpreting() else ("cuda",)
+    devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     requires = ("triton",)
 
     def not_supported_reasons(self, inputs: KMeansInputs) -> list[str]:

@@ -16,6 +16,7 @@ order, because a cluster's label is its centroid's index).
 from __future__ import annotations
 
 import torch
+from svg2_kernels.registry import triton_interpreting
 
 try:
     import triton
@@ -92,10 +93,7 @@ def _chain_order_op(centroids: torch.Tensor) -> torch.Tensor:
     n, c, _ = centroids.shape
     if c <= 2:
         return torch.arange(c, device=centroids.device).expand(n, c).contiguous()
-    import os
-
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not _HAS_TRITON or not (centroids.is_cuda or interp):
+    if not _HAS_TRITON or not (centroids.is_cuda or triton_interpreting()):
         return chain_order_torch(centroids)
     sim = _similarity(centroids)
     order = torch.empty(n, c, dtype=torch.long, device=centroids.device)

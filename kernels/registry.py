@@ -133,6 +133,13 @@ class KMeansVariant:
         return f"{type(self).__name__}(name={self.name!r}, priority={self.priority})"
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``, the tests)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

@@ -35,7 +35,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_attention_variant
+from svg2_kernels.registry import (
+    AttentionInputs,
+    AttentionVariant,
+    register_attention_variant,
+    triton_interpreting,
+)
 
 try:  # Triton is optional (CPU-only installs on other platforms); the variant refuses without it.
     import triton
@@ -107,7 +112,7 @@ class VarBlockConfig:
 
 def default_config(device_type: str, head_dim: int, capability: tuple[int, int] = (9, 0),
                    seqlen_k: int | None = None) -> VarBlockConfig:
-    if device_type != "cuda" or _interpreting():
+    if device_type != "cuda" or triton_interpreting():
         return VarBlockConfig(block_m=16, block_n=16, win=8, num_warps=4, num_stages=1)
     if capability[0] >= 9 and head_dim <= 128:
         # v5 (TMA boxes of whole runs), the fastest measured on an H200 at Wan 14B shapes (runs r6, r6tune).
@@ -124,11 +129,6 @@ def default_config(device_type: str, head_dim: int, capability: tuple[int, int] 
     return VarBlockConfig(block_m=128, block_n=128, win=16, num_warps=8, num_stages=3, block_m_small=64,
                           key_layout="chunks", chunk=16)
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass
@@ -184,22 +184,25 @@ def build_varblock_metadata(
 
     # -- key runs: maximal stretches of selected non-empty clusters, compacted to the front of each row --
     ksz = ko[:, 1:] - ko[:, :-1]  # (n, ck)
-    sel = bm & (ksz > 0).unsqueeze(1)
-    # One extra all-false row: the tail "cluster" of query rows past q_offsets[-1].
-    sel = torch.cat([sel, torch.zeros(n, 1, ck, dtype=torch.bool, device=dev)], dim=1)  # (n, cq+1, ck)
+
+    def selected():  # (n, cq+1, ck); the extra all-false row is the tail "cluster" past q_offsets[-1]
+        sel = bm & (ksz > 0).unsqueeze(1)
+        return torch.cat([sel, torch.zeros(n, 1, ck, dtype=torch.bool, device=dev)], dim=1)
+
     if config.key_layout in ("chunks", "tma"):
         from svg2_kernels.varblock_chunks import build_chunk_table, build_chunk_table_triton
 
         chunk = config.block_n if config.key_layout == "tma" else config.chunk  # tma: one box per tile
-        if _HAS_TRITON and (dev.type == "cuda" or _interpreting()):  # one launch instead of ~30 torch ops
+        if _HAS_TRITON and (dev.type == "cuda" or triton_interpreting()):  # one launch instead of ~30 torch ops
             table, count = build_chunk_table_triton(ko, bm, seqlen_k, chunk)
         else:
-            table, count = build_chunk_table(ko, sel, seqlen_k, chunk)
+            table, count = build_chunk_table(ko, selected(), seqlen_k, chunk)
         empty = torch.zeros(1, 1, 1, dtype=i32, device=dev)
         nch = config.block_n // chunk
         return _with_query_tiles(qo, seqlen_q, n, cq, config, num_tiles=(count + nch - 1) // nch, run_vstart=empty,
                                  run_delta=empty, run_vend=empty, tile_run=empty, chunk_table=table,
                                  chunk_count=count)
+    sel = selected()
     prev = torch.zeros_like(sel)
     prev[..., 1:] = sel[..., :-1]
     start = sel & ~prev
@@ -243,7 +246,7 @@ def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
     # Two Triton launches instead of ~50 torch ops. Interpreter-tested against the torch schedule; opt-in on
     # GPUs until a GPU run has checked and timed it (notes/kernels.md, v5).
-    if _HAS_TRITON and (_interpreting() or (dev.type == "cuda" and config.triton_schedule)):
+    if _HAS_TRITON and (triton_interpreting() or (dev.type == "cuda" and config.triton_schedule)):
         from svg2_kernels.varblock_schedule import build_work_items_triton
 
         work, num_work, work_s, num_work_s = build_work_items_triton(
@@ -270,13 +273,13 @@ def _with_query_tiles_torch(qo, q_bounds, seqlen_q: int, n: int, cq: int, config
     work, num_work = _work_items(big, cq + 1, n * (-(-seqlen_q // bm_) + cq + 1), bm_, None)
     work_s, num_work_s = _work_items(small, cq + 1, n * (cq + 1) if bs_ > 0 else 0, bm_, qsz // bm_)
     if config.lpt:
-        work = _longest_first_within_head(work, num_work, key_side["num_tiles"], config.lpt_global)
-        work_s = _longest_first_within_head(work_s, num_work_s, key_side["num_tiles"], config.lpt_global)
+        work = _longest_first(work, num_work, key_side["num_tiles"], config.lpt_global)
+        work_s = _longest_first(work_s, num_work_s, key_side["num_tiles"], config.lpt_global)
     return VarBlockMetadata(config=config, work=work, num_work=num_work, work_small=work_s,
                             num_work_small=num_work_s, q_bounds=q_bounds.contiguous(), **key_side)
 
 
-def _longest_first_within_head(work, num_work, num_tiles, across_heads: bool = False):
+def _longest_first(work, num_work, num_tiles, across_heads: bool = False):
     """Reorder work items: heads stay in order (concurrent programs share one head's K/V in L2), and inside
     a head the items with the most key tiles come first, so the last wave holds short items (less tail).
     ``across_heads``: one longest-first order over all heads instead."""
@@ -607,7 +610,7 @@ class TritonVarBlockAttention(AttentionVariant):
     name = "triton"
     priority = 100
     # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
-    devices = ("cuda", "cpu") if _interpreting() else ("cuda",)
+    devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     requires = ("triton",)
 

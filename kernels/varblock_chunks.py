@@ -26,7 +26,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from svg2_kernels.varblock_common import online_softmax_step, query_tile, store_output
+    from svg2_kernels.varblock_common import first_above, online_softmax_step, query_tile, store_output
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -207,13 +207,8 @@ if _HAS_TRITON:
         out = TABLE + pid.to(tl.int64) * T_ROW
         for u0 in range(0, count, BLOCK_T):
             u = u0 + tl.arange(0, BLOCK_T)
-            # -- run of slot u: the first cluster e with f_incl[e] > u (binary search) --
-            idx = tl.full([BLOCK_T], -1, dtype=tl.int32)
-            for s in tl.static_range(LOG_C):
-                cand = idx + (BLOCK_C >> (s + 1))
-                f = tl.load(F_SCR + scr + cand)
-                idx = tl.where(f <= u, cand, idx)
-            e = idx + 1
+            # -- run of slot u: the first cluster e with f_incl[e] > u (slots past Ck hold INT_MAX) --
+            e = first_above(F_SCR + scr, u, BLOCK_C, LOG_C)
             f_e = tl.load(F_SCR + scr + e)
             p = tl.load(P_SCR + scr + e)
             ln = tl.load(ko + e + 1) - p

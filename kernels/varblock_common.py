@@ -64,6 +64,17 @@ if _HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def first_above(cum_ptr, t, N, LOG_N: tl.constexpr):
+        """Index of the first of the N non-decreasing ints at ``cum_ptr`` that is > ``t`` (a vector), by
+        binary search over 2^LOG_N >= N slots; N when none is."""
+        pos = tl.full(t.shape, -1, dtype=tl.int32)
+        for s in tl.static_range(LOG_N):
+            cand = pos + (1 << (LOG_N - 1 - s))
+            f = tl.load(cum_ptr + cand, mask=cand < N, other=2147483647)
+            pos = tl.where(f <= t, cand, pos)
+        return pos + 1
+
+    @triton.jit
     def store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os):
         """Normalise and store; rows without keys (and the tail cluster) write zeros."""
         l_i = tl.where(l_i > 0.0, l_i, 1.0)

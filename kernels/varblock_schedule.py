@@ -24,6 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from svg2_kernels.varblock_common import first_above
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -104,12 +105,7 @@ if _HAS_TRITON:
         # -- every slot: its position p (first with cum > slot, binary search), cluster, tile --
         for t0 in range(0, T_BIG, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
-            pos = tl.full([BLOCK], -1, dtype=tl.int32)
-            for s in tl.static_range(LOG_N):
-                cand = pos + (1 << (LOG_N - 1 - s))
-                f = tl.load(cum_big_ptr + cand, mask=cand < N, other=2147483647)
-                pos = tl.where(f <= t, cand, pos)
-            pos = pos + 1
+            pos = first_above(cum_big_ptr, t, N, LOG_N)
             live = t < carry_b
             c = tl.load(order_ptr + pos, mask=live, other=0)
             big, small, _ = _tier_counts(c, qo_ptr, SEQ_Q, CQ1, BM, BS)
@@ -120,12 +116,7 @@ if _HAS_TRITON:
             tl.store(work_ptr + t * 3 + 2, tl.where(live, j * BM, 0), mask=tm)
         for t0 in range(0, T_SMALL, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
-            pos = tl.full([BLOCK], -1, dtype=tl.int32)
-            for s in tl.static_range(LOG_N):
-                cand = pos + (1 << (LOG_N - 1 - s))
-                f = tl.load(cum_small_ptr + cand, mask=cand < N, other=2147483647)
-                pos = tl.where(f <= t, cand, pos)
-            pos = pos + 1
+            pos = first_above(cum_small_ptr, t, N, LOG_N)
             live = t < carry_s
             c = tl.load(order_ptr + pos, mask=live, other=0)
             _, _, first = _tier_counts(c, qo_ptr, SEQ_Q, CQ1, BM, BS)
