@@ -45,7 +45,7 @@ from svg2_kernels.registry import (
 try:  # Triton is optional (CPU-only installs on other platforms); the variant refuses without it.
     import triton
     import triton.language as tl
-    from svg2_kernels.varblock_common import online_softmax_step, query_tile, store_output
+    from svg2_kernels.varblock_common import online_softmax_init, online_softmax_step, query_tile, store_output
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -337,9 +337,7 @@ if _HAS_TRITON:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
 
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
         n_tiles = tl.load(num_tiles_ptr + row_id)
         meta = row_id.to(tl.int64) * RUNS
         offs_w = tl.arange(0, WIN)

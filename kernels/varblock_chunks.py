@@ -26,7 +26,13 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from svg2_kernels.varblock_common import first_above, online_softmax_step, query_tile, store_output
+    from svg2_kernels.varblock_common import (
+        first_above,
+        online_softmax_init,
+        online_softmax_step,
+        query_tile,
+        store_output,
+    )
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -117,9 +123,7 @@ if _HAS_TRITON:
         v_base = V + b * stride_vb + h * stride_vh
         chunks = table_ptr + row_id.to(tl.int64) * T_ROW
 
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
         n_chunks = tl.load(count_ptr + row_id)
         n_tiles = (n_chunks + NCH - 1) // NCH
         offs_n = tl.arange(0, BLOCK_N)

@@ -47,6 +47,15 @@ if _HAS_TRITON:
         return q, n, b, h, row_id, q_rows, m_mask, offs_d, d_mask
 
     @triton.jit
+    def online_softmax_init(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Running max, sum and accumulator before the first key tile. The max starts finite (-1e30, not
+        -inf) so that a tile whose columns are all masked leaves the state unchanged (exp2(-inf) = 0)."""
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        return m_i, l_i, acc
+
+    @triton.jit
     def online_softmax_step(qk, n_mask, v, qk_scale, m_i, l_i, acc):
         """Fold one key tile (raw scores ``qk`` (M, N), valid columns ``n_mask``, values ``v`` (N, D)) into the
         running max ``m_i``, sum ``l_i`` and accumulator ``acc`` (exp2 domain: qk_scale includes log2 e).

@@ -21,7 +21,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from svg2_kernels.varblock_common import online_softmax_step, query_tile, store_output
+    from svg2_kernels.varblock_common import online_softmax_init, online_softmax_step, query_tile, store_output
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -77,9 +77,7 @@ if _HAS_TRITON:
         # reads into the next head (or past the end: TMA fills zeros); those rows are masked.
         head_row = (b * H + h).to(tl.int32) * SEQ_K
         tiles = table_ptr + row_id.to(tl.int64) * T_ROW
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
         n_tiles = tl.load(count_ptr + row_id)
         offs_n = tl.arange(0, BLOCK_N)
         for t in range(0, n_tiles):
