@@ -1,16 +1,20 @@
 """Batched Lloyd k-means in Triton: fused distance + argmin, and a sort-free centroid update.
 
-One iteration is four launches, none of which materialises the ``num_points x num_clusters`` distances:
+One iteration is four launches (five when the update is split), none of which materialises the
+``num_points x num_clusters`` distances:
 
 1. ``_assign_kernel`` (per batch, tile of ``BLOCK_M`` points): ``argmin_c ||c||^2 - 2 x.c`` over centroid
-   tiles on the tensor cores; also each point's rank among equal labels inside its tile and the tile's label
-   histogram (int atomics on the tile's own row: no contention across tiles).
-2. Two cumsums (torch): cluster sizes and offsets, and each tile's first slot in every cluster.
-3. ``_scatter_kernel``: slot = offset of (tile, label) + rank -> ``perm[slot] = point``. This is a *stable
-   counting sort* of the labels: ``perm`` equals ``argsort(labels, stable=True)``, so the final iteration's
-   labels give the semantic permutation for free (no separate sort).
-4. ``_update_kernel`` (per batch, cluster): mean of the cluster's rows read through ``perm``; empty clusters
-   keep the old centroid. Also writes the squared norms the next assignment needs.
+   tiles on the tensor cores; also each point's rank among equal labels inside its sort tile, the sort
+   tile's label histogram and the cluster sizes (int atomics).
+2. ``_slots_kernel`` (per batch, block of clusters): cluster offsets, and in place the first sorted slot
+   of every (sort tile, cluster) pair: a prefix sum over tiles.
+3. ``_scatter_kernel``: slot = first slot of (tile, label) + rank -> ``perm[slot] = point``. This is a
+   *stable counting sort* of the labels: ``perm`` equals ``argsort(labels, stable=True)``, so the final
+   iteration's labels give the semantic permutation for free (no separate sort).
+4. ``_update_kernel`` (per batch, cluster, piece): sum of the cluster's rows read through ``perm``, with
+   ``_finalize_kernel`` adding the pieces when a cluster is split over programs; empty clusters keep the
+   old centroid. Also writes the centroids in x's dtype and the squared norms the next assignment needs,
+   and on request the rows themselves in sorted order (the permuted K the attention reads).
 
 Semantics match :mod:`svg2_kernels.reference` and the ``KMeansVariant`` contract in the registry.
 """
@@ -43,27 +47,70 @@ class KMeansResult:
     sizes: torch.Tensor
     offsets: torch.Tensor
     perm: torch.Tensor
+    x_sorted: torch.Tensor | None = None  # x[n, perm[n]] when asked for (kmeans_triton(sort_x=True))
 
 
+@dataclass(frozen=True)
+class KMeansTiles:
+    """Launch parameters of one Lloyd iteration.
 
-def _blocks(x: torch.Tensor, blocks: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M points, BLOCK_C centroids, warps, stages) of the assignment kernel."""
-    if blocks is not None:
-        return blocks
+    block_m, block_c, warps, stages: the assignment tile (points x centroids) and its launch.
+    sort_block: points per counting-sort tile (divides block_m; 0 = block_m). The stable rank inside a
+        tile costs sort_block compares per point, the per-tile histogram ``num_points / sort_block`` rows.
+    running_min: keep an elementwise best distance per centroid column across centroid tiles and reduce
+        once at the end, instead of a min + argmin reduction per centroid tile.
+    update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
+        more than one, partial sums go through a small buffer and a second launch (still deterministic).
+    """
+
+    block_m: int = 256
+    block_c: int = 64
+    warps: int = 8
+    stages: int = 2
+    sort_block: int = 0
+    running_min: bool = False
+    update_split: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_c"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KMeansTiles.{name} must be a power of two >= 16, got {v}")
+        sb = self.sort_block or self.block_m
+        if sb & (sb - 1) or sb > self.block_m or sb < 16:
+            raise ValueError(f"KMeansTiles.sort_block must be a power of two in [16, block_m={self.block_m}] "
+                             f"(or 0 for block_m), got {self.sort_block}")
+        if self.update_split < 0:
+            raise ValueError(f"KMeansTiles.update_split must be >= 0 (0 = automatic), got {self.update_split}")
+
+    @property
+    def sort_tile(self) -> int:
+        return self.sort_block or self.block_m
+
+
+def default_tiles(x: torch.Tensor) -> KMeansTiles:
     if x.device.type != "cuda" or triton_interpreting():
-        return 16, 16, 4, 1
-    return 256, 64, 8, 2  # fastest of 8 tilings at Wan 1.3B and 14B shapes on an H200 (run r4d)
+        return KMeansTiles(16, 16, 4, 1)
+    return KMeansTiles(256, 64, 8, 2)  # fastest of 8 tilings at Wan 1.3B and 14B shapes on an H200 (run r4d)
+
+
+def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
+    if blocks is None:
+        return default_tiles(x)
+    if isinstance(blocks, KMeansTiles):
+        return blocks
+    return KMeansTiles(*blocks)
 
 
 if _HAS_TRITON:
 
     @triton.jit
     def _assign_kernel(
-        X, C, CN, LABELS, RANK, HIST,
+        X, C, CN, LABELS, RANK, HIST, SIZES,
         S, NC, NB,
         stride_xn, stride_xs, stride_cn, stride_cc,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-        WITH_SORT: tl.constexpr,
+        SORT_BLOCK: tl.constexpr, RUNNING_MIN: tl.constexpr, WITH_SORT: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
@@ -73,31 +120,69 @@ if _HAS_TRITON:
         d_mask = offs_d < DIM
         x = tl.load(X + n * stride_xn + offs_m[:, None] * stride_xs + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
+        if RUNNING_MIN:
+            # Elementwise best per centroid column; one reduction after the loop.
+            best2 = tl.full([BLOCK_M, BLOCK_C], float("inf"), dtype=tl.float32)
+            idx2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.int32)
+        else:
+            best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+            best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
         for c0 in range(0, NC, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_mask = offs_c < NC
             c = tl.load(C + n * stride_cn + offs_c[None, :] * stride_cc + offs_d[:, None],
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
-            xc = tl.dot(x, c)
-            dist = cn[None, :] - 2.0 * xc
-            t_min = tl.min(dist, axis=1)
-            t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
-            better = t_min < best
-            best = tl.where(better, t_min, best)
-            best_idx = tl.where(better, t_idx, best_idx)
+            dist = cn[None, :] - 2.0 * tl.dot(x, c)
+            if RUNNING_MIN:
+                better2 = dist < best2  # strict: the earliest centroid tile wins ties, as argmin does
+                best2 = tl.where(better2, dist, best2)
+                idx2 = tl.where(better2, offs_c[None, :], idx2)
+            else:
+                t_min = tl.min(dist, axis=1)
+                t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
+                better = t_min < best
+                best = tl.where(better, t_min, best)
+                best_idx = tl.where(better, t_idx, best_idx)
+        if RUNNING_MIN:
+            t_min = tl.min(best2, axis=1)
+            best_idx = tl.min(tl.where(best2 == t_min[:, None], idx2, 2147483647), axis=1)
         tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
         if WITH_SORT:
-            # Rank among equal labels earlier in this tile (stable order), and the tile's histogram.
-            lab_j = tl.where(m_mask, best_idx, -1)
-            earlier = tl.arange(0, BLOCK_M)[None, :] < tl.arange(0, BLOCK_M)[:, None]
-            same = (best_idx[:, None] == lab_j[None, :]) & earlier
-            rank = tl.sum(same.to(tl.int32), axis=1)
+            # Stable rank among equal labels earlier in the same sort tile, the tile's histogram and the
+            # cluster sizes (int atomics: the histogram row is the tile's own, so no contention across tiles).
+            NSUB: tl.constexpr = BLOCK_M // SORT_BLOCK
+            lab = tl.reshape(tl.where(m_mask, best_idx, -1), (NSUB, SORT_BLOCK))
+            i = tl.arange(0, SORT_BLOCK)
+            earlier = i[None, None, :] < i[None, :, None]
+            same = (lab[:, :, None] == lab[:, None, :]) & earlier
+            rank = tl.reshape(tl.sum(same.to(tl.int32), axis=2), (BLOCK_M,))
             tl.store(RANK + n * S + offs_m, rank, mask=m_mask)
-            tl.atomic_add(HIST + (n * NB + pid_b) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32),
-                          mask=m_mask)
+            tile = pid_b * NSUB + tl.arange(0, BLOCK_M) // SORT_BLOCK
+            ones = tl.full([BLOCK_M], 1, tl.int32)
+            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, ones, mask=m_mask)
+            tl.atomic_add(SIZES + n * NC + best_idx, ones, mask=m_mask)
+
+    @triton.jit
+    def _slots_kernel(HIST, SIZES, OFFS, S, NC, NB, NC_P2: tl.constexpr, BLOCK_CL: tl.constexpr):
+        """Cluster offsets, and in place: histogram (tile, cluster) -> first sorted slot of that pair."""
+        pid = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        all_c = tl.arange(0, NC_P2)
+        sizes_all = tl.load(SIZES + n * NC + all_c, mask=all_c < NC, other=0)
+        base = tl.sum(tl.where(all_c < pid * BLOCK_CL, sizes_all, 0), axis=0)  # points in earlier blocks
+        offs_c = pid * BLOCK_CL + tl.arange(0, BLOCK_CL)
+        c_mask = offs_c < NC
+        sizes = tl.load(SIZES + n * NC + offs_c, mask=c_mask, other=0)
+        run = base + tl.cumsum(sizes, axis=0) - sizes  # exclusive offsets of this block's clusters
+        tl.store(OFFS + n * (NC + 1) + offs_c, run, mask=c_mask)
+        if pid == 0:
+            tl.store(OFFS + n * (NC + 1) + NC, S)
+        for t in range(0, NB):
+            p = HIST + (n * NB + t) * NC + offs_c
+            h = tl.load(p, mask=c_mask, other=0)
+            tl.store(p, run, mask=c_mask)
+            run += h
 
     @triton.jit
     def _scatter_kernel(LABELS, RANK, SLOT0, PERM, S, NC, NB, BLOCK_M: tl.constexpr):
@@ -111,104 +196,171 @@ if _HAS_TRITON:
         tl.store(PERM + n * S + slot, offs_m.to(tl.int64), mask=m_mask)
 
     @triton.jit
+    def _finish_centroid(total, cnt, C_OLD, C_NEW, C_LOW, CN_NEW, n, c, NC, offs_d, d_mask,
+                         DIM: tl.constexpr):
+        old = tl.load(C_OLD + (n * NC + c) * DIM + offs_d, mask=d_mask, other=0.0)
+        new = tl.where(cnt > 0, total / tl.maximum(cnt, 1.0), old)  # empty clusters keep their centroid
+        tl.store(C_NEW + (n * NC + c) * DIM + offs_d, new, mask=d_mask)
+        tl.store(C_LOW + (n * NC + c) * DIM + offs_d, new.to(C_LOW.dtype.element_ty), mask=d_mask)
+        tl.store(CN_NEW + n * NC + c, tl.sum(new * new, axis=0))
+
+    @triton.jit
     def _update_kernel(
-        X, PERM, OFFS, C_OLD, C_NEW, CN_NEW,
+        X, PERM, OFFS, C_OLD, C_NEW, C_LOW, CN_NEW, PART, XS,
         S, NC, stride_xn, stride_xs,
-        DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+        WRITE_SORTED: tl.constexpr,
     ):
+        """Sum of cluster c's rows (read through perm), as piece j of SPLIT; optionally also writes the
+        rows in sorted order (the permuted tensor the attention needs, for the price of the store)."""
         c = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(2)
         start = tl.load(OFFS + n * (NC + 1) + c)
         end = tl.load(OFFS + n * (NC + 1) + c + 1)
+        per = tl.cdiv(end - start, SPLIT)
+        lo = start + j * per
+        hi = tl.minimum(lo + per, end)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < DIM
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_R):
+        for r0 in range(lo, hi, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < end
+            r_mask = offs_r < hi
             idx = tl.load(PERM + n * S + offs_r, mask=r_mask, other=0)
-            acc += tl.load(X + n * stride_xn + idx[:, None] * stride_xs + offs_d[None, :],
-                           mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            rows = tl.load(X + n * stride_xn + idx[:, None] * stride_xs + offs_d[None, :],
+                           mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+            if WRITE_SORTED:
+                tl.store(XS + (n * S + offs_r[:, None]) * DIM + offs_d[None, :], rows,
+                         mask=r_mask[:, None] & d_mask[None, :])
+            acc += rows.to(tl.float32)
         total = tl.sum(acc, axis=0)
-        cnt = (end - start).to(tl.float32)
-        old = tl.load(C_OLD + (n * NC + c) * DIM + offs_d, mask=d_mask, other=0.0)
-        new = tl.where(cnt > 0, total / tl.maximum(cnt, 1.0), old)
-        tl.store(C_NEW + (n * NC + c) * DIM + offs_d, new, mask=d_mask)
-        tl.store(CN_NEW + n * NC + c, tl.sum(new * new, axis=0))
+        if SPLIT == 1:
+            _finish_centroid(total, (end - start).to(tl.float32), C_OLD, C_NEW, C_LOW, CN_NEW, n, c, NC,
+                             offs_d, d_mask, DIM)
+        else:
+            tl.store(PART + ((n * NC + c) * SPLIT + j) * BLOCK_D + offs_d, total)
+
+    @triton.jit
+    def _finalize_kernel(PART, OFFS, C_OLD, C_NEW, C_LOW, CN_NEW, NC,
+                         DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+        c = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < DIM
+        parts = tl.load(PART + ((n * NC + c) * SPLIT + tl.arange(0, SPLIT)[:, None]) * BLOCK_D + offs_d[None, :])
+        cnt = (tl.load(OFFS + n * (NC + 1) + c + 1) - tl.load(OFFS + n * (NC + 1) + c)).to(tl.float32)
+        _finish_centroid(tl.sum(parts, axis=0), cnt, C_OLD, C_NEW, C_LOW, CN_NEW, n, c, NC, offs_d, d_mask, DIM)
 
 
 def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid: x (N, S, D), centroids (N, C, D) -> labels (N, S) int64."""
     c = centroids.float().contiguous()
-    labels, *_ = _assign(x, c, (c * c).sum(-1), with_sort=False)
+    labels, *_ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x))
     return labels
 
 
-def _assign(x, c, cn, with_sort: bool, blocks=None):
+def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
+    """c_low: centroids in x's dtype (every point tile re-reads all of them: half the bytes of fp32 and no
+    conversion in the kernel); cn: their fp32 squared norms."""
     n, s, d = x.shape
-    nc = c.shape[1]
-    bm, bc, warps, stages = _blocks(x, blocks)
-    # Centroids in x's dtype once per iteration: every point tile re-reads all of them (half the bytes of
-    # fp32, and no conversion inside the kernel). Norms stay fp32 from the fp32 centroids.
-    c = c.to(x.dtype).contiguous()
-    nb = triton.cdiv(s, bm)
+    nc = c_low.shape[1]
+    nb = triton.cdiv(s, tiles.block_m)
+    nb_sort = nb * (tiles.block_m // tiles.sort_tile)
     labels = torch.empty(n, s, dtype=torch.long, device=x.device)
     if with_sort:
         rank = torch.empty(n, s, dtype=torch.int32, device=x.device)
-        hist = torch.zeros(n, nb, nc, dtype=torch.int32, device=x.device)
+        counts = torch.zeros(n * nc * (nb_sort + 1), dtype=torch.int32, device=x.device)  # one memset
+        hist, sizes = counts[: n * nb_sort * nc].view(n, nb_sort, nc), counts[n * nb_sort * nc:].view(n, nc)
     else:
-        rank = hist = labels  # unused
+        rank = hist = sizes = labels  # unused
     _assign_kernel[(nb, n)](
-        x, c, cn, labels, rank, hist, s, nc, nb,
-        x.stride(0), x.stride(1), c.stride(0), c.stride(1),
-        DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=bm, BLOCK_C=bc, WITH_SORT=with_sort,
-        num_warps=warps, num_stages=stages,
+        x, c_low, cn, labels, rank, hist, sizes, s, nc, nb_sort,
+        x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
+        DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
+        SORT_BLOCK=tiles.sort_tile, RUNNING_MIN=tiles.running_min, WITH_SORT=with_sort,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )
-    return labels, rank, hist, nb, bm
+    return labels, rank, hist, sizes
 
 
-def _sort_and_update(x, c, labels, rank, hist, nb, bm, update: bool):
+def _counting_sort(labels, rank, hist, sizes, tiles: KMeansTiles):
+    """perm (N, S) int64 = stable argsort of labels, and int32 offsets (N, C + 1)."""
+    n, s = labels.shape
+    nb_sort, nc = hist.shape[1], hist.shape[2]
+    offsets = torch.empty(n, nc + 1, dtype=torch.int32, device=labels.device)
+    block_cl = min(128, triton.next_power_of_2(nc))
+    _slots_kernel[(triton.cdiv(nc, block_cl), n)](
+        hist, sizes, offsets, s, nc, nb_sort, NC_P2=triton.next_power_of_2(nc), BLOCK_CL=block_cl, num_warps=4,
+    )
+    perm = torch.empty(n, s, dtype=torch.long, device=labels.device)
+    _scatter_kernel[(nb_sort, n)](labels, rank, hist, perm, s, nc, nb_sort, BLOCK_M=tiles.sort_tile, num_warps=4)
+    return perm, offsets
+
+
+def _update_split(tiles: KMeansTiles, n: int, nc: int, s: int) -> int:
+    if tiles.update_split:
+        return tiles.update_split
+    # Enough programs to fill the GPU: one cluster per program leaves Q (few, big clusters) latency-bound.
+    split = 1
+    while n * nc * split < 16384 and s // (nc * split) > 256 and split < 8:
+        split *= 2
+    return split
+
+
+def _update(x, perm, offsets, c, tiles: KMeansTiles, x_sorted: torch.Tensor | None):
     n, s, d = x.shape
     nc = c.shape[1]
-    sizes = hist.sum(1, dtype=torch.int32)  # (n, nc)
-    offsets = torch.zeros(n, nc + 1, dtype=torch.int32, device=x.device)
-    torch.cumsum(sizes, dim=1, out=offsets[:, 1:])
-    # First slot of (tile, cluster): cluster offset + points of that cluster in earlier tiles.
-    slot0 = (torch.cumsum(hist, dim=1, dtype=torch.int32) - hist + offsets[:, None, :-1]).contiguous()
-    perm = torch.empty(n, s, dtype=torch.long, device=x.device)
-    _scatter_kernel[(nb, n)](labels, rank, slot0, perm, s, nc, nb, BLOCK_M=bm, num_warps=4)
-    c_new, cn_new = c, None
-    if update:
-        c_new = torch.empty_like(c)
-        cn_new = torch.empty(n, nc, dtype=torch.float32, device=x.device)
-        block_d = triton.next_power_of_2(d)
-        _update_kernel[(nc, n)](
-            x, perm, offsets, c, c_new, cn_new, s, nc, x.stride(0), x.stride(1),
-            DIM=d, BLOCK_D=block_d, BLOCK_R=32 if block_d <= 128 else 16, num_warps=4,
-        )
-    return perm, offsets, sizes, c_new, cn_new
+    block_d = triton.next_power_of_2(d)
+    split = _update_split(tiles, n, nc, s)
+    c_new = torch.empty_like(c)
+    c_low = torch.empty(c.shape, dtype=x.dtype, device=x.device)
+    cn_new = torch.empty(n, nc, dtype=torch.float32, device=x.device)
+    part = torch.empty(n * nc * split * block_d if split > 1 else 1, dtype=torch.float32, device=x.device)
+    _update_kernel[(nc, n, split)](
+        x, perm, offsets, c, c_new, c_low, cn_new, part, x_sorted if x_sorted is not None else x,
+        s, nc, x.stride(0), x.stride(1),
+        DIM=d, BLOCK_D=block_d, BLOCK_R=32 if block_d <= 128 else 16, SPLIT=split,
+        WRITE_SORTED=x_sorted is not None, num_warps=4,
+    )
+    if split > 1:
+        _finalize_kernel[(nc, n)](part, offsets, c, c_new, c_low, cn_new, nc, DIM=d, BLOCK_D=block_d, SPLIT=split,
+                                  num_warps=4)
+    return c_new, c_low, cn_new
 
 
 def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
-                  blocks: tuple[int, int, int, int] | None = None) -> KMeansResult:
+                  blocks: KMeansTiles | tuple | None = None, sort_x: bool = False) -> KMeansResult:
     """``iters`` Lloyd iterations from ``centroids``; see :class:`KMeansResult`.
 
     Args:
         x: (N, S, D) fp16/bf16/fp32 points (dot products in x's dtype, fp32 accumulation).
         centroids: (N, C, D) initial centroids (any float dtype).
         iters: >= 0; with 0 the points are only assigned (centroids returned unchanged, as fp32).
-        blocks: assignment tiles (BLOCK_M, BLOCK_C, warps, stages); None: the measured default.
+        blocks: :class:`KMeansTiles` (or its fields as a tuple); None: the measured default.
+        sort_x: also return ``x_sorted`` = x rows in cluster order (``x[n, perm[n]]``). The last
+            iteration's centroid update reads exactly those rows, so it stores them on the way.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
+    tiles = _tiles(x, blocks)
     c = centroids.float().contiguous()
+    c_low = c.to(x.dtype)
     cn = (c * c).sum(-1).contiguous()
-    for _ in range(max(iters, 1)):
-        labels, rank, hist, nb, bm = _assign(x, c, cn, with_sort=True, blocks=blocks)
-        perm, offsets, sizes, c_new, cn_new = _sort_and_update(x, c, labels, rank, hist, nb, bm, update=iters > 0)
+    x_sorted = None
+    for it in range(max(iters, 1)):
+        labels, rank, hist, sizes = _assign(x, c_low, cn, with_sort=True, tiles=tiles)
+        perm, offsets = _counting_sort(labels, rank, hist, sizes, tiles)
         if iters > 0:
-            c, cn = c_new, cn_new
-    return KMeansResult(labels, c, sizes.long(), offsets.long(), perm)
+            last = it == iters - 1
+            if sort_x and last:
+                x_sorted = torch.empty_like(x)
+            c, c_low, cn = _update(x, perm, offsets, c, tiles, x_sorted if last else None)
+    if sort_x and x_sorted is None:  # iters == 0: no update pass to ride on
+        from svg2_kernels.permute import permute_rows
+
+        x_sorted = permute_rows(x, perm)
+    return KMeansResult(labels, c, sizes.long(), offsets.long(), perm, x_sorted)
 
 
 @torch.library.custom_op("svg2_kernels::kmeans", mutates_args=())

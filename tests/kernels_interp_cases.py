@@ -64,15 +64,15 @@ def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3,
     return name, ok, f"err {err:.3g} vs same-precision torch {base:.3g} (floor {floor})"
 
 
-def kmeans_case(name, dtype, n, s, d, c, iters, seed=0):
-    from svg2_kernels.kmeans import kmeans_triton
+def kmeans_case(name, dtype, n, s, d, c, iters, tiles=None, sort_x=False, seed=0):
+    from svg2_kernels.kmeans import KMeansTiles, kmeans_triton
     from svg2_kernels.reference import kmeans_assign_reference, kmeans_update_reference
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, s, d, generator=g).to(dtype)
     c0 = torch.randn(n, c, d, generator=g)
     c0[0, 1] += 50.0  # a cluster that stays empty
-    res = kmeans_triton(x, c0, iters)
+    res = kmeans_triton(x, c0, iters, blocks=None if tiles is None else KMeansTiles(*tiles), sort_x=sort_x)
     cref = c0.float()
     labels = kmeans_assign_reference(x, cref)
     for _ in range(iters):
@@ -87,7 +87,10 @@ def kmeans_case(name, dtype, n, s, d, c, iters, seed=0):
         and torch.equal(res.sizes, sizes)
         and torch.equal(res.perm, torch.argsort(res.labels, dim=1, stable=True))
         and torch.equal(res.offsets[:, 1:], res.sizes.cumsum(1))
+        and int(res.offsets[:, 0].abs().sum()) == 0
     )
+    if sort_x:  # the permuted rows written by the last update (or the permute kernel at iters=0)
+        ok = ok and torch.equal(res.x_sorted, x.gather(1, res.perm[..., None].expand(-1, -1, d)))
     return name, ok, f"label mismatches {mism}, centroid err {cerr:.3g}"
 
 
@@ -290,6 +293,11 @@ KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
     ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
+    # KMeansTiles(block_m, block_c, warps, stages, sort_block, running_min, update_split)
+    ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, False, 0)),
+    ("kmeans_fp32_running_min", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, True, 0)),
+    ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, False, 4), True),
+    ("kmeans_fp16_sort_x_iters0", torch.float16, 2, 37, 16, 5, 0, None, True),
 ]
 
 

@@ -1,0 +1,132 @@
+"""Per-kernel GPU time of one warm SVG2 call (torch.profiler), on the layouts bench_kernels.py builds.
+
+    python experiments/profile_call.py --shape wan14b --clusters 100,500 --density 0.25 --out /tmp/prof
+
+Prints, per CUDA kernel name, the mean GPU microseconds per call and the launch count, grouped by the
+call's phases (k-means Q, k-means K, selection, permutation, metadata, attention). The bench's CUDA events
+say how long each phase takes; this says which kernels inside a phase the time goes to (issue 3: the
+non-attention share). Writes ``profile_<shape>_<cq>_<ck>.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import (  # noqa: E402
+    SHAPES,
+    centroid_scores,
+    select_target_density,
+    synthetic_qkv,
+)
+
+
+def _kernel_table(prof, reps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, mean us per call, launches per call), largest first."""
+    rows: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(evt.name, [0.0, 0])
+            r[0] += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+            r[1] += 1
+    out = [(name[:90], t / reps, c / reps) for name, (t, c) in rows.items()]
+    return sorted(out, key=lambda r: -r[1])
+
+
+def phases(q, k, v, cq_init, ck_init, density, cfg, iters=2):
+    """The call of bench_kernels.SVG2Call as named phases, so each can be profiled alone."""
+    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.permute import permute_rows
+    from svg2_kernels.varblock_attention import build_varblock_metadata, varblock_attention_with_metadata
+
+    b, h, s, d = q.shape
+    n = b * h
+    st: dict = {}
+
+    def km_q():
+        st["rq"] = kmeans_triton(q.reshape(n, s, d), cq_init, iters)
+
+    def km_k():
+        st["rk"] = kmeans_triton(k.reshape(n, s, d), ck_init, iters)
+
+    def selection():
+        rq, rk = st["rq"], st["rk"]
+        scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes)
+        st["bm"] = select_target_density(scores, rq.sizes, rk.sizes, density, 0.0)
+
+    def permutation():
+        p = st["rk"].perm.view(b, h, s)
+        st["ks"], st["vs"] = permute_rows(k, p), permute_rows(v, p)
+
+    def metadata():
+        rq, rk, bm = st["rq"], st["rk"], st["bm"]
+        st["meta"] = build_varblock_metadata(rq.offsets.view(b, h, -1), rk.offsets.view(b, h, -1),
+                                             bm.view(b, h, *bm.shape[1:]), s, s, cfg)
+
+    def attention():
+        st["out"] = varblock_attention_with_metadata(q, st["ks"].view(b, h, s, d), st["vs"].view(b, h, s, d),
+                                                     st["meta"], q_perm=st["rq"].perm.view(b, h, s))
+
+    return dict(kmeans_q=km_q, kmeans_k=km_k, selection=selection, permutation=permutation, metadata=metadata,
+                attention=attention)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="wan14b", choices=sorted(SHAPES))
+    ap.add_argument("--clusters", default="100,500", help="Cq,Ck")
+    ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--config", default=None, help="VarBlockConfig fields as JSON list (default: default_config)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="results/kernels")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_call.py profiles CUDA kernels: run it on a GPU machine")
+    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.order import chain_order
+    from svg2_kernels.varblock_attention import VarBlockConfig, default_config
+
+    cq, ck = (int(x) for x in a.clusters.split(","))
+    dev = torch.device("cuda")
+    q, k, v = synthetic_qkv(SHAPES[a.shape], 1, 128, torch.bfloat16, dev, 0)
+    b, h, s, d = q.shape
+    n = b * h
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rq = kmeans_triton(q.reshape(n, s, d), q.reshape(n, s, d)[:, torch.randperm(s, generator=g)[:cq].to(dev)], 20)
+    rk = kmeans_triton(k.reshape(n, s, d), k.reshape(n, s, d)[:, torch.randperm(s, generator=g)[:ck].to(dev)], 20)
+    order = chain_order(rk.centroids)
+    ck_init = rk.centroids.gather(1, order[..., None].expand_as(rk.centroids))
+    cfg = VarBlockConfig(*json.loads(a.config)) if a.config else default_config("cuda", d, seqlen_k=s)
+    ph = phases(q, k, v, rq.centroids, ck_init, a.density, cfg)
+    for fn in ph.values():  # warm-up (compiles)
+        fn()
+    torch.cuda.synchronize()
+    lines = [f"# Per-kernel GPU time of one warm SVG2 call: {a.shape} (H={h}, S={s}), Cq/Ck={cq}/{ck}, "
+             f"density {a.density}, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+             f"config: {cfg}", "", "| phase | kernel | us per call | launches |", "|---|---|---|---|"]
+    summary = {}
+    for name, fn in ph.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.reps):
+                fn()
+            torch.cuda.synchronize()
+        table = _kernel_table(prof, a.reps)
+        summary[name] = sum(t for _, t, _ in table)
+        for kname, t, c in table:
+            lines.append(f"| {name} | `{kname}` | {t:.1f} | {c:g} |")
+    lines += ["", "| phase | GPU us per call (sum of kernels) |", "|---|---|"]
+    lines += [f"| {k_} | {v_:.1f} |" for k_, v_ in summary.items()]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_{a.shape}_{cq}_{ck}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
