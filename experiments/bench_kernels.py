@@ -143,7 +143,7 @@ def centroid_scores(cq, ck, k_sizes):
 def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
     """Same rule as svg2.selection.select_target_density (inlined: the GPU machine lacks svg2's deps)."""
     n, cq, ck = scores.shape
-    qs, ks = q_sizes.double(), k_sizes.double()
+    qs, ks = q_sizes.long(), k_sizes.long()
     cost = qs.unsqueeze(-1) * ks.unsqueeze(1)
     total = qs.sum(-1) * ks.sum(-1)
     value = scores / ks.clamp_min(1).unsqueeze(1).float()
@@ -153,7 +153,9 @@ def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
     key = torch.where(cost > 0, key, torch.full_like(value, -1.0))
     _, order = key.reshape(n, -1).sort(dim=-1, descending=True)
     cost_sorted = torch.gather(cost.reshape(n, -1), 1, order)
-    keep_sorted = torch.cumsum(cost_sorted, -1) - cost_sorted < (target * total).unsqueeze(-1)
+    flat = torch.cumsum(cost_sorted.reshape(-1), 0).view_as(cost_sorted)  # one flat int64 scan (exact)
+    before = flat - cost_sorted - F.pad(flat[:-1, -1], (1, 0)).unsqueeze(-1)
+    keep_sorted = before < (target * total.double()).unsqueeze(-1)
     keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
     return keep | mandatory
 
@@ -171,8 +173,11 @@ def gather_rows(x, perm):
 class SVG2Call:
     """One warm-started SVG2 attention call on our kernels, with per-component CUDA events."""
 
-    def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg, fused=True, overlap=False):
+    def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg, fused=True, overlap=False,
+                 tiles=None, sort_k=False):
         self.fused = fused
+        # tiles: KMeansTiles of both k-means; sort_k: K's last centroid update also writes the permuted K
+        self.tiles, self.sort_k = tiles, sort_k and fused
         # overlap: K's k-means on a second stream, concurrent with Q's (independent work)
         self.side = torch.cuda.Stream() if overlap and torch.cuda.is_available() else None
         self.cq_init, self.ck_init = cq_init, ck_init
@@ -190,15 +195,16 @@ class SVG2Call:
             main = torch.cuda.current_stream()
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
-                rk = kmeans_triton(k.reshape(n, s, d), self.ck_init, self.iters)
-            rq = kmeans_triton(q.reshape(n, s, d), self.cq_init, self.iters)
+                rk = kmeans_triton(k.reshape(n, s, d), self.ck_init, self.iters, self.tiles, self.sort_k)
+            rq = kmeans_triton(q.reshape(n, s, d), self.cq_init, self.iters, self.tiles)
             main.wait_stream(self.side)
             if not torch.cuda.is_current_stream_capturing():  # (a graph keeps its own memory pool)
-                for t in (rk.labels, rk.centroids, rk.sizes, rk.offsets, rk.perm):
+                made = (rk.labels, rk.centroids, rk.sizes, rk.offsets, rk.perm, rk.x_sorted)
+                for t in (t for t in made if t is not None):
                     t.record_stream(main)  # made on the side stream, used (and freed) on the main one
         else:
-            rq = kmeans_triton(q.reshape(n, s, d), self.cq_init, self.iters)
-            rk = kmeans_triton(k.reshape(n, s, d), self.ck_init, self.iters)
+            rq = kmeans_triton(q.reshape(n, s, d), self.cq_init, self.iters, self.tiles)
+            rk = kmeans_triton(k.reshape(n, s, d), self.ck_init, self.iters, self.tiles, self.sort_k)
         mark("kmeans")
         scores = centroid_scores(rq.centroids, rk.centroids, rk.sizes)
         bm = select_target_density(scores, rq.sizes, rk.sizes, self.density, self.min_kc_ratio)
@@ -206,7 +212,8 @@ class SVG2Call:
         if self.fused:  # K/V gathered by the Triton permute kernel; Q gather / O scatter inside attention
             from svg2_kernels.permute import permute_rows
 
-            ks, vs = permute_rows(k, rk.perm.view(b, h, s)), permute_rows(v, rk.perm.view(b, h, s))
+            vs = permute_rows(v, rk.perm.view(b, h, s))
+            ks = rk.x_sorted if self.sort_k else permute_rows(k, rk.perm.view(b, h, s))
         else:
             qs, qflat = gather_rows(q.reshape(n, s, d), rq.perm)
             ks, _ = gather_rows(k.reshape(n, s, d), rk.perm)
@@ -345,6 +352,10 @@ def run(cfg: dict) -> list[dict]:
         pass
     print(json.dumps(env), flush=True)
     forced = VarBlockConfig(*cfg["config"]) if cfg.get("config") else None
+    from svg2_kernels.kmeans import KMeansTiles
+
+    ktiles = KMeansTiles(*cfg["kmeans_tiles"]) if cfg.get("kmeans_tiles") else None
+    extra = dict(tiles=ktiles, sort_k=bool(cfg.get("kmeans_sort_k")))
 
     def emit(row: dict, table: list):
         table.append(row)
@@ -387,8 +398,8 @@ def run(cfg: dict) -> list[dict]:
                 ordered = rk.centroids.gather(1, order[..., None].expand_as(rk.centroids))
                 rk = kmeans_triton(k.reshape(n, s, d), ordered, 1)  # labels / perm in the new order
             it = cfg["kmeans_step_iters"]
-            km["ours_q_ms"] = bench(lambda: kmeans_triton(q.reshape(n, s, d), rq.centroids, it), dev, budget)
-            km["ours_k_ms"] = bench(lambda: kmeans_triton(k.reshape(n, s, d), rk.centroids, it), dev, budget)
+            km["ours_q_ms"] = bench(lambda: kmeans_triton(q.reshape(n, s, d), rq.centroids, it, ktiles), dev, budget)
+            km["ours_k_ms"] = bench(lambda: kmeans_triton(k.reshape(n, s, d), rk.centroids, it, ktiles), dev, budget)
             if flash is not None:
                 for name, x, c in (("q", q, rq.centroids), ("k", k, rk.centroids)):
                     try:
@@ -490,7 +501,7 @@ def run(cfg: dict) -> list[dict]:
                         row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 if dev.type == "cuda":
                     call = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"], cfg["kmeans_step_iters"],
-                                    kcfg)
+                                    kcfg, **extra)
                     reps = 3 if s * h > 2_000_000 else 5
                     try:
                         bd = breakdown(call, q, k, v, reps)
@@ -500,12 +511,12 @@ def run(cfg: dict) -> list[dict]:
                         row["call_graph_ms"] = graph_time(call, q, k, v, reps)
                         row["call_graph_speedup"] = t_dense / row["call_graph_ms"]
                         unfused = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
-                                           cfg["kmeans_step_iters"], kcfg, fused=False)
+                                           cfg["kmeans_step_iters"], kcfg, fused=False, **extra)
                         bdu = breakdown(unfused, q, k, v, reps)
                         row["call_unfused_perm_ms"] = bdu["permutation"] + bdu["inverse_permutation"]
                         row["call_unfused_total_ms"] = bdu["total"]
                         over = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
-                                        cfg["kmeans_step_iters"], kcfg, overlap=True)
+                                        cfg["kmeans_step_iters"], kcfg, overlap=True, **extra)
                         bdo = breakdown(over, q, k, v, reps)
                         row["call_overlap_kmeans_ms"] = bdo["kmeans"]
                         row["call_overlap_total_ms"] = bdo["total"]

@@ -4,13 +4,12 @@ One iteration is four launches (five when the update is split), none of which ma
 ``num_points x num_clusters`` distances:
 
 1. ``_assign_kernel`` (per batch, tile of ``BLOCK_M`` points): ``argmin_c ||c||^2 - 2 x.c`` over centroid
-   tiles on the tensor cores; also each point's rank among equal labels inside its sort tile, the sort
-   tile's label histogram and the cluster sizes (int atomics).
-2. ``_slots_kernel`` (per batch, block of clusters): cluster offsets, and in place the first sorted slot
-   of every (sort tile, cluster) pair: a prefix sum over tiles.
-3. ``_scatter_kernel``: slot = first slot of (tile, label) + rank -> ``perm[slot] = point``. This is a
-   *stable counting sort* of the labels: ``perm`` equals ``argsort(labels, stable=True)``, so the final
-   iteration's labels give the semantic permutation for free (no separate sort).
+   tiles on the tensor cores, and the label histogram of each sort tile (int atomics on the tile's own row).
+2. ``_slots_kernel`` (per batch, block of clusters): cluster sizes, and in place the points of each cluster
+   in earlier sort tiles (a prefix sum over tiles); a torch cumsum of the sizes gives the offsets.
+3. ``_scatter_kernel`` (per sort tile): slot = cluster offset + earlier points + stable rank inside the tile
+   -> ``perm[slot] = point``. This is a *stable counting sort* of the labels: ``perm`` equals
+   ``argsort(labels, stable=True)``, so the final iteration's labels give the semantic permutation for free.
 4. ``_update_kernel`` (per batch, cluster, piece): sum of the cluster's rows read through ``perm``, with
    ``_finalize_kernel`` adding the pieces when a cluster is split over programs; empty clusters keep the
    old centroid. Also writes the centroids in x's dtype and the squared norms the next assignment needs,
@@ -106,7 +105,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _assign_kernel(
-        X, C, CN, LABELS, RANK, HIST, SIZES,
+        X, C, CN, LABELS, HIST,
         S, NC, NB,
         stride_xn, stride_xs, stride_cn, stride_cc,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -149,50 +148,43 @@ if _HAS_TRITON:
             best_idx = tl.min(tl.where(best2 == t_min[:, None], idx2, 2147483647), axis=1)
         tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
         if WITH_SORT:
-            # Stable rank among equal labels earlier in the same sort tile, the tile's histogram and the
-            # cluster sizes (int atomics: the histogram row is the tile's own, so no contention across tiles).
-            NSUB: tl.constexpr = BLOCK_M // SORT_BLOCK
-            lab = tl.reshape(tl.where(m_mask, best_idx, -1), (NSUB, SORT_BLOCK))
-            i = tl.arange(0, SORT_BLOCK)
-            earlier = i[None, None, :] < i[None, :, None]
-            same = (lab[:, :, None] == lab[:, None, :]) & earlier
-            rank = tl.reshape(tl.sum(same.to(tl.int32), axis=2), (BLOCK_M,))
-            tl.store(RANK + n * S + offs_m, rank, mask=m_mask)
-            tile = pid_b * NSUB + tl.arange(0, BLOCK_M) // SORT_BLOCK
-            ones = tl.full([BLOCK_M], 1, tl.int32)
-            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, ones, mask=m_mask)
-            tl.atomic_add(SIZES + n * NC + best_idx, ones, mask=m_mask)
+            # The sort tile's label histogram (int atomics on the tile's own row: no contention across
+            # tiles). The stable rank inside the tile is left to the scatter kernel, away from the GEMM's
+            # registers.
+            tile = pid_b * (BLOCK_M // SORT_BLOCK) + tl.arange(0, BLOCK_M) // SORT_BLOCK
+            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32), mask=m_mask)
 
     @triton.jit
-    def _slots_kernel(HIST, SIZES, OFFS, S, NC, NB, NC_P2: tl.constexpr, BLOCK_CL: tl.constexpr):
-        """Cluster offsets, and in place: histogram (tile, cluster) -> first sorted slot of that pair."""
-        pid = tl.program_id(0)
+    def _slots_kernel(HIST, SIZES, NC, NB, BLOCK_T: tl.constexpr, BLOCK_CL: tl.constexpr):
+        """Cluster sizes, and in place: histogram (tile, cluster) -> points of that cluster in earlier tiles
+        (a prefix sum over tiles, BLOCK_T tiles per step so the loads are independent of the running sum)."""
         n = tl.program_id(1).to(tl.int64)
-        all_c = tl.arange(0, NC_P2)
-        sizes_all = tl.load(SIZES + n * NC + all_c, mask=all_c < NC, other=0)
-        base = tl.sum(tl.where(all_c < pid * BLOCK_CL, sizes_all, 0), axis=0)  # points in earlier blocks
-        offs_c = pid * BLOCK_CL + tl.arange(0, BLOCK_CL)
+        offs_c = tl.program_id(0) * BLOCK_CL + tl.arange(0, BLOCK_CL)
         c_mask = offs_c < NC
-        sizes = tl.load(SIZES + n * NC + offs_c, mask=c_mask, other=0)
-        run = base + tl.cumsum(sizes, axis=0) - sizes  # exclusive offsets of this block's clusters
-        tl.store(OFFS + n * (NC + 1) + offs_c, run, mask=c_mask)
-        if pid == 0:
-            tl.store(OFFS + n * (NC + 1) + NC, S)
-        for t in range(0, NB):
-            p = HIST + (n * NB + t) * NC + offs_c
-            h = tl.load(p, mask=c_mask, other=0)
-            tl.store(p, run, mask=c_mask)
-            run += h
+        run = tl.zeros([BLOCK_CL], dtype=tl.int32)
+        for t0 in range(0, NB, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask = (offs_t < NB)[:, None] & c_mask[None, :]
+            p = HIST + (n * NB + offs_t[:, None]) * NC + offs_c[None, :]
+            h = tl.load(p, mask=mask, other=0)
+            tl.store(p, run[None, :] + tl.cumsum(h, axis=0) - h, mask=mask)
+            run += tl.sum(h, axis=0)
+        tl.store(SIZES + n * NC + offs_c, run, mask=c_mask)
 
     @triton.jit
-    def _scatter_kernel(LABELS, RANK, SLOT0, PERM, S, NC, NB, BLOCK_M: tl.constexpr):
+    def _scatter_kernel(LABELS, OFFS, EARLIER, PERM, S, NC, NB, BLOCK_M: tl.constexpr):
+        """perm[slot] = point, slot = cluster offset + its points in earlier tiles + stable rank in this tile."""
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+        i = tl.arange(0, BLOCK_M)
+        offs_m = pid_b * BLOCK_M + i
         m_mask = offs_m < S
-        lab = tl.load(LABELS + n * S + offs_m, mask=m_mask, other=0)
-        rank = tl.load(RANK + n * S + offs_m, mask=m_mask, other=0)
-        slot = tl.load(SLOT0 + (n * NB + pid_b) * NC + lab, mask=m_mask, other=0) + rank
+        lab = tl.load(LABELS + n * S + offs_m, mask=m_mask, other=-1).to(tl.int32)
+        same = (lab[:, None] == lab[None, :]) & (i[None, :] < i[:, None])
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        lab0 = tl.where(m_mask, lab, 0)
+        slot = (tl.load(OFFS + n * (NC + 1) + lab0, mask=m_mask, other=0)
+                + tl.load(EARLIER + (n * NB + pid_b) * NC + lab0, mask=m_mask, other=0) + rank)
         tl.store(PERM + n * S + slot, offs_m.to(tl.int64), mask=m_mask)
 
     @triton.jit
@@ -256,46 +248,42 @@ if _HAS_TRITON:
 def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid: x (N, S, D), centroids (N, C, D) -> labels (N, S) int64."""
     c = centroids.float().contiguous()
-    labels, *_ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x))
+    labels, _ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x))
     return labels
 
 
 def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     """c_low: centroids in x's dtype (every point tile re-reads all of them: half the bytes of fp32 and no
-    conversion in the kernel); cn: their fp32 squared norms."""
+    conversion in the kernel); cn: their fp32 squared norms. Returns labels and, with the sort, the
+    (N, sort tiles, C) label histogram."""
     n, s, d = x.shape
     nc = c_low.shape[1]
     nb = triton.cdiv(s, tiles.block_m)
-    nb_sort = nb * (tiles.block_m // tiles.sort_tile)
     labels = torch.empty(n, s, dtype=torch.long, device=x.device)
-    if with_sort:
-        rank = torch.empty(n, s, dtype=torch.int32, device=x.device)
-        counts = torch.zeros(n * nc * (nb_sort + 1), dtype=torch.int32, device=x.device)  # one memset
-        hist, sizes = counts[: n * nb_sort * nc].view(n, nb_sort, nc), counts[n * nb_sort * nc:].view(n, nc)
-    else:
-        rank = hist = sizes = labels  # unused
+    hist = torch.zeros(n, nb * (tiles.block_m // tiles.sort_tile), nc, dtype=torch.int32, device=x.device) \
+        if with_sort else labels
     _assign_kernel[(nb, n)](
-        x, c_low, cn, labels, rank, hist, sizes, s, nc, nb_sort,
+        x, c_low, cn, labels, hist, s, nc, hist.shape[1] if with_sort else 0,
         x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
         DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
         SORT_BLOCK=tiles.sort_tile, RUNNING_MIN=tiles.running_min, WITH_SORT=with_sort,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )
-    return labels, rank, hist, sizes
+    return labels, hist
 
 
-def _counting_sort(labels, rank, hist, sizes, tiles: KMeansTiles):
-    """perm (N, S) int64 = stable argsort of labels, and int32 offsets (N, C + 1)."""
+def _counting_sort(labels, hist, tiles: KMeansTiles):
+    """perm (N, S) int64 = stable argsort of labels; int32 sizes (N, C) and offsets (N, C + 1)."""
     n, s = labels.shape
-    nb_sort, nc = hist.shape[1], hist.shape[2]
-    offsets = torch.empty(n, nc + 1, dtype=torch.int32, device=labels.device)
-    block_cl = min(128, triton.next_power_of_2(nc))
-    _slots_kernel[(triton.cdiv(nc, block_cl), n)](
-        hist, sizes, offsets, s, nc, nb_sort, NC_P2=triton.next_power_of_2(nc), BLOCK_CL=block_cl, num_warps=4,
-    )
+    nb, nc = hist.shape[1], hist.shape[2]
+    sizes = torch.empty(n, nc, dtype=torch.int32, device=labels.device)
+    block_cl = min(64, triton.next_power_of_2(nc))
+    _slots_kernel[(triton.cdiv(nc, block_cl), n)](hist, sizes, nc, nb, BLOCK_T=16, BLOCK_CL=block_cl, num_warps=4)
+    offsets = torch.zeros(n, nc + 1, dtype=torch.int32, device=labels.device)
+    torch.cumsum(sizes, dim=1, out=offsets[:, 1:])
     perm = torch.empty(n, s, dtype=torch.long, device=labels.device)
-    _scatter_kernel[(nb_sort, n)](labels, rank, hist, perm, s, nc, nb_sort, BLOCK_M=tiles.sort_tile, num_warps=4)
-    return perm, offsets
+    _scatter_kernel[(nb, n)](labels, offsets, hist, perm, s, nc, nb, BLOCK_M=tiles.sort_tile, num_warps=4)
+    return perm, sizes, offsets
 
 
 def _update_split(tiles: KMeansTiles, n: int, nc: int, s: int) -> int:
@@ -349,8 +337,8 @@ def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
     cn = (c * c).sum(-1).contiguous()
     x_sorted = None
     for it in range(max(iters, 1)):
-        labels, rank, hist, sizes = _assign(x, c_low, cn, with_sort=True, tiles=tiles)
-        perm, offsets = _counting_sort(labels, rank, hist, sizes, tiles)
+        labels, hist = _assign(x, c_low, cn, with_sort=True, tiles=tiles)
+        perm, sizes, offsets = _counting_sort(labels, hist, tiles)
         if iters > 0:
             last = it == iters - 1
             if sort_x and last:

@@ -59,6 +59,17 @@ def select_top_p(scores: torch.Tensor, top_p: float, min_kc_ratio: float) -> tor
     return block_map.scatter_(-1, order, keep_sorted)
 
 
+def exclusive_row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums along the last dim of an (N, L) integer tensor, as one flat scan.
+
+    A per-row scan of a few long rows runs one thread block per row (0.57 ms for 40 rows of 300k pairs on
+    an H200); the flat scan uses the whole GPU and stays exact in int64.
+    """
+    flat = torch.cumsum(x.reshape(-1), 0).view_as(x)
+    earlier_rows = torch.nn.functional.pad(flat[:-1, -1], (1, 0))
+    return flat - x - earlier_rows.unsqueeze(-1)
+
+
 def select_target_density(
     scores: torch.Tensor,
     q_sizes: torch.Tensor,
@@ -78,8 +89,8 @@ def select_target_density(
         block_map (N, Cq, Ck) bool.
     """
     n, cq, ck = scores.shape
-    qs = q_sizes.double()  # float64: token-pair counts reach 1e10 at 720p
-    ks = k_sizes.double()
+    qs = q_sizes.long()  # int64: token-pair counts reach 1e10 at 720p, and integer sums are exact
+    ks = k_sizes.long()
     cost = qs.unsqueeze(-1) * ks.unsqueeze(1)  # token pairs per cluster pair
     total = qs.sum(-1) * ks.sum(-1)  # (N,)
     # Mass per token pair: P_ij / |K_j| (ratio of value to cost of the pair, |Q_i| cancels).
@@ -92,7 +103,6 @@ def select_target_density(
     key = torch.where(cost > 0, key, torch.full_like(value, -1.0))
     key_sorted, order = key.reshape(n, -1).sort(dim=-1, descending=True)
     cost_sorted = torch.gather(cost.reshape(n, -1), 1, order)
-    before = torch.cumsum(cost_sorted, dim=-1) - cost_sorted
-    keep_sorted = before < (target_density * total).unsqueeze(-1)
+    keep_sorted = exclusive_row_cumsum(cost_sorted) < (target_density * total.double()).unsqueeze(-1)
     keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
     return keep | mandatory
