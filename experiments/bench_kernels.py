@@ -148,7 +148,8 @@ def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
     total = qs.sum(-1) * ks.sum(-1)
     value = scores / ks.clamp_min(1).unsqueeze(1).float()
     m = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
-    mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(m, dim=-1).indices, True)
+    top = scores.argmax(-1, keepdim=True) if m == 1 else scores.topk(min(m, ck), dim=-1).indices
+    mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
     key = torch.where(mandatory, torch.full_like(value, float("inf")), value)
     key = torch.where(cost > 0, key, torch.full_like(value, -1.0))
     _, order = key.reshape(n, -1).sort(dim=-1, descending=True)

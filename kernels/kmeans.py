@@ -56,8 +56,9 @@ class KMeansTiles:
     block_m, block_c, warps, stages: the assignment tile (points x centroids) and its launch.
     sort_block: points per counting-sort tile (divides block_m; 0 = block_m). The stable rank inside a
         tile costs sort_block compares per point, the per-tile histogram ``num_points / sort_block`` rows.
-    running_min: keep an elementwise best distance per centroid column across centroid tiles and reduce
-        once at the end, instead of a min + argmin reduction per centroid tile.
+    eq_argmin: the index of each tile's minimum as a second min reduction over ``where(dist == min, c, big)``
+        instead of Triton's (value, index) argmin reduction. (An elementwise running minimum over the
+        centroid tiles, reduced once at the end, measured 30-40% slower on an H200: runs r11, r12.)
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
         more than one, partial sums go through a small buffer and a second launch (still deterministic).
     """
@@ -67,7 +68,7 @@ class KMeansTiles:
     warps: int = 8
     stages: int = 2
     sort_block: int = 0
-    running_min: bool = False
+    eq_argmin: bool = False
     update_split: int = 0
 
     def __post_init__(self) -> None:
@@ -90,7 +91,9 @@ class KMeansTiles:
 def default_tiles(x: torch.Tensor) -> KMeansTiles:
     if x.device.type != "cuda" or triton_interpreting():
         return KMeansTiles(16, 16, 4, 1)
-    return KMeansTiles(256, 64, 8, 2)  # fastest of 8 tilings at Wan 1.3B and 14B shapes on an H200 (run r4d)
+    # Fastest Q + K time of 8 variants at Wan 14B (100, 500) on an H200, second at (300, 1000) by 0.4%
+    # (bench_kmeans_r12): sort tiles of 64 points make the stable rank 4x cheaper than 256-point ones.
+    return KMeansTiles(128, 64, 4, 2, sort_block=64)
 
 
 def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
@@ -109,7 +112,7 @@ if _HAS_TRITON:
         S, NC, NB,
         stride_xn, stride_xs, stride_cn, stride_cc,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-        SORT_BLOCK: tl.constexpr, RUNNING_MIN: tl.constexpr, WITH_SORT: tl.constexpr,
+        SORT_BLOCK: tl.constexpr, EQ_ARGMIN: tl.constexpr, WITH_SORT: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
@@ -119,13 +122,8 @@ if _HAS_TRITON:
         d_mask = offs_d < DIM
         x = tl.load(X + n * stride_xn + offs_m[:, None] * stride_xs + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        if RUNNING_MIN:
-            # Elementwise best per centroid column; one reduction after the loop.
-            best2 = tl.full([BLOCK_M, BLOCK_C], float("inf"), dtype=tl.float32)
-            idx2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.int32)
-        else:
-            best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-            best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
+        best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
         for c0 in range(0, NC, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_mask = offs_c < NC
@@ -133,19 +131,14 @@ if _HAS_TRITON:
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
             dist = cn[None, :] - 2.0 * tl.dot(x, c)
-            if RUNNING_MIN:
-                better2 = dist < best2  # strict: the earliest centroid tile wins ties, as argmin does
-                best2 = tl.where(better2, dist, best2)
-                idx2 = tl.where(better2, offs_c[None, :], idx2)
+            t_min = tl.min(dist, axis=1)
+            if EQ_ARGMIN:  # first index of the minimum, as argmin gives
+                t_idx = tl.min(tl.where(dist == t_min[:, None], offs_c[None, :], 2147483647), axis=1)
             else:
-                t_min = tl.min(dist, axis=1)
                 t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
-                better = t_min < best
-                best = tl.where(better, t_min, best)
-                best_idx = tl.where(better, t_idx, best_idx)
-        if RUNNING_MIN:
-            t_min = tl.min(best2, axis=1)
-            best_idx = tl.min(tl.where(best2 == t_min[:, None], idx2, 2147483647), axis=1)
+            better = t_min < best  # strict: the earliest centroid tile wins ties
+            best = tl.where(better, t_min, best)
+            best_idx = tl.where(better, t_idx, best_idx)
         tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
         if WITH_SORT:
             # The sort tile's label histogram (int atomics on the tile's own row: no contention across
@@ -266,7 +259,7 @@ def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
         x, c_low, cn, labels, hist, s, nc, hist.shape[1] if with_sort else 0,
         x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
         DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
-        SORT_BLOCK=tiles.sort_tile, RUNNING_MIN=tiles.running_min, WITH_SORT=with_sort,
+        SORT_BLOCK=tiles.sort_tile, EQ_ARGMIN=tiles.eq_argmin, WITH_SORT=with_sort,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return labels, hist

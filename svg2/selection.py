@@ -96,7 +96,8 @@ def select_target_density(
     # Mass per token pair: P_ij / |K_j| (ratio of value to cost of the pair, |Q_i| cancels).
     value = scores / ks.clamp_min(1).unsqueeze(1).float()
     m = min_key_clusters(min_kc_ratio, ck)
-    top = scores.topk(min(m, ck), dim=-1).indices
+    # argmax for the usual single mandatory cluster: topk(1) over 40 x 300 rows took 0.3 ms on an H200
+    top = scores.argmax(-1, keepdim=True) if m == 1 else scores.topk(min(m, ck), dim=-1).indices
     mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
     # Mandatory pairs first, then by value; empty pairs (cost 0) sort last and cost nothing.
     key = torch.where(mandatory, torch.full_like(value, float("inf")), value)

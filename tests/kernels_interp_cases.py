@@ -293,9 +293,9 @@ KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
     ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
-    # KMeansTiles(block_m, block_c, warps, stages, sort_block, running_min, update_split)
+    # KMeansTiles(block_m, block_c, warps, stages, sort_block, eq_argmin, update_split)
     ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, False, 0)),
-    ("kmeans_fp32_running_min", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, True, 0)),
+    ("kmeans_fp32_eq_argmin", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, True, 0)),
     ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, False, 4), True),
     ("kmeans_fp16_sort_x_iters0", torch.float16, 2, 37, 16, 5, 0, None, True),
 ]
