@@ -138,6 +138,15 @@ def main() -> None:
             lines.append(f"| {r['shape']} | {r['cq']}/{r['ck']} | {r['tiles']} | {r['k_plus_permute_ms']:.3f} | "
                          f"{r['k_sort_x_ms']:.3f} | {r['sort_x_equal']} | {r.get('flash_q_ms', nan):.3f} | "
                          f"{r.get('flash_k_ms', nan):.3f} |")
+    totals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "variant" and "q_ms" in r and "k_ms" in r:
+            totals.setdefault(tuple(r["tiles"]), []).append(r["q_ms"] + r["k_ms"])
+    full = [kv for kv in totals.items() if len(kv[1]) == max(map(len, totals.values()))]
+    if full:
+        best = min(full, key=lambda kv: sum(kv[1]))
+        lines += ["", f"Fastest over all shapes and cluster counts (sum of Q + K): {list(best[0])}"]
+        print("BEST " + json.dumps(list(best[0])).replace(" ", ""), flush=True)
     text = "\n".join(lines) + "\n"
     (out / f"bench_kmeans{a.tag}.md").write_text(text)
     print(text)
