@@ -56,11 +56,12 @@ class KMeansTiles:
     block_m, block_c, warps, stages: the assignment tile (points x centroids) and its launch.
     sort_block: points per counting-sort tile (divides block_m; 0 = block_m). The stable rank inside a
         tile costs sort_block compares per point, the per-tile histogram ``num_points / sort_block`` rows.
-    eq_argmin: the index of each tile's minimum as a second min reduction over ``where(dist == min, c, big)``
-        instead of Triton's (value, index) argmin reduction. (An elementwise running minimum over the
-        centroid tiles, reduced once at the end, measured 30-40% slower on an H200: runs r11, r12.)
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
         more than one, partial sums go through a small buffer and a second launch (still deterministic).
+
+    Measured and dropped (bench_kmeans_r11/r13 on an H200): an elementwise running minimum over the
+    centroid tiles reduced once at the end (30-40% slower), and the argmin as a second min over
+    ``where(dist == min, c, big)`` (no faster than Triton's argmin).
     """
 
     block_m: int = 256
@@ -68,7 +69,6 @@ class KMeansTiles:
     warps: int = 8
     stages: int = 2
     sort_block: int = 0
-    eq_argmin: bool = False
     update_split: int = 0
 
     def __post_init__(self) -> None:
@@ -91,9 +91,9 @@ class KMeansTiles:
 def default_tiles(x: torch.Tensor) -> KMeansTiles:
     if x.device.type != "cuda" or triton_interpreting():
         return KMeansTiles(16, 16, 4, 1)
-    # Fastest Q + K time of 8 variants at Wan 14B (100, 500) on an H200, second at (300, 1000) by 0.4%
-    # (bench_kmeans_r12): sort tiles of 64 points make the stable rank 4x cheaper than 256-point ones.
-    return KMeansTiles(128, 64, 4, 2, sort_block=64)
+    # Fastest Q + K time of 15 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r12,
+    # r13): sort tiles of 64 points make the stable rank 16x cheaper per point than 256-point ones.
+    return KMeansTiles(256, 64, 8, 3, sort_block=64)
 
 
 def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
@@ -112,7 +112,7 @@ if _HAS_TRITON:
         S, NC, NB,
         stride_xn, stride_xs, stride_cn, stride_cc,
         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-        SORT_BLOCK: tl.constexpr, EQ_ARGMIN: tl.constexpr, WITH_SORT: tl.constexpr,
+        SORT_BLOCK: tl.constexpr, WITH_SORT: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
@@ -132,10 +132,7 @@ if _HAS_TRITON:
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
             dist = cn[None, :] - 2.0 * tl.dot(x, c)
             t_min = tl.min(dist, axis=1)
-            if EQ_ARGMIN:  # first index of the minimum, as argmin gives
-                t_idx = tl.min(tl.where(dist == t_min[:, None], offs_c[None, :], 2147483647), axis=1)
-            else:
-                t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
+            t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
             better = t_min < best  # strict: the earliest centroid tile wins ties
             best = tl.where(better, t_min, best)
             best_idx = tl.where(better, t_idx, best_idx)
@@ -259,7 +256,7 @@ def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
         x, c_low, cn, labels, hist, s, nc, hist.shape[1] if with_sort else 0,
         x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
         DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
-        SORT_BLOCK=tiles.sort_tile, EQ_ARGMIN=tiles.eq_argmin, WITH_SORT=with_sort,
+        SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return labels, hist
@@ -346,20 +343,21 @@ def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
 
 @torch.library.custom_op("svg2_kernels::kmeans", mutates_args=())
 def _kmeans_op(
-    x: torch.Tensor, centroids: torch.Tensor, iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r = kmeans_triton(x, centroids, iters)
+    x: torch.Tensor, centroids: torch.Tensor, iters: int, sort_x: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r = kmeans_triton(x, centroids, iters, sort_x=sort_x)
     c = r.centroids.clone() if r.centroids.data_ptr() == centroids.data_ptr() else r.centroids  # no aliasing
-    return r.labels.long(), c, r.sizes, r.offsets, r.perm
+    x_sorted = r.x_sorted if sort_x else x.new_empty((0,))
+    return r.labels.long(), c, r.sizes, r.offsets, r.perm, x_sorted
 
 
 @_kmeans_op.register_fake
-def _(x, centroids, iters):
+def _(x, centroids, iters, sort_x=False):
     n, s, _ = x.shape
     c, d = centroids.shape[1], centroids.shape[2]
     i64 = dict(dtype=torch.long, device=x.device)
     return (x.new_empty((n, s), **i64), x.new_empty((n, c, d), dtype=torch.float32), x.new_empty((n, c), **i64),
-            x.new_empty((n, c + 1), **i64), x.new_empty((n, s), **i64))
+            x.new_empty((n, c + 1), **i64), x.new_empty((n, s), **i64), x.new_empty(x.shape if sort_x else (0,)))
 
 
 class TritonKMeans(KMeansVariant):
@@ -367,6 +365,7 @@ class TritonKMeans(KMeansVariant):
 
     name = "triton"
     priority = 100
+    sorts_points = True  # the last update writes x in cluster order (sort_x): no separate K gather
     # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
     devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     requires = ("triton",)
@@ -377,9 +376,10 @@ class TritonKMeans(KMeansVariant):
             reasons.append(f"dim {inputs.dim} > 256")
         return reasons
 
-    def run(self, x, centroids, iters):
+    def run(self, x, centroids, iters, sort_x: bool = False):
         # A custom op: torch.compile sees one opaque node with known output shapes.
-        return _kmeans_op(x, centroids, int(iters))
+        out = _kmeans_op(x, centroids, int(iters), bool(sort_x))
+        return out if sort_x else out[:5]
 
 
 register_kmeans_variant(TritonKMeans())

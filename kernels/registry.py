@@ -109,10 +109,13 @@ class KMeansVariant:
     last assignment and the returned centroids are the means of exactly those clusters (empty clusters keep
     their previous centroid). With ``iters == 0`` it only assigns to the given centroids. A variant whose
     update already orders the points by cluster may return ``(labels, centroids, sizes, offsets, perm)``
-    with ``perm`` equal to ``argsort(labels, stable=True)``; the layout then skips its own sort.
+    with ``perm`` equal to ``argsort(labels, stable=True)``; the layout then skips its own sort. A variant
+    with ``sorts_points`` also accepts ``run(..., sort_x=True)`` and then appends ``x_sorted`` (N, S, D) =
+    ``x[n, perm[n]]`` to those five outputs (the permuted keys the attention needs).
     """
 
     name: str = "base"
+    sorts_points: bool = False
     priority: int = 0
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)

@@ -132,7 +132,7 @@ def _chain_ordered(rk):
     inv = torch.argsort(order, dim=-1)
     return dataclasses.replace(
         rk, labels=inv.gather(1, rk.labels), centroids=rk.centroids.gather(1, order[..., None].expand_as(rk.centroids)),
-        sizes=rk.sizes.gather(1, order), perm=None,  # recomputed by ClusterLayout.from_labels
+        sizes=rk.sizes.gather(1, order), perm=None, x_sorted=None,  # recomputed by ClusterLayout.from_labels
     )
 
 
@@ -151,6 +151,14 @@ def build_layout(
 
     Updates ``state`` (warm-start centroids) in place when given. Shapes (batch, heads, seqlen, headdim).
     """
+    return _build_layout(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
+                         timer=timer)[0]
+
+
+def _build_layout(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer, sort_k=False):
+    """build_layout, plus (with ``sort_k``) the video keys in ``k_perm`` order (B, H, Sv, D) when the k-means
+    kernel wrote them on its last pass, else None. Only for this call's K: a layout may be reused, these rows
+    may not."""
     b, h, s, d = q.shape
     sv = s - num_text_tokens
     n = b * h
@@ -165,7 +173,7 @@ def build_layout(
     with sec("kmeans"):
         rq = kmeans(qx, cq, iters, None if cold else state.q_centroids, seed=cfg.seed, kernel=cfg.kmeans_kernel)
         rk = kmeans(kx, ck, iters, None if cold else state.k_centroids, seed=cfg.seed + 1,
-                    kernel=cfg.kmeans_kernel)
+                    kernel=cfg.kmeans_kernel, sort_points=sort_k)
         if cold and cfg.order_key_clusters:
             rk = _chain_ordered(rk)
     if state is not None:
@@ -186,7 +194,7 @@ def build_layout(
             q_perm=None if rq.perm is None else rq.perm.view(b, h, sv),
             k_perm=None if rk.perm is None else rk.perm.view(b, h, sv),
         )
-    return layout
+    return layout, None if rk.x_sorted is None else rk.x_sorted.view(b, h, sv, d)
 
 
 def svg2_attention(
@@ -226,16 +234,18 @@ def svg2_attention(
     b, h, s, d = q.shape
     t = num_text_tokens
     sv = s - t
+    k_sorted = None
     if layout is None:
-        layout = build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale,
-                              timer=timer)
+        layout, k_sorted = _build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale,
+                                         timer=timer, sort_k=True)
     sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
     variant = select_attention_variant(cfg.attention_kernel, AttentionInputs.of(q, k))
     if state is not None:
         state.last_kernels["attention"] = variant.name
 
     with sec("permutation"):
-        ks = variant.gather_rows(k[:, :, :sv], layout.k_perm)
+        # K in cluster order comes from k-means' last update when its kernel wrote it (one read of K saved)
+        ks = k_sorted if k_sorted is not None else variant.gather_rows(k[:, :, :sv], layout.k_perm)
         vs = variant.gather_rows(v[:, :, :sv], layout.k_perm)
         q_off = layout.q_offsets
         k_off = layout.k_offsets

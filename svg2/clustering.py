@@ -41,6 +41,7 @@ class KMeansResult:
     sizes: torch.Tensor
     kernel: str = "torch"
     perm: torch.Tensor | None = None  # (batch, num_points) stable argsort of labels, when the kernel made it
+    x_sorted: torch.Tensor | None = None  # (batch, num_points, dim) x[n, perm[n]], when asked and made
 
     def inertia(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of squared distances of points to their centroid, per batch: (batch,) float32."""
@@ -77,6 +78,7 @@ def kmeans(
     *,
     seed: int = 0,
     kernel: str = "auto",
+    sort_points: bool = False,
 ) -> KMeansResult:
     """Lloyd's k-means on every batch at once.
 
@@ -87,6 +89,8 @@ def kmeans(
         init: (batch, C, dim) warm-start centroids, or None for a cold start from distinct random points.
         seed: seed of the cold-start initialisation.
         kernel: k-means kernel variant name or "auto".
+        sort_points: also return ``x_sorted`` (x in cluster order) when the kernel can write it on the way
+            (``sorts_points`` variants); otherwise ``x_sorted`` stays None.
     Returns:
         KMeansResult; the centroids are the means of the returned clusters (empty ones keep the old one).
     """
@@ -101,7 +105,11 @@ def kmeans(
     elif init.shape != (n, c, d):
         raise ValueError(f"warm-start centroids have shape {tuple(init.shape)}, expected {(n, c, d)}")
     variant = select_kmeans_variant(kernel, KMeansInputs.of(x, c))
-    out = variant.run(x, init.to(x.device), iters)
+    if sort_points and variant.sorts_points:
+        out = variant.run(x, init.to(x.device), iters, sort_x=True)
+    else:
+        out = variant.run(x, init.to(x.device), iters)
     # A variant may also return (offsets, perm): its counting sort already ordered the points by cluster.
     perm = out[4] if len(out) > 4 else None
-    return KMeansResult(out[0], out[1], out[2], kernel=variant.name, perm=perm)
+    x_sorted = out[5] if len(out) > 5 else None
+    return KMeansResult(out[0], out[1], out[2], kernel=variant.name, perm=perm, x_sorted=x_sorted)

@@ -209,7 +209,8 @@ def opcheck_more_case():
     x = torch.randn(2, 40, 16, generator=g)
     c = x[:, :5].clone()
     for iters in (0, 2):  # iters=0 returns the input centroids: must not alias them
-        torch.library.opcheck(_kmeans_op, (x, c, iters), test_utils=checks)
+        for sort_x in (False, True):
+            torch.library.opcheck(_kmeans_op, (x, c, iters, sort_x), test_utils=checks)
     torch.library.opcheck(_permute_rows_op, (q, perm), test_utils=checks)
     return "opcheck_more", True, "token-order attention, kmeans, permute_rows"
 
@@ -217,7 +218,7 @@ def opcheck_more_case():
 def svg2_end_to_end_case():
     """svg2_attention with the Triton k-means (perm passthrough) and the fused-permutation attention path,
     joint text with padding included, against float64 masked dense attention on the layout it produced."""
-    from svg2 import SVG2Config, svg2_attention
+    from svg2 import ClusterState, SVG2Config, svg2_attention
 
     g = torch.Generator().manual_seed(5)
     b, h, sv, t, d = 2, 2, 70, 5, 32
@@ -231,18 +232,32 @@ def svg2_end_to_end_case():
     tm[1, 3:] = False
     cfg = SVG2Config(num_q_centroids=6, num_k_centroids=9, top_p=0.8, kmeans_iters_init=4,
                      attention_kernel="triton", kmeans_kernel="triton")
-    out, layout = svg2_attention(q, k, v, cfg, num_text_tokens=t, text_mask=tm)
-    sorted_q = torch.gather(layout.q_labels, 2, layout.q_perm)
-    perm_ok = bool((sorted_q.diff(dim=-1) >= 0).all())
-    mask = layout.to_dense()
-    qd, kd, vd = q.double(), k.double(), v.double()
-    s = (qd @ kd.transpose(-1, -2)) / d**0.5
-    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vd
-    same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    err = (out.double() - ref).abs().max().item()
-    err_torch = (same.double() - ref).abs().max().item()
-    ok = perm_ok and err <= 2 * err_torch + 1e-4 and layout.density() < 1
-    return "svg2_end_to_end", ok, f"err {err:.3g} vs torch {err_torch:.3g}, perm sorted {perm_ok}"
+    state = ClusterState()
+    ok, details = True, []
+    # Cold call, then a warm one: the warm call's keys in cluster order come from k-means' last update.
+    for call in ("cold", "warm"):
+        if call == "warm":
+            k = k + 0.05 * torch.randn(k.shape, generator=g)
+        if call == "warm":  # this call's K does come sorted from the k-means (no separate gather)
+            from svg2.attention import _build_layout
+
+            probe = ClusterState(q_centroids=state.q_centroids.clone(), k_centroids=state.k_centroids.clone())
+            _, ks = _build_layout(q, k, cfg, probe, num_text_tokens=t, text_mask=tm, scale=None, timer=None,
+                                  sort_k=True)
+            ok = ok and ks is not None
+        out, layout = svg2_attention(q, k, v, cfg, state, num_text_tokens=t, text_mask=tm)
+        sorted_q = torch.gather(layout.q_labels, 2, layout.q_perm)
+        perm_ok = bool((sorted_q.diff(dim=-1) >= 0).all())
+        mask = layout.to_dense()
+        qd, kd, vd = q.double(), k.double(), v.double()
+        s = (qd @ kd.transpose(-1, -2)) / d**0.5
+        ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vd
+        same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        err = (out.double() - ref).abs().max().item()
+        err_torch = (same.double() - ref).abs().max().item()
+        ok = ok and perm_ok and err <= 2 * err_torch + 1e-4 and layout.density() < 1
+        details.append(f"{call}: err {err:.3g} vs torch {err_torch:.3g}, perm sorted {perm_ok}")
+    return "svg2_end_to_end", ok, "; ".join(details)
 
 
 def opcheck_case():
@@ -293,10 +308,10 @@ KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
     ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
-    # KMeansTiles(block_m, block_c, warps, stages, sort_block, eq_argmin, update_split)
-    ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, False, 0)),
-    ("kmeans_fp32_eq_argmin", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, True, 0)),
-    ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, False, 4), True),
+    # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split)
+    ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, 0)),
+    ("kmeans_fp32_centroid_tiles", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, 0)),
+    ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, 4), True),
     ("kmeans_fp16_sort_x_iters0", torch.float16, 2, 37, 16, 5, 0, None, True),
 ]
 
