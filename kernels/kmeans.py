@@ -33,6 +33,13 @@ try:
 except ImportError:  # pragma: no cover
     _HAS_TRITON = False
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _HAS_TMA = True
+except ImportError:  # pragma: no cover - Triton < 3.4
+    _HAS_TMA = False
+
 __all__ = ["KMeansResult", "kmeans_triton", "kmeans_assign_triton", "TritonKMeans", "FlashKMeans"]
 
 
@@ -59,6 +66,9 @@ class KMeansTiles:
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
         more than one, partial sums go through a small buffer and a second launch (still deterministic).
 
+    tma: load point and centroid tiles through tensor descriptors (TMA on sm_90+) instead of pointer
+        loads; falls back to pointers where descriptors cannot take the tensors (``assign_tma_refusal``).
+
     Measured and dropped (bench_kmeans_r11/r13 on an H200): an elementwise running minimum over the
     centroid tiles reduced once at the end (30-40% slower), and the argmin as a second min over
     ``where(dist == min, c, big)`` (no faster than Triton's argmin).
@@ -70,6 +80,7 @@ class KMeansTiles:
     stages: int = 2
     sort_block: int = 0
     update_split: int = 0
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_c"):
@@ -107,6 +118,25 @@ def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
 if _HAS_TRITON:
 
     @triton.jit
+    def _argmin_step(dist, c0, best, best_idx):
+        """Fold one centroid tile's distances into the running (min, first argmin) of every point."""
+        t_min = tl.min(dist, axis=1)
+        t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
+        better = t_min < best  # strict: the earliest centroid tile wins ties, as argmin does
+        return tl.where(better, t_min, best), tl.where(better, t_idx, best_idx)
+
+    @triton.jit
+    def _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB,
+                      BLOCK_M: tl.constexpr, SORT_BLOCK: tl.constexpr, WITH_SORT: tl.constexpr):
+        tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
+        if WITH_SORT:
+            # The sort tile's label histogram (int atomics on the tile's own row: no contention across
+            # tiles). The stable rank inside the tile is left to the scatter kernel, away from the GEMM's
+            # registers.
+            tile = pid_b * (BLOCK_M // SORT_BLOCK) + tl.arange(0, BLOCK_M) // SORT_BLOCK
+            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32), mask=m_mask)
+
+    @triton.jit
     def _assign_kernel(
         X, C, CN, LABELS, HIST,
         S, NC, NB,
@@ -130,19 +160,31 @@ if _HAS_TRITON:
             c = tl.load(C + n * stride_cn + offs_c[None, :] * stride_cc + offs_d[:, None],
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
-            dist = cn[None, :] - 2.0 * tl.dot(x, c)
-            t_min = tl.min(dist, axis=1)
-            t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
-            better = t_min < best  # strict: the earliest centroid tile wins ties
-            best = tl.where(better, t_min, best)
-            best_idx = tl.where(better, t_idx, best_idx)
-        tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
-        if WITH_SORT:
-            # The sort tile's label histogram (int atomics on the tile's own row: no contention across
-            # tiles). The stable rank inside the tile is left to the scatter kernel, away from the GEMM's
-            # registers.
-            tile = pid_b * (BLOCK_M // SORT_BLOCK) + tl.arange(0, BLOCK_M) // SORT_BLOCK
-            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32), mask=m_mask)
+            best, best_idx = _argmin_step(cn[None, :] - 2.0 * tl.dot(x, c), c0, best, best_idx)
+        _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB, BLOCK_M, SORT_BLOCK, WITH_SORT)
+
+    @triton.jit
+    def _assign_tma_kernel(
+        desc_x, desc_c, CN, LABELS, HIST,
+        S, NC, NB,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SORT_BLOCK: tl.constexpr, WITH_SORT: tl.constexpr,
+    ):
+        """_assign_kernel with both tiles as descriptor loads of (N * S, D) points and (N * C, D) centroids.
+        A tile past the end of a head reads the next head's rows: points there are not stored, centroids
+        there get an infinite norm (and past the last head TMA fills zeros)."""
+        pid_b = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < S
+        x = desc_x.load([(n * S + pid_b * BLOCK_M).to(tl.int32), 0])
+        best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for c0 in range(0, NC, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c = desc_c.load([(n * NC + c0).to(tl.int32), 0])  # (BLOCK_C, D)
+            cn = tl.load(CN + n * NC + offs_c, mask=offs_c < NC, other=float("inf"))
+            best, best_idx = _argmin_step(cn[None, :] - 2.0 * tl.dot(x, tl.trans(c)), c0, best, best_idx)
+        _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB, BLOCK_M, SORT_BLOCK, WITH_SORT)
 
     @triton.jit
     def _slots_kernel(HIST, SIZES, NC, NB, BLOCK_T: tl.constexpr, BLOCK_CL: tl.constexpr):
@@ -242,6 +284,20 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return labels
 
 
+def assign_tma_refusal(x: torch.Tensor) -> str | None:
+    """Why the descriptor assignment cannot take these points (None when it can)."""
+    if not (_HAS_TRITON and _HAS_TMA):
+        return "this Triton has no tensor descriptors (triton.tools.tensor_descriptor, Triton >= 3.4)"
+    d = x.shape[-1]
+    if d & (d - 1) or d < 16 or d > 256:
+        return f"dim {d} is not a power of two in [16, 256] (one TMA box per row)"
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return "points are not a contiguous, 16-byte aligned (N, S, D) tensor"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "TMA needs sm_90 (Hopper) or newer"
+    return None
+
+
 def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     """c_low: centroids in x's dtype (every point tile re-reads all of them: half the bytes of fp32 and no
     conversion in the kernel); cn: their fp32 squared norms. Returns labels and, with the sort, the
@@ -252,13 +308,19 @@ def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     labels = torch.empty(n, s, dtype=torch.long, device=x.device)
     hist = torch.zeros(n, nb * (tiles.block_m // tiles.sort_tile), nc, dtype=torch.int32, device=x.device) \
         if with_sort else labels
-    _assign_kernel[(nb, n)](
-        x, c_low, cn, labels, hist, s, nc, hist.shape[1] if with_sort else 0,
-        x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
-        DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
-        SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort,
-        num_warps=tiles.warps, num_stages=tiles.stages,
-    )
+    nb_sort = hist.shape[1] if with_sort else 0
+    launch = dict(SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort, BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
+                  num_warps=tiles.warps, num_stages=tiles.stages)
+    if tiles.tma and assign_tma_refusal(x) is None:
+        desc_x = TensorDescriptor.from_tensor(x.view(n * s, d), [tiles.block_m, d])
+        desc_c = TensorDescriptor.from_tensor(c_low.contiguous().view(n * nc, d), [tiles.block_c, d])
+        _assign_tma_kernel[(nb, n)](desc_x, desc_c, cn, labels, hist, s, nc, nb_sort, **launch)
+    else:
+        _assign_kernel[(nb, n)](
+            x, c_low, cn, labels, hist, s, nc, nb_sort,
+            x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
+            DIM=d, BLOCK_D=triton.next_power_of_2(d), **launch,
+        )
     return labels, hist
 
 

@@ -29,6 +29,7 @@ _CASES = [
     "attn_fp16_tma_lpt_two_tier",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "kmeans_fp16_sort_block", "kmeans_fp32_centroid_tiles", "kmeans_fp32_split_sort_x", "kmeans_fp16_sort_x_iters0",
+    "kmeans_fp32_tma", "kmeans_fp16_tma_sort_block",
     "gather_q", "permute", "chunk_table", "chain_order", "schedule", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -237,13 +238,16 @@ def test_varblock_cuda_graph_replay_equals_eager():
 
 @pytest.mark.cuda
 @cuda
-def test_kmeans_gpu_matches_reference():
-    from svg2_kernels.kmeans import kmeans_triton
+@pytest.mark.parametrize("tiles", [None, (256, 64, 8, 3, 64, 0, True), (128, 64, 4, 2, 256, 2, False)],
+                         ids=["default", "tma", "sort256_split2"])
+def test_kmeans_gpu_matches_reference(tiles):
+    from svg2_kernels.kmeans import KMeansTiles, kmeans_triton
     from svg2_kernels.reference import kmeans_assign_reference
 
     x = torch.randn(4, 20000, 128, device="cuda", dtype=torch.bfloat16)
     c0 = x[:, torch.randperm(20000, device="cuda")[:300]].float()
-    res = kmeans_triton(x, c0, 2)
+    res = kmeans_triton(x, c0, 2, blocks=None if tiles is None else KMeansTiles(*tiles), sort_x=True)
+    assert torch.equal(res.x_sorted, x.gather(1, res.perm[..., None].expand(-1, -1, 128)))
     # Contract: labels are the last assignment, centroids the means of exactly those clusters.
     xf = x.float()
     sizes = torch.zeros_like(res.sizes).scatter_add_(1, res.labels, torch.ones_like(res.labels))
