@@ -38,7 +38,7 @@ def _kernel_table(prof, reps: int) -> list[tuple[str, float, float]]:
     return sorted(out, key=lambda r: -r[1])
 
 
-def phases(q, k, v, cq_init, ck_init, density, cfg, iters=2):
+def phases(q, k, v, cq_init, ck_init, density, cfg, iters=2, tiles=None):
     """The call of bench_kernels.SVG2Call as named phases, so each can be profiled alone."""
     from svg2_kernels.kmeans import kmeans_triton
     from svg2_kernels.permute import permute_rows
@@ -49,10 +49,10 @@ def phases(q, k, v, cq_init, ck_init, density, cfg, iters=2):
     st: dict = {}
 
     def km_q():
-        st["rq"] = kmeans_triton(q.reshape(n, s, d), cq_init, iters)
+        st["rq"] = kmeans_triton(q.reshape(n, s, d), cq_init, iters, tiles)
 
     def km_k():
-        st["rk"] = kmeans_triton(k.reshape(n, s, d), ck_init, iters)
+        st["rk"] = kmeans_triton(k.reshape(n, s, d), ck_init, iters, tiles, sort_x=True)
 
     def selection():
         rq, rk = st["rq"], st["rk"]
@@ -60,8 +60,8 @@ def phases(q, k, v, cq_init, ck_init, density, cfg, iters=2):
         st["bm"] = select_target_density(scores, rq.sizes, rk.sizes, density, 0.0)
 
     def permutation():
-        p = st["rk"].perm.view(b, h, s)
-        st["ks"], st["vs"] = permute_rows(k, p), permute_rows(v, p)
+        # K in cluster order comes from K's k-means (sort_x), as in svg2; V is gathered here
+        st["ks"], st["vs"] = st["rk"].x_sorted, permute_rows(v, st["rk"].perm.view(b, h, s))
 
     def metadata():
         rq, rk, bm = st["rq"], st["rk"], st["bm"]
@@ -82,12 +82,13 @@ def main() -> None:
     ap.add_argument("--clusters", default="100,500", help="Cq,Ck")
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--config", default=None, help="VarBlockConfig fields as JSON list (default: default_config)")
+    ap.add_argument("--kmeans-tiles", default=None, help="KMeansTiles fields as JSON list (default: the default)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="results/kernels")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_call.py profiles CUDA kernels: run it on a GPU machine")
-    from svg2_kernels.kmeans import kmeans_triton
+    from svg2_kernels.kmeans import KMeansTiles, kmeans_triton
     from svg2_kernels.order import chain_order
     from svg2_kernels.varblock_attention import VarBlockConfig, default_config
 
@@ -102,13 +103,15 @@ def main() -> None:
     order = chain_order(rk.centroids)
     ck_init = rk.centroids.gather(1, order[..., None].expand_as(rk.centroids))
     cfg = VarBlockConfig(*json.loads(a.config)) if a.config else default_config("cuda", d, seqlen_k=s)
-    ph = phases(q, k, v, rq.centroids, ck_init, a.density, cfg)
+    tiles = KMeansTiles(*json.loads(a.kmeans_tiles)) if a.kmeans_tiles else None
+    ph = phases(q, k, v, rq.centroids, ck_init, a.density, cfg, tiles=tiles)
     for fn in ph.values():  # warm-up (compiles)
         fn()
     torch.cuda.synchronize()
     lines = [f"# Per-kernel GPU time of one warm SVG2 call: {a.shape} (H={h}, S={s}), Cq/Ck={cq}/{ck}, "
              f"density {a.density}, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
-             f"config: {cfg}", "", "| phase | kernel | us per call | launches |", "|---|---|---|---|"]
+             f"config: {cfg}", f"k-means tiles: {tiles or 'default'}", "",
+             "| phase | kernel | us per call | launches |", "|---|---|---|---|"]
     summary = {}
     for name, fn in ph.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
