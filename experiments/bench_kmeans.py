@@ -22,14 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import SHAPES, bench, synthetic_qkv  # noqa: E402
 
-VARIANTS = [  # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split, tma)
-    (256, 64, 8, 3, 64, 0, False),  # default since r13
-    (256, 64, 8, 3, 64, 0, True),
-    (256, 64, 8, 2, 64, 0, True),
-    (128, 64, 4, 2, 64, 0, True),
-    (128, 64, 4, 3, 64, 0, True),
-    (256, 128, 8, 3, 64, 0, True),
-    (128, 128, 8, 3, 64, 0, True),
+VARIANTS = [  # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split)
+    (256, 64, 8, 3, 64, 0),  # default since r13
+    (256, 64, 8, 3, 64, 1),
+    (128, 64, 4, 2, 64, 0),
+    (256, 64, 8, 2, 64, 0),
+    (256, 64, 8, 3, 128, 0),
+    (256, 64, 8, 3, 0, 0),
 ]
 
 
@@ -120,7 +119,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     lines = [f"# k-means variants ({torch.cuda.get_device_name()}, torch {torch.__version__}), 2 warm iterations, "
              "bf16, D=128; ms (median of CUDA-event timings)", "",
-             "| shape | Cq/Ck | tiles (bm, bc, warps, stages, sort_block, split, tma) | Q | K | Q+K "
+             "| shape | Cq/Ck | tiles (bm, bc, warps, stages, sort_block, split) | Q | K | Q+K "
              "| Q assign (no sort) | K assign (no sort) | K labels equal |", "|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in rows:

@@ -33,13 +33,6 @@ try:
 except ImportError:  # pragma: no cover
     _HAS_TRITON = False
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    _HAS_TMA = True
-except ImportError:  # pragma: no cover - Triton < 3.4
-    _HAS_TMA = False
-
 __all__ = ["KMeansResult", "kmeans_triton", "kmeans_assign_triton", "TritonKMeans", "FlashKMeans"]
 
 
@@ -66,12 +59,12 @@ class KMeansTiles:
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
         more than one, partial sums go through a small buffer and a second launch (still deterministic).
 
-    tma: load point and centroid tiles through tensor descriptors (TMA on sm_90+) instead of pointer
-        loads; falls back to pointers where descriptors cannot take the tensors (``assign_tma_refusal``).
 
     Measured and dropped (bench_kmeans_r11/r13 on an H200): an elementwise running minimum over the
     centroid tiles reduced once at the end (30-40% slower), and the argmin as a second min over
-    ``where(dist == min, c, big)`` (no faster than Triton's argmin).
+    ``where(dist == min, c, big)`` (no faster than Triton's argmin), and point and centroid tiles as
+    tensor-descriptor (TMA) loads (r14: 5.72 -> 6.84 ms Q + K at Wan 14B (100, 500), 8.63 -> 10.34 ms at
+    (300, 1000); faster without the sort bookkeeping, slower with it).
     """
 
     block_m: int = 256
@@ -80,7 +73,6 @@ class KMeansTiles:
     stages: int = 2
     sort_block: int = 0
     update_split: int = 0
-    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_c"):
@@ -161,29 +153,6 @@ if _HAS_TRITON:
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
             best, best_idx = _argmin_step(cn[None, :] - 2.0 * tl.dot(x, c), c0, best, best_idx)
-        _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB, BLOCK_M, SORT_BLOCK, WITH_SORT)
-
-    @triton.jit
-    def _assign_tma_kernel(
-        desc_x, desc_c, CN, LABELS, HIST,
-        S, NC, NB,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SORT_BLOCK: tl.constexpr, WITH_SORT: tl.constexpr,
-    ):
-        """_assign_kernel with both tiles as descriptor loads of (N * S, D) points and (N * C, D) centroids.
-        A tile past the end of a head reads the next head's rows: points there are not stored, centroids
-        there get an infinite norm (and past the last head TMA fills zeros)."""
-        pid_b = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < S
-        x = desc_x.load([(n * S + pid_b * BLOCK_M).to(tl.int32), 0])
-        best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for c0 in range(0, NC, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c = desc_c.load([(n * NC + c0).to(tl.int32), 0])  # (BLOCK_C, D)
-            cn = tl.load(CN + n * NC + offs_c, mask=offs_c < NC, other=float("inf"))
-            best, best_idx = _argmin_step(cn[None, :] - 2.0 * tl.dot(x, tl.trans(c)), c0, best, best_idx)
         _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB, BLOCK_M, SORT_BLOCK, WITH_SORT)
 
     @triton.jit
@@ -284,20 +253,6 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return labels
 
 
-def assign_tma_refusal(x: torch.Tensor) -> str | None:
-    """Why the descriptor assignment cannot take these points (None when it can)."""
-    if not (_HAS_TRITON and _HAS_TMA):
-        return "this Triton has no tensor descriptors (triton.tools.tensor_descriptor, Triton >= 3.4)"
-    d = x.shape[-1]
-    if d & (d - 1) or d < 16 or d > 256:
-        return f"dim {d} is not a power of two in [16, 256] (one TMA box per row)"
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        return "points are not a contiguous, 16-byte aligned (N, S, D) tensor"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return "TMA needs sm_90 (Hopper) or newer"
-    return None
-
-
 def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     """c_low: centroids in x's dtype (every point tile re-reads all of them: half the bytes of fp32 and no
     conversion in the kernel); cn: their fp32 squared norms. Returns labels and, with the sort, the
@@ -311,16 +266,11 @@ def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     nb_sort = hist.shape[1] if with_sort else 0
     launch = dict(SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort, BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
                   num_warps=tiles.warps, num_stages=tiles.stages)
-    if tiles.tma and assign_tma_refusal(x) is None:
-        desc_x = TensorDescriptor.from_tensor(x.view(n * s, d), [tiles.block_m, d])
-        desc_c = TensorDescriptor.from_tensor(c_low.contiguous().view(n * nc, d), [tiles.block_c, d])
-        _assign_tma_kernel[(nb, n)](desc_x, desc_c, cn, labels, hist, s, nc, nb_sort, **launch)
-    else:
-        _assign_kernel[(nb, n)](
-            x, c_low, cn, labels, hist, s, nc, nb_sort,
-            x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
-            DIM=d, BLOCK_D=triton.next_power_of_2(d), **launch,
-        )
+    _assign_kernel[(nb, n)](
+        x, c_low, cn, labels, hist, s, nc, nb_sort,
+        x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
+        DIM=d, BLOCK_D=triton.next_power_of_2(d), **launch,
+    )
     return labels, hist
 
 
