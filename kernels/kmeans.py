@@ -57,12 +57,12 @@ class KMeansTiles:
     sort_block: points per counting-sort tile (divides block_m; 0 = block_m). The stable rank inside a
         tile costs sort_block compares per point, the per-tile histogram ``num_points / sort_block`` rows.
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
-        more than one, partial sums go through a small buffer and a second launch (still deterministic).
+        more than one (a power of two), partial sums go through a small buffer and a second launch (still
+        deterministic).
 
-
-    Measured and dropped (bench_kmeans_r11/r13 on an H200): an elementwise running minimum over the
-    centroid tiles reduced once at the end (30-40% slower), and the argmin as a second min over
-    ``where(dist == min, c, big)`` (no faster than Triton's argmin), and point and centroid tiles as
+    Measured and dropped (bench_kmeans_r11/r13/r14 on an H200): an elementwise running minimum over the
+    centroid tiles reduced once at the end (30-40% slower); the argmin as a second min over
+    ``where(dist == min, c, big)`` (no faster than Triton's argmin); point and centroid tiles as
     tensor-descriptor (TMA) loads (r14: 5.72 -> 6.84 ms Q + K at Wan 14B (100, 500), 8.63 -> 10.34 ms at
     (300, 1000); faster without the sort bookkeeping, slower with it).
     """
@@ -83,8 +83,9 @@ class KMeansTiles:
         if sb & (sb - 1) or sb > self.block_m or sb < 16:
             raise ValueError(f"KMeansTiles.sort_block must be a power of two in [16, block_m={self.block_m}] "
                              f"(or 0 for block_m), got {self.sort_block}")
-        if self.update_split < 0:
-            raise ValueError(f"KMeansTiles.update_split must be >= 0 (0 = automatic), got {self.update_split}")
+        u = self.update_split
+        if u < 0 or u & (u - 1) or u > 64:
+            raise ValueError(f"KMeansTiles.update_split must be 0 (automatic) or a power of two <= 64, got {u}")
 
     @property
     def sort_tile(self) -> int:

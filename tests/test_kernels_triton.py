@@ -54,6 +54,20 @@ def test_interpreter(interp_results, case):
     assert res["ok"], res["detail"]
 
 
+@pytest.mark.parametrize("fields, match", [
+    ((100, 64, 8, 2), "block_m"),
+    ((256, 64, 8, 2, 512), "sort_block"),
+    ((256, 64, 8, 2, 24), "sort_block"),
+    ((256, 64, 8, 2, 64, 3), "update_split"),
+])
+def test_kmeans_tiles_reject_bad_fields(fields, match):
+    from svg2_kernels.kmeans import KMeansTiles
+
+    with pytest.raises(ValueError, match=match):
+        KMeansTiles(*fields)
+    assert KMeansTiles(256, 64, 8, 2, 64, 4).sort_tile == 64
+
+
 def test_registry_lists_variants():
     from svg2_kernels import registry
 
