@@ -570,8 +570,9 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
             _fmt(r.get("flash_q_ms", float("nan"))), _fmt(r.get("flash_k_ms", float("nan"))), _fmt(r["cold_ms"], 0),
             str(r["q_cluster_size_p10_p50_p90"]), str(r["k_cluster_size_p10_p50_p90"]),
         ]) + " |")
-    lines += ["", "call = one warm SVG2 call, eager, CUDA events per component (perm = K/V gather; the Q gather "
-              "and output scatter are fused into attention); graph = the same call replayed as one CUDA graph; "
+    lines += ["", "call = one warm SVG2 call, eager, CUDA events per component (perm = V gather, and K's too "
+              "unless K's k-means writes K in cluster order (kmeans_sort_k); the Q gather and output scatter "
+              "are fused into attention); graph = the same call replayed as one CUDA graph; "
               "overlap = the same call with K's k-means on a second stream, concurrent with Q's.",
               "efficiency = density x dense / ours; tile util = useful pairs / pairs computed by the tiles."]
     if tune_rows:
