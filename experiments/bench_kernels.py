@@ -150,14 +150,13 @@ def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
     m = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
     top = scores.argmax(-1, keepdim=True) if m == 1 else scores.topk(min(m, ck), dim=-1).indices
     mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    key = torch.where(mandatory, torch.full_like(value, float("inf")), value)
-    key = torch.where(cost > 0, key, torch.full_like(value, -1.0))
+    key = value.masked_fill(mandatory, float("inf")).masked_fill_(cost == 0, -1.0)
     _, order = key.reshape(n, -1).sort(dim=-1, descending=True)
     cost_sorted = torch.gather(cost.reshape(n, -1), 1, order)
     flat = torch.cumsum(cost_sorted.reshape(-1), 0).view_as(cost_sorted)  # one flat int64 scan (exact)
-    before = flat - cost_sorted - F.pad(flat[:-1, -1], (1, 0)).unsqueeze(-1)
-    keep_sorted = before < (target * total.double()).unsqueeze(-1)
-    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
+    limit = target * total.double() + F.pad(flat[:-1, -1], (1, 0)).double()  # shifted by earlier rows' pairs
+    keep_sorted = (flat - cost_sorted) < limit.unsqueeze(-1)
+    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
     return keep | mandatory
 
 
