@@ -245,8 +245,8 @@ def _with_query_tiles(qo, seqlen_q: int, n: int, cq: int, config: VarBlockConfig
     dev, i32 = qo.device, torch.int32
     # -- query tiles: (head, cluster, first row) work items, fixed upper bounds on their number --
     q_bounds = torch.cat([qo, torch.full((n, 1), seqlen_q, dtype=i32, device=dev)], dim=1)
-    # Two Triton launches instead of ~50 torch ops. Interpreter-tested against the torch schedule; opt-in on
-    # GPUs until a GPU run has checked and timed it (notes/kernels.md, v5).
+    # Two Triton launches instead of ~50 torch ops, equal to the torch schedule (interpreter tests, and on an
+    # H200 in run r11); the default on GPUs (config.triton_schedule), the torch ops otherwise.
     if _HAS_TRITON and (triton_interpreting() or (dev.type == "cuda" and config.triton_schedule)):
         from svg2_kernels.varblock_schedule import build_work_items_triton
 

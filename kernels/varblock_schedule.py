@@ -4,10 +4,10 @@ The schedule lists ``(head, query cluster, first row)`` work items for the two q
 ``block_m`` tiles plus a large remainder; small remainders of at most ``block_m_small`` rows), optionally
 longest-first (by key tiles) inside each head or over all heads. The torch version
 (:func:`svg2_kernels.varblock_attention._with_query_tiles_torch`) defines the result; this one builds the
-same items in the same order. It is tested under Triton's interpreter; on GPUs it is opt-in
-(``VarBlockConfig(triton_schedule=True)``) until a GPU run has checked and timed it. Why: at Wan 1.3B the
-eager SVG2 call is bound by kernel launches (9.7 ms eager against 5.7 ms replayed as a CUDA graph, run
-r9b13), and the schedule is the largest group of small launches.
+same items in the same order (tested under Triton's interpreter, and on an H200 in run r11). It is the
+default (``VarBlockConfig(triton_schedule=True)``; False: the torch ops). Why: at Wan 1.3B the eager SVG2
+call is bound by kernel launches, and the schedule was the largest group of small launches: its metadata
+fell from 2.23 to 0.74 ms eager (run r13).
 
 1. ``_rank_kernel`` (one program per block of clusters): the position of every cluster in the schedule
    order, by counting the clusters that sort before it (key: head, then most key tiles first, then index;
@@ -79,6 +79,13 @@ if _HAS_TRITON:
         return big, small, qsz // BM
 
     @triton.jit
+    def _store_items(ptr, t, c, first_row, live, in_range, CQ1):
+        # work item t = (head, query cluster, first row) of flat cluster c; zeros in unused slots
+        tl.store(ptr + t * 3, tl.where(live, c // CQ1, 0), mask=in_range)
+        tl.store(ptr + t * 3 + 1, tl.where(live, c % CQ1, 0), mask=in_range)
+        tl.store(ptr + t * 3 + 2, tl.where(live, first_row, 0), mask=in_range)
+
+    @triton.jit
     def _items_kernel(order_ptr, qo_ptr, cum_big_ptr, cum_small_ptr,
                       work_ptr, num_work_ptr, work_s_ptr, num_work_s_ptr,
                       N, CQ1, SEQ_Q, T_BIG, T_SMALL,
@@ -110,20 +117,14 @@ if _HAS_TRITON:
             c = tl.load(order_ptr + pos, mask=live, other=0)
             big, small, _ = _tier_counts(c, qo_ptr, SEQ_Q, CQ1, BM, BS)
             j = t - (tl.load(cum_big_ptr + pos, mask=live, other=0) - big)
-            tm = t < T_BIG
-            tl.store(work_ptr + t * 3, tl.where(live, c // CQ1, 0), mask=tm)
-            tl.store(work_ptr + t * 3 + 1, tl.where(live, c % CQ1, 0), mask=tm)
-            tl.store(work_ptr + t * 3 + 2, tl.where(live, j * BM, 0), mask=tm)
+            _store_items(work_ptr, t, c, j * BM, live, t < T_BIG, CQ1)
         for t0 in range(0, T_SMALL, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             pos = first_above(cum_small_ptr, t, N, LOG_N)
             live = t < carry_s
             c = tl.load(order_ptr + pos, mask=live, other=0)
             _, _, first = _tier_counts(c, qo_ptr, SEQ_Q, CQ1, BM, BS)
-            tm = t < T_SMALL
-            tl.store(work_s_ptr + t * 3, tl.where(live, c // CQ1, 0), mask=tm)
-            tl.store(work_s_ptr + t * 3 + 1, tl.where(live, c % CQ1, 0), mask=tm)
-            tl.store(work_s_ptr + t * 3 + 2, tl.where(live, first * BM, 0), mask=tm)
+            _store_items(work_s_ptr, t, c, first * BM, live, t < T_SMALL, CQ1)
 
 
 def build_work_items_triton(
