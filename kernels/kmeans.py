@@ -111,25 +111,6 @@ def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
 if _HAS_TRITON:
 
     @triton.jit
-    def _argmin_step(dist, c0, best, best_idx):
-        """Fold one centroid tile's distances into the running (min, first argmin) of every point."""
-        t_min = tl.min(dist, axis=1)
-        t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
-        better = t_min < best  # strict: the earliest centroid tile wins ties, as argmin does
-        return tl.where(better, t_min, best), tl.where(better, t_idx, best_idx)
-
-    @triton.jit
-    def _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB,
-                      BLOCK_M: tl.constexpr, SORT_BLOCK: tl.constexpr, WITH_SORT: tl.constexpr):
-        tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
-        if WITH_SORT:
-            # The sort tile's label histogram (int atomics on the tile's own row: no contention across
-            # tiles). The stable rank inside the tile is left to the scatter kernel, away from the GEMM's
-            # registers.
-            tile = pid_b * (BLOCK_M // SORT_BLOCK) + tl.arange(0, BLOCK_M) // SORT_BLOCK
-            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32), mask=m_mask)
-
-    @triton.jit
     def _assign_kernel(
         X, C, CN, LABELS, HIST,
         S, NC, NB,
@@ -153,8 +134,19 @@ if _HAS_TRITON:
             c = tl.load(C + n * stride_cn + offs_c[None, :] * stride_cc + offs_d[:, None],
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
-            best, best_idx = _argmin_step(cn[None, :] - 2.0 * tl.dot(x, c), c0, best, best_idx)
-        _store_labels(best_idx, LABELS, HIST, n, pid_b, offs_m, m_mask, S, NC, NB, BLOCK_M, SORT_BLOCK, WITH_SORT)
+            dist = cn[None, :] - 2.0 * tl.dot(x, c)
+            t_min = tl.min(dist, axis=1)
+            t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
+            better = t_min < best  # strict: the earliest centroid tile wins ties, as argmin does
+            best = tl.where(better, t_min, best)
+            best_idx = tl.where(better, t_idx, best_idx)
+        tl.store(LABELS + n * S + offs_m, best_idx.to(tl.int64), mask=m_mask)
+        if WITH_SORT:
+            # The sort tile's label histogram (int atomics on the tile's own row: no contention across
+            # tiles). The stable rank inside the tile is left to the scatter kernel, away from the GEMM's
+            # registers.
+            tile = pid_b * (BLOCK_M // SORT_BLOCK) + tl.arange(0, BLOCK_M) // SORT_BLOCK
+            tl.atomic_add(HIST + (n * NB + tile) * NC + best_idx, tl.full([BLOCK_M], 1, tl.int32), mask=m_mask)
 
     @triton.jit
     def _slots_kernel(HIST, SIZES, NC, NB, BLOCK_T: tl.constexpr, BLOCK_CL: tl.constexpr):
@@ -264,13 +256,11 @@ def _assign(x, c_low, cn, with_sort: bool, tiles: KMeansTiles):
     labels = torch.empty(n, s, dtype=torch.long, device=x.device)
     hist = torch.zeros(n, nb * (tiles.block_m // tiles.sort_tile), nc, dtype=torch.int32, device=x.device) \
         if with_sort else labels
-    nb_sort = hist.shape[1] if with_sort else 0
-    launch = dict(SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort, BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
-                  num_warps=tiles.warps, num_stages=tiles.stages)
     _assign_kernel[(nb, n)](
-        x, c_low, cn, labels, hist, s, nc, nb_sort,
+        x, c_low, cn, labels, hist, s, nc, hist.shape[1] if with_sort else 0,
         x.stride(0), x.stride(1), c_low.stride(0), c_low.stride(1),
-        DIM=d, BLOCK_D=triton.next_power_of_2(d), **launch,
+        DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=tiles.block_m, BLOCK_C=tiles.block_c,
+        SORT_BLOCK=tiles.sort_tile, WITH_SORT=with_sort, num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return labels, hist
 
