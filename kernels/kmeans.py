@@ -59,6 +59,7 @@ class KMeansTiles:
     update_split: programs per cluster in the centroid update (0 = enough for about 16k programs); with
         more than one (a power of two), partial sums go through a small buffer and a second launch (still
         deterministic).
+    update_rows: rows per step of the centroid update's gather loop (0 = 32, or 16 for head dims > 128).
 
     Measured and dropped (bench_kmeans_r11/r13/r14 on an H200): an elementwise running minimum over the
     centroid tiles reduced once at the end (30-40% slower); the argmin as a second min over
@@ -73,6 +74,7 @@ class KMeansTiles:
     stages: int = 2
     sort_block: int = 0
     update_split: int = 0
+    update_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_c"):
@@ -86,6 +88,9 @@ class KMeansTiles:
         u = self.update_split
         if u < 0 or u & (u - 1) or u > 64:
             raise ValueError(f"KMeansTiles.update_split must be 0 (automatic) or a power of two <= 64, got {u}")
+        r = self.update_rows
+        if r and (r < 8 or r & (r - 1) or r > 256):
+            raise ValueError(f"KMeansTiles.update_rows must be 0 (automatic) or a power of two in [8, 256], got {r}")
 
     @property
     def sort_tile(self) -> int:
@@ -135,8 +140,8 @@ if _HAS_TRITON:
                         mask=c_mask[None, :] & d_mask[:, None], other=0.0)  # (D, BLOCK_C) in x's dtype
             cn = tl.load(CN + n * NC + offs_c, mask=c_mask, other=float("inf"))
             dist = cn[None, :] - 2.0 * tl.dot(x, c)
-            t_min = tl.min(dist, axis=1)
-            t_idx = tl.argmin(dist, axis=1).to(tl.int32) + c0
+            t_min, t_idx = tl.min(dist, axis=1, return_indices=True)  # one reduction for both
+            t_idx = t_idx.to(tl.int32) + c0
             better = t_min < best  # strict: the earliest centroid tile wins ties, as argmin does
             best = tl.where(better, t_min, best)
             best_idx = tl.where(better, t_idx, best_idx)
@@ -166,19 +171,24 @@ if _HAS_TRITON:
         tl.store(SIZES + n * NC + offs_c, run, mask=c_mask)
 
     @triton.jit
-    def _scatter_kernel(LABELS, OFFS, EARLIER, PERM, S, NC, NB, BLOCK_M: tl.constexpr):
-        """perm[slot] = point, slot = cluster offset + its points in earlier tiles + stable rank in this tile."""
+    def _scatter_kernel(LABELS, OFFS, EARLIER, PERM, S, NC, NB, BLOCK_M: tl.constexpr, SORT_BLOCK: tl.constexpr):
+        """perm[slot] = point, slot = cluster offset + its points in earlier sort tiles + stable rank in its
+        tile. BLOCK_M points (BLOCK_M // SORT_BLOCK sort tiles) per program: one 64-point tile per program
+        left the kernel latency-bound (three dependent loads per program, 47k programs at Wan 14B)."""
+        T: tl.constexpr = BLOCK_M // SORT_BLOCK
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        i = tl.arange(0, BLOCK_M)
-        offs_m = pid_b * BLOCK_M + i
+        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < S
         lab = tl.load(LABELS + n * S + offs_m, mask=m_mask, other=-1).to(tl.int32)
-        same = (lab[:, None] == lab[None, :]) & (i[None, :] < i[:, None])
-        rank = tl.sum(same.to(tl.int32), axis=1)
+        j = tl.arange(0, SORT_BLOCK)
+        lab3 = tl.reshape(lab, (T, SORT_BLOCK))
+        same = (lab3[:, :, None] == lab3[:, None, :]) & (j[None, None, :] < j[None, :, None])
+        rank = tl.reshape(tl.sum(same.to(tl.int32), axis=2), (BLOCK_M,))
         lab0 = tl.where(m_mask, lab, 0)
+        tile = pid_b * T + tl.arange(0, BLOCK_M) // SORT_BLOCK
         slot = (tl.load(OFFS + n * (NC + 1) + lab0, mask=m_mask, other=0)
-                + tl.load(EARLIER + (n * NB + pid_b) * NC + lab0, mask=m_mask, other=0) + rank)
+                + tl.load(EARLIER + (n * NB + tile) * NC + lab0, mask=m_mask, other=0) + rank)
         tl.store(PERM + n * S + slot, offs_m.to(tl.int64), mask=m_mask)
 
     @triton.jit
@@ -271,11 +281,14 @@ def _counting_sort(labels, hist, tiles: KMeansTiles):
     nb, nc = hist.shape[1], hist.shape[2]
     sizes = torch.empty(n, nc, dtype=torch.int32, device=labels.device)
     block_cl = min(64, triton.next_power_of_2(nc))
-    _slots_kernel[(triton.cdiv(nc, block_cl), n)](hist, sizes, nc, nb, BLOCK_T=16, BLOCK_CL=block_cl, num_warps=4)
+    # 64 tiles per step: the scan's steps are serial, and 16 per step left Q's (2 programs per head) at 1182
+    # sort tiles latency-bound.
+    _slots_kernel[(triton.cdiv(nc, block_cl), n)](hist, sizes, nc, nb, BLOCK_T=64, BLOCK_CL=block_cl, num_warps=4)
     offsets = torch.zeros(n, nc + 1, dtype=torch.int32, device=labels.device)
     torch.cumsum(sizes, dim=1, out=offsets[:, 1:])
     perm = torch.empty(n, s, dtype=torch.long, device=labels.device)
-    _scatter_kernel[(nb, n)](labels, offsets, hist, perm, s, nc, nb, BLOCK_M=tiles.sort_tile, num_warps=4)
+    _scatter_kernel[(triton.cdiv(s, tiles.block_m), n)](labels, offsets, hist, perm, s, nc, nb, BLOCK_M=tiles.block_m,
+                                                        SORT_BLOCK=tiles.sort_tile, num_warps=4)
     return perm, sizes, offsets
 
 
@@ -301,7 +314,7 @@ def _update(x, perm, offsets, c, tiles: KMeansTiles, x_sorted: torch.Tensor | No
     _update_kernel[(nc, n, split)](
         x, perm, offsets, c, c_new, c_low, cn_new, part, x_sorted if x_sorted is not None else x,
         s, nc, x.stride(0), x.stride(1),
-        DIM=d, BLOCK_D=block_d, BLOCK_R=32 if block_d <= 128 else 16, SPLIT=split,
+        DIM=d, BLOCK_D=block_d, BLOCK_R=tiles.update_rows or (32 if block_d <= 128 else 16), SPLIT=split,
         WRITE_SORTED=x_sorted is not None, num_warps=4,
     )
     if split > 1:

@@ -59,6 +59,7 @@ def test_interpreter(interp_results, case):
     ((256, 64, 8, 2, 512), "sort_block"),
     ((256, 64, 8, 2, 24), "sort_block"),
     ((256, 64, 8, 2, 64, 3), "update_split"),
+    ((256, 64, 8, 2, 64, 0, 48), "update_rows"),
 ])
 def test_kmeans_tiles_reject_bad_fields(fields, match):
     from svg2_kernels.kmeans import KMeansTiles
