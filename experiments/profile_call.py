@@ -5,14 +5,17 @@
 Prints, per CUDA kernel name, the mean GPU microseconds per call and the launch count, grouped by the
 call's phases (k-means Q, k-means K, selection, permutation, metadata, attention). The bench's CUDA events
 say how long each phase takes; this says which kernels inside a phase the time goes to (issue 3: the
-non-attention share). Writes ``profile_<shape>_<cq>_<ck>.md`` to ``--out``.
+non-attention share). It also times the host side of each phase with the GPU kept busy (launch overhead).
+Writes ``profile_<shape>_<cq>_<ck><tag>.md`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--kmeans-tiles", default=None, help="KMeansTiles fields as JSON list (default: the default)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="results/kernels")
+    ap.add_argument("--tag", default="")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_call.py profiles CUDA kernels: run it on a GPU machine")
@@ -112,8 +116,19 @@ def main() -> None:
              f"density {a.density}, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
              f"config: {cfg}", f"k-means tiles: {tiles or 'default'}", "",
              "| phase | kernel | us per call | launches |", "|---|---|---|---|"]
-    summary = {}
+    summary, host = {}, {}
     for name, fn in ph.items():
+        # Host time to issue the phase while the GPU is kept busy (a sleep kernel queued first): what the
+        # CPU needs per call, launches included; when it exceeds the phase's GPU time, eager calls that
+        # start on an idle GPU wait for the host.
+        ts = []
+        for _ in range(a.reps):
+            torch.cuda._sleep(100_000_000)
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+        host[name] = statistics.median(ts)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(a.reps):
                 fn()
@@ -122,13 +137,13 @@ def main() -> None:
         summary[name] = sum(t for _, t, _ in table)
         for kname, t, c in table:
             lines.append(f"| {name} | `{kname}` | {t:.1f} | {c:g} |")
-    lines += ["", "| phase | GPU us per call (sum of kernels) |", "|---|---|"]
-    lines += [f"| {k_} | {v_:.1f} |" for k_, v_ in summary.items()]
+    lines += ["", "| phase | GPU us per call (sum of kernels) | host us per call (GPU busy) |", "|---|---|---|"]
+    lines += [f"| {k_} | {v_:.1f} | {host[k_]:.1f} |" for k_, v_ in summary.items()]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_{a.shape}_{cq}_{ck}.md").write_text(text)
+    (out / f"profile_{a.shape}_{cq}_{ck}{a.tag}.md").write_text(text)
 
 
 if __name__ == "__main__":

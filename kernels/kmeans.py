@@ -97,17 +97,22 @@ class KMeansTiles:
         return self.sort_block or self.block_m
 
 
-def default_tiles(x: torch.Tensor) -> KMeansTiles:
+def default_tiles(x: torch.Tensor, num_clusters: int) -> KMeansTiles:
     if x.device.type != "cuda" or triton_interpreting():
         return KMeansTiles(16, 16, 4, 1)
-    # Fastest Q + K time of 15 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r12,
-    # r13): sort tiles of 64 points make the stable rank 16x cheaper per point than 256-point ones.
+    # Fastest of 15 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r12, r13): sort
+    # tiles of 64 points make the stable rank 16x cheaper per point than 256-point ones. With few centroids
+    # the assignment is bound by loading the points, not by the MMA, and smaller tiles (more of them per SM)
+    # win: Q at Cq = 100 / 300 took 1.87 / 2.51 ms with 128-point tiles against 1.97 / 2.70 with 256, while
+    # K at Ck = 500 took 3.37 against 3.26 (bench_kmeans_r16).
+    if num_clusters <= 384:
+        return KMeansTiles(128, 64, 4, 2, sort_block=64)
     return KMeansTiles(256, 64, 8, 3, sort_block=64)
 
 
-def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
+def _tiles(x: torch.Tensor, blocks, num_clusters: int) -> KMeansTiles:
     if blocks is None:
-        return default_tiles(x)
+        return default_tiles(x, num_clusters)
     if isinstance(blocks, KMeansTiles):
         return blocks
     return KMeansTiles(*blocks)
@@ -252,7 +257,7 @@ if _HAS_TRITON:
 def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid: x (N, S, D), centroids (N, C, D) -> labels (N, S) int64."""
     c = centroids.float().contiguous()
-    labels, _ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x))
+    labels, _ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x, c.shape[1]))
     return labels
 
 
@@ -337,7 +342,7 @@ def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
-    tiles = _tiles(x, blocks)
+    tiles = _tiles(x, blocks, centroids.shape[1])
     c = centroids.float().contiguous()
     c_low = c.to(x.dtype)
     cn = (c * c).sum(-1).contiguous()
