@@ -12,7 +12,10 @@ Writes ``profile_<shape>_<cq>_<ck><tag>.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -89,6 +92,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--host-profile", action="store_true", help="also cProfile each phase's host side")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_call.py profiles CUDA kernels: run it on a GPU machine")
@@ -116,7 +120,7 @@ def main() -> None:
              f"density {a.density}, {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
              f"config: {cfg}", f"k-means tiles: {tiles or 'default'}", "",
              "| phase | kernel | us per call | launches |", "|---|---|---|---|"]
-    summary, host = {}, {}
+    summary, host, host_text = {}, {}, []
     for name, fn in ph.items():
         # Host time to issue the phase while the GPU is kept busy (a sleep kernel queued first): what the
         # CPU needs per call, launches included; when it exceeds the phase's GPU time, eager calls that
@@ -129,6 +133,17 @@ def main() -> None:
             ts.append((time.perf_counter() - t0) * 1e6)
             torch.cuda.synchronize()
         host[name] = statistics.median(ts)
+        if a.host_profile:  # where the host time goes: Python functions by own time
+            pr = cProfile.Profile()
+            torch.cuda._sleep(100_000_000)
+            pr.enable()
+            for _ in range(a.reps):
+                fn()
+            pr.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+            host_text.append(f"## host profile: {name} ({a.reps} calls)\n\n```\n{buf.getvalue()}\n```\n")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(a.reps):
                 fn()
@@ -139,7 +154,7 @@ def main() -> None:
             lines.append(f"| {name} | `{kname}` | {t:.1f} | {c:g} |")
     lines += ["", "| phase | GPU us per call (sum of kernels) | host us per call (GPU busy) |", "|---|---|---|"]
     lines += [f"| {k_} | {v_:.1f} | {host[k_]:.1f} |" for k_, v_ in summary.items()]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + "\n".join(host_text)
     print(text, flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
