@@ -60,6 +60,8 @@ class KMeansTiles:
         more than one (a power of two), partial sums go through a small buffer and a second launch (still
         deterministic).
     update_rows: rows per step of the centroid update's gather loop (0 = 32, or 16 for head dims > 128).
+    rank_by_sort: the stable rank inside a sort tile from a sort of the tile's labels, instead of counting
+        the earlier points with the same label (sort_block compares per point).
 
     Measured and dropped (bench_kmeans_r11/r13/r14 on an H200): an elementwise running minimum over the
     centroid tiles reduced once at the end (30-40% slower); the argmin as a second min over
@@ -75,6 +77,7 @@ class KMeansTiles:
     sort_block: int = 0
     update_split: int = 0
     update_rows: int = 0
+    rank_by_sort: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_c"):
@@ -99,15 +102,15 @@ class KMeansTiles:
 
 def default_tiles(x: torch.Tensor, num_clusters: int) -> KMeansTiles:
     if x.device.type != "cuda" or triton_interpreting():
-        return KMeansTiles(16, 16, 4, 1)
+        return KMeansTiles(16, 16, 4, 1, rank_by_sort=True)
     # Fastest of 15 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r12, r13): sort
     # tiles of 64 points make the stable rank 16x cheaper per point than 256-point ones. With few centroids
     # the assignment is bound by loading the points, not by the MMA, and smaller tiles (more of them per SM)
     # win: Q at Cq = 100 / 300 took 1.87 / 2.51 ms with 128-point tiles against 1.97 / 2.70 with 256, while
     # K at Ck = 500 took 3.37 against 3.26 (bench_kmeans_r16).
     if num_clusters <= 384:
-        return KMeansTiles(128, 64, 4, 2, sort_block=64)
-    return KMeansTiles(256, 64, 8, 3, sort_block=64)
+        return KMeansTiles(128, 64, 4, 2, sort_block=64, rank_by_sort=True)
+    return KMeansTiles(256, 64, 8, 3, sort_block=64, rank_by_sort=True)
 
 
 def _tiles(x: torch.Tensor, blocks, num_clusters: int) -> KMeansTiles:
@@ -176,25 +179,44 @@ if _HAS_TRITON:
         tl.store(SIZES + n * NC + offs_c, run, mask=c_mask)
 
     @triton.jit
-    def _scatter_kernel(LABELS, OFFS, EARLIER, PERM, S, NC, NB, BLOCK_M: tl.constexpr, SORT_BLOCK: tl.constexpr):
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _scatter_kernel(LABELS, OFFS, EARLIER, PERM, S, NC, NB, BLOCK_M: tl.constexpr, SORT_BLOCK: tl.constexpr,
+                        RANK_BY_SORT: tl.constexpr):
         """perm[slot] = point, slot = cluster offset + its points in earlier sort tiles + stable rank in its
-        tile. BLOCK_M points (BLOCK_M // SORT_BLOCK sort tiles) per program: one 64-point tile per program
-        left the kernel latency-bound (three dependent loads per program, 47k programs at Wan 14B)."""
+        tile. BLOCK_M points (BLOCK_M // SORT_BLOCK sort tiles) per program.
+
+        The stable rank: RANK_BY_SORT sorts each tile's (label, position) keys (a bitonic network, about
+        log^2 compares per point) and takes each point's distance from the start of its label's run;
+        otherwise every point counts the earlier points with its label (SORT_BLOCK compares per point)."""
         T: tl.constexpr = BLOCK_M // SORT_BLOCK
         pid_b = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < S
-        lab = tl.load(LABELS + n * S + offs_m, mask=m_mask, other=-1).to(tl.int32)
         j = tl.arange(0, SORT_BLOCK)
-        lab3 = tl.reshape(lab, (T, SORT_BLOCK))
-        same = (lab3[:, :, None] == lab3[:, None, :]) & (j[None, None, :] < j[None, :, None])
-        rank = tl.reshape(tl.sum(same.to(tl.int32), axis=2), (BLOCK_M,))
+        base = pid_b * BLOCK_M + tl.arange(0, T)[:, None] * SORT_BLOCK  # (T, 1): first point of each sort tile
+        tile = pid_b * T + tl.arange(0, T)[:, None]
+        if RANK_BY_SORT:
+            offs = base + j[None, :]
+            lab = tl.load(LABELS + n * S + offs, mask=offs < S, other=NC).to(tl.int32)  # padding sorts last
+            key = tl.sort(lab * SORT_BLOCK + j[None, :], dim=1)
+            lab = key // SORT_BLOCK
+            offs = base + key % SORT_BLOCK  # the point at this sorted position
+            p = tl.broadcast_to(j[None, :], (T, SORT_BLOCK))
+            prev = tl.gather(lab, tl.maximum(p - 1, 0), axis=1)
+            start = tl.associative_scan(tl.where((lab != prev) | (p == 0), p, 0), 1, _max_combine)
+            rank = p - start
+        else:
+            offs = base + j[None, :]
+            lab = tl.load(LABELS + n * S + offs, mask=offs < S, other=NC).to(tl.int32)
+            same = (lab[:, :, None] == lab[:, None, :]) & (j[None, None, :] < j[None, :, None])
+            rank = tl.sum(same.to(tl.int32), axis=2)
+        m_mask = lab < NC
         lab0 = tl.where(m_mask, lab, 0)
-        tile = pid_b * T + tl.arange(0, BLOCK_M) // SORT_BLOCK
         slot = (tl.load(OFFS + n * (NC + 1) + lab0, mask=m_mask, other=0)
                 + tl.load(EARLIER + (n * NB + tile) * NC + lab0, mask=m_mask, other=0) + rank)
-        tl.store(PERM + n * S + slot, offs_m.to(tl.int64), mask=m_mask)
+        tl.store(PERM + n * S + slot, offs.to(tl.int64), mask=m_mask)
 
     @triton.jit
     def _finish_centroid(total, cnt, C_OLD, C_NEW, C_LOW, CN_NEW, n, c, NC, offs_d, d_mask,
@@ -293,7 +315,8 @@ def _counting_sort(labels, hist, tiles: KMeansTiles):
     torch.cumsum(sizes, dim=1, out=offsets[:, 1:])
     perm = torch.empty(n, s, dtype=torch.long, device=labels.device)
     _scatter_kernel[(triton.cdiv(s, tiles.block_m), n)](labels, offsets, hist, perm, s, nc, nb, BLOCK_M=tiles.block_m,
-                                                        SORT_BLOCK=tiles.sort_tile, num_warps=4)
+                                                        SORT_BLOCK=tiles.sort_tile, RANK_BY_SORT=tiles.rank_by_sort,
+                                                        num_warps=4)
     return perm, sizes, offsets
 
 

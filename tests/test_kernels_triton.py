@@ -29,7 +29,7 @@ _CASES = [
     "attn_fp16_tma_lpt_two_tier",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "kmeans_fp16_sort_block", "kmeans_fp32_centroid_tiles", "kmeans_fp32_split_sort_x", "kmeans_fp16_sort_x_iters0",
-    "kmeans_fp16_sort_block_split",
+    "kmeans_fp16_sort_block_split", "kmeans_fp16_rank_by_sort",
     "gather_q", "permute", "chunk_table", "chain_order", "schedule", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -253,8 +253,9 @@ def test_varblock_cuda_graph_replay_equals_eager():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("tiles", [None, (128, 64, 4, 2, 0, 1), (256, 64, 8, 2, 256, 2)],
-                         ids=["default", "bm128_nosplit", "sort256_split2"])
+@pytest.mark.parametrize("tiles", [None, (128, 64, 4, 2, 0, 1), (256, 64, 8, 2, 256, 2),
+                                   (256, 64, 8, 3, 128, 0, 0, True)],
+                         ids=["default", "bm128_nosplit", "sort256_split2", "sort128_rank_by_sort"])
 def test_kmeans_gpu_matches_reference(tiles):
     from svg2_kernels.kmeans import KMeansTiles, kmeans_triton
     from svg2_kernels.reference import kmeans_assign_reference
