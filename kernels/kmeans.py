@@ -100,8 +100,8 @@ class KMeansTiles:
         return self.sort_block or self.block_m
 
 
-def default_tiles(x: torch.Tensor, num_clusters: int) -> KMeansTiles:
-    """The measured default launch parameters (num_clusters is kept for rules that depend on it)."""
+def default_tiles(x: torch.Tensor) -> KMeansTiles:
+    """The measured default launch parameters for x's device."""
     if x.device.type != "cuda" or triton_interpreting():
         return KMeansTiles(16, 16, 4, 1, rank_by_sort=True)
     # Fastest of 5 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r20): the stable rank
@@ -112,9 +112,9 @@ def default_tiles(x: torch.Tensor, num_clusters: int) -> KMeansTiles:
     return KMeansTiles(256, 64, 8, 3, sort_block=128, rank_by_sort=True)
 
 
-def _tiles(x: torch.Tensor, blocks, num_clusters: int) -> KMeansTiles:
+def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
     if blocks is None:
-        return default_tiles(x, num_clusters)
+        return default_tiles(x)
     if isinstance(blocks, KMeansTiles):
         return blocks
     return KMeansTiles(*blocks)
@@ -278,7 +278,7 @@ if _HAS_TRITON:
 def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid: x (N, S, D), centroids (N, C, D) -> labels (N, S) int64."""
     c = centroids.float().contiguous()
-    labels, _ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x, c.shape[1]))
+    labels, _ = _assign(x, c.to(x.dtype), (c * c).sum(-1), with_sort=False, tiles=default_tiles(x))
     return labels
 
 
@@ -364,7 +364,7 @@ def kmeans_triton(x: torch.Tensor, centroids: torch.Tensor, iters: int,
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
-    tiles = _tiles(x, blocks, centroids.shape[1])
+    tiles = _tiles(x, blocks)
     c = centroids.float().contiguous()
     c_low = c.to(x.dtype)
     cn = (c * c).sum(-1).contiguous()
