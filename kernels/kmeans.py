@@ -7,8 +7,9 @@ One iteration is four launches (five when the update is split), none of which ma
    tiles on the tensor cores, and the label histogram of each sort tile (int atomics on the tile's own row).
 2. ``_slots_kernel`` (per batch, block of clusters): cluster sizes, and in place the points of each cluster
    in earlier sort tiles (a prefix sum over tiles); a torch cumsum of the sizes gives the offsets.
-3. ``_scatter_kernel`` (per sort tile): slot = cluster offset + earlier points + stable rank inside the tile
-   -> ``perm[slot] = point``. This is a *stable counting sort* of the labels: ``perm`` equals
+3. ``_scatter_kernel`` (per point tile, i.e. several sort tiles): slot = cluster offset + earlier points +
+   stable rank inside the sort tile (from a bitonic sort of the tile's labels by default) ->
+   ``perm[slot] = point``. This is a *stable counting sort* of the labels: ``perm`` equals
    ``argsort(labels, stable=True)``, so the final iteration's labels give the semantic permutation for free.
 4. ``_update_kernel`` (per batch, cluster, piece): sum of the cluster's rows read through ``perm``, with
    ``_finalize_kernel`` adding the pieces when a cluster is split over programs; empty clusters keep the
