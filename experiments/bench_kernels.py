@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from svg2.selection import centroid_scores, select_target_density
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # frames x latent height x width after 2x2 patching (81 frames -> 21 latent frames)
@@ -133,31 +134,6 @@ def synthetic_qkv(shape: dict, batch: int, d: int, dtype, dev, seed: int):
     v = torch.randn(n, s, d, device=dev, dtype=dtype, generator=g)
     shp = (batch, h, s, d)
     return q.reshape(shp), k.reshape(shp), v.reshape(shp)
-
-
-def centroid_scores(cq, ck, k_sizes):
-    s = torch.matmul(cq.float(), ck.float().transpose(1, 2)) / math.sqrt(cq.shape[-1])
-    return torch.softmax(s + torch.log(k_sizes.float()).unsqueeze(1), dim=-1)
-
-
-def select_target_density(scores, q_sizes, k_sizes, target, min_kc_ratio):
-    """Same rule as svg2.selection.select_target_density (inlined: the GPU machine lacks svg2's deps)."""
-    n, cq, ck = scores.shape
-    qs, ks = q_sizes.long(), k_sizes.long()
-    cost = qs.unsqueeze(-1) * ks.unsqueeze(1)
-    total = qs.sum(-1) * ks.sum(-1)
-    value = scores / ks.clamp_min(1).unsqueeze(1).float()
-    m = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
-    top = scores.argmax(-1, keepdim=True) if m == 1 else scores.topk(min(m, ck), dim=-1).indices
-    mandatory = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    key = value.masked_fill(mandatory, float("inf")).masked_fill_(cost == 0, -1.0)
-    _, order = key.reshape(n, -1).sort(dim=-1, descending=True)
-    cost_sorted = torch.gather(cost.reshape(n, -1), 1, order)
-    flat = torch.cumsum(cost_sorted.reshape(-1), 0).view_as(cost_sorted)  # one flat int64 scan (exact)
-    limit = target * total.double() + F.pad(flat[:-1, -1], (1, 0)).double()  # shifted by earlier rows' pairs
-    keep_sorted = (flat - cost_sorted) < limit.unsqueeze(-1)
-    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(n, cq, ck)
-    return keep | mandatory
 
 
 def gather_rows(x, perm):

@@ -76,7 +76,9 @@ def run_lengths(sel: torch.Tensor, ksz: torch.Tensor) -> list[int]:
 
 
 def main() -> None:
-    from bench_kernels import SHAPES, centroid_scores, select_target_density, synthetic_qkv
+    from bench_kernels import SHAPES, synthetic_qkv
+
+    from svg2.selection import centroid_scores, select_target_density
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="wan14b")

@@ -24,12 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import (  # noqa: E402
-    SHAPES,
-    centroid_scores,
-    select_target_density,
-    synthetic_qkv,
-)
+from bench_kernels import SHAPES, synthetic_qkv  # noqa: E402
+
+from svg2.selection import centroid_scores, select_target_density  # noqa: E402
 
 
 def _kernel_table(prof, reps: int) -> list[tuple[str, float, float]]:
