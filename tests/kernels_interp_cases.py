@@ -311,6 +311,7 @@ KM_CASES = [
     # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split)
     ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, 0)),
     ("kmeans_fp16_rank_by_sort", torch.float16, 2, 75, 16, 9, 2, (64, 16, 4, 1, 16, 0, 0, True)),
+    ("kmeans_fp16_rank_by_sort_one_point", torch.float16, 2, 1, 16, 2, 2, (32, 16, 4, 1, 16, 0, 0, True)),
     ("kmeans_fp32_centroid_tiles", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, 0)),
     ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, 4), True),
     ("kmeans_fp16_sort_x_iters0", torch.float16, 2, 37, 16, 5, 0, None, True),

@@ -29,7 +29,7 @@ _CASES = [
     "attn_fp16_tma_lpt_two_tier",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "kmeans_fp16_sort_block", "kmeans_fp32_centroid_tiles", "kmeans_fp32_split_sort_x", "kmeans_fp16_sort_x_iters0",
-    "kmeans_fp16_sort_block_split", "kmeans_fp16_rank_by_sort",
+    "kmeans_fp16_sort_block_split", "kmeans_fp16_rank_by_sort", "kmeans_fp16_rank_by_sort_one_point",
     "gather_q", "permute", "chunk_table", "chain_order", "schedule", "opcheck", "svg2_end_to_end", "opcheck_more",
 ]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
