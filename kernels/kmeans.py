@@ -197,9 +197,9 @@ if _HAS_TRITON:
         j = tl.arange(0, SORT_BLOCK)
         base = pid_b * BLOCK_M + tl.arange(0, T)[:, None] * SORT_BLOCK  # (T, 1): first point of each sort tile
         tile = pid_b * T + tl.arange(0, T)[:, None]
+        offs = base + j[None, :]
+        lab = tl.load(LABELS + n * S + offs, mask=offs < S, other=NC).to(tl.int32)  # padding: label NC, sorts last
         if RANK_BY_SORT:
-            offs = base + j[None, :]
-            lab = tl.load(LABELS + n * S + offs, mask=offs < S, other=NC).to(tl.int32)  # padding sorts last
             key = tl.sort(lab * SORT_BLOCK + j[None, :], dim=1)
             lab = key // SORT_BLOCK
             offs = base + key % SORT_BLOCK  # the point at this sorted position
@@ -208,8 +208,6 @@ if _HAS_TRITON:
             start = tl.associative_scan(tl.where((lab != prev) | (p == 0), p, 0), 1, _max_combine)
             rank = p - start
         else:
-            offs = base + j[None, :]
-            lab = tl.load(LABELS + n * S + offs, mask=offs < S, other=NC).to(tl.int32)
             same = (lab[:, :, None] == lab[:, None, :]) & (j[None, None, :] < j[None, :, None])
             rank = tl.sum(same.to(tl.int32), axis=2)
         m_mask = lab < NC
