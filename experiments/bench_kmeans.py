@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import SHAPES, bench, synthetic_qkv  # noqa: E402
 
-VARIANTS = [  # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split)
-    (256, 64, 8, 3, 64, 0),  # default since r13
+VARIANTS = [  # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split[, update_rows, rank_by_sort])
+    (256, 64, 8, 3, 64, 0),  # default r13-r19 (since r20: sort_block=128, rank_by_sort=True)
     (256, 64, 8, 3, 64, 1),
     (128, 64, 4, 2, 64, 0),
     (256, 64, 8, 2, 64, 0),
@@ -119,7 +119,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     lines = [f"# k-means variants ({torch.cuda.get_device_name()}, torch {torch.__version__}), 2 warm iterations, "
              "bf16, D=128; ms (median of CUDA-event timings)", "",
-             "| shape | Cq/Ck | tiles (bm, bc, warps, stages, sort_block, split) | Q | K | Q+K "
+             "| shape | Cq/Ck | tiles (bm, bc, warps, stages, sort_block, split[, rows, rank_by_sort]) | Q | K | Q+K "
              "| Q assign (no sort) | K assign (no sort) | K labels equal |", "|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in rows:

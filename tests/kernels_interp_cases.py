@@ -308,7 +308,7 @@ KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
     ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
-    # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split)
+    # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split[, update_rows, rank_by_sort])
     ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, 0)),
     ("kmeans_fp16_rank_by_sort", torch.float16, 2, 75, 16, 9, 2, (64, 16, 4, 1, 16, 0, 0, True)),
     ("kmeans_fp16_rank_by_sort_one_point", torch.float16, 2, 1, 16, 2, 2, (32, 16, 4, 1, 16, 0, 0, True)),
