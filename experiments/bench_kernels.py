@@ -150,8 +150,10 @@ class SVG2Call:
     """One warm-started SVG2 attention call on our kernels, with per-component CUDA events."""
 
     def __init__(self, cq_init, ck_init, density, min_kc_ratio, iters, cfg, fused=True, overlap=False,
-                 tiles=None, sort_k=False):
+                 tiles=None, sort_k=False, qk8=None):
         self.fused = fused
+        # qk8: "int8" / "fp8" runs the 8-bit kernel (K/V quantized after the permutation); None: bf16
+        self.qk8 = qk8 if fused else None
         # tiles: KMeansTiles of both k-means; sort_k: K's last centroid update also writes the permuted K
         self.tiles, self.sort_k = tiles, sort_k and fused
         # overlap: K's k-means on a second stream, concurrent with Q's (independent work)
@@ -202,6 +204,14 @@ class SVG2Call:
         mark("metadata")
         if self.skip_attention:  # the non-attention part alone (its CUDA-graph time)
             return meta
+        if self.qk8 is not None:
+            from svg2_kernels.varblock_fp8 import quantize_kv_fp8, varblock_attention_fp8_with_metadata
+
+            kv8 = quantize_kv_fp8(ks.view(b, h, s, d), vs.view(b, h, s, d), self.qk8)
+            mark("quantize")
+            out = varblock_attention_fp8_with_metadata(q, kv8, meta, q_perm=rq.perm.view(b, h, s))
+            mark("attention")
+            return out
         if self.fused:
             out = varblock_attention_with_metadata(q, ks.view(b, h, s, d), vs.view(b, h, s, d), meta,
                                                    q_perm=rq.perm.view(b, h, s))
@@ -318,6 +328,41 @@ def dense_time(q, k, v, budget):
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return bench(lambda: F.scaled_dot_product_attention(q, k, v), q.device, budget)
+
+
+def measure_8bit(row, qk, qs, ks, vs, q_off, k_off, bm4, meta, out_bf16, t_dense, density, dev, budget):
+    """The 8-bit kernel (QK^T in ``qk``, PV in e4m3) on the row's layout: quantization and kernel time,
+    efficiency against bf16 cuDNN, and accuracy (relative L2 to the bf16 kernel on every head; max error against
+    fp32 on head 0, next to that of the torch path with the same quantization)."""
+    from svg2_kernels.reference import varblock_attention_fp8_reference, varblock_attention_reference
+    from svg2_kernels.varblock_fp8 import quantize_kv_fp8, varblock_attention_fp8_with_metadata
+
+    p = f"q8_{qk}_"
+    try:
+        if meta.config.key_layout != "tma":  # the 8-bit kernel reads the TMA tile table (CPU: its small tiles)
+            from svg2_kernels.varblock_attention import build_varblock_metadata
+            from svg2_kernels.varblock_fp8 import fp8_config
+
+            s = qs.shape[2]
+            meta = build_varblock_metadata(q_off, k_off, bm4, s, s, fp8_config(qs, s))
+        kv = quantize_kv_fp8(ks, vs, qk)
+        row[p + "quantize_ms"] = bench(lambda: quantize_kv_fp8(ks, vs, qk), dev, budget)
+        o8 = varblock_attention_fp8_with_metadata(qs, kv, meta)
+        row[p + "ms"] = bench(lambda: varblock_attention_fp8_with_metadata(qs, kv, meta), dev, budget)
+        row[p + "speedup_vs_bf16_kernel"] = row["ours_ms"] / row[p + "ms"]
+        row[p + "efficiency"] = density * t_dense / row[p + "ms"]
+        row[p + "relerr_vs_bf16_kernel"] = ((o8.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
+        row[p + "finite"] = bool(torch.isfinite(o8).all().item())
+        hh = slice(0, 1)
+        args = (qs[:, hh], ks[:, hh], vs[:, hh], q_off[:, hh], k_off[:, hh], bm4[:, hh])
+        ref = varblock_attention_reference(*args).float()
+        emu = varblock_attention_fp8_reference(*args, qk=qk).float()
+        row[p + "err"] = (o8[:, hh].float() - ref).abs().max().item()
+        row[p + "err_torch_same_quant"] = (emu - ref).abs().max().item()
+        row[p + "relerr_vs_fp32_head0"] = ((o8[:, hh].float() - ref).norm() / ref.norm()).item()
+        row[p + "relerr_bf16_kernel_vs_fp32_head0"] = ((out_bf16[:, hh].float() - ref).norm() / ref.norm()).item()
+    except Exception as e:  # noqa: BLE001
+        row[p + "error"] = f"{type(e).__name__}: {e}"[:300]
 
 
 def run(cfg: dict) -> list[dict]:
@@ -478,6 +523,9 @@ def run(cfg: dict) -> list[dict]:
                     row["err_ours"] = (out[:, hh].float() - ref.float()).abs().max().item()
                     row["err_torch_same_prec"] = (low.float() - ref.float()).abs().max().item()
                     row["finite"] = bool(torch.isfinite(out).all().item())
+                for qk8 in [v_[len("triton_"):].split("_")[0] for v_ in cfg["variants"]
+                            if v_ in ("triton_int8_fp8", "triton_fp8")]:
+                    measure_8bit(row, qk8, qs, ks, vs, q_off, k_off, bm4, meta, out, t_dense, density, dev, budget)
                 if "flex" in cfg["variants"] and dev.type == "cuda":
                     try:
                         from svg2_kernels.flex import flex_block_mask, flex_varblock_attention
@@ -517,6 +565,17 @@ def run(cfg: dict) -> list[dict]:
                         row["call_graph_nonattn_ms"] = graph_time(call, q, k, v, reps)
                         call.skip_attention = False
                         row["call_graph_nonattn_frac"] = row["call_graph_nonattn_ms"] / row["call_graph_ms"]
+                        for qk8 in [v_[len("triton_"):].split("_")[0] for v_ in cfg["variants"]
+                                    if v_ in ("triton_int8_fp8", "triton_fp8")]:
+                            c8 = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
+                                          cfg["kmeans_step_iters"], kcfg, qk8=qk8, **extra)
+                            bd8 = breakdown(c8, q, k, v, reps)
+                            row[f"call_{qk8}_total_ms"] = bd8["total"]
+                            row[f"call_{qk8}_quantize_ms"] = bd8["quantize"]
+                            row[f"call_{qk8}_attention_ms"] = bd8["attention"]
+                            row[f"call_{qk8}_speedup"] = t_dense / bd8["total"]
+                            row[f"call_{qk8}_graph_ms"] = graph_time(c8, q, k, v, reps)
+                            row[f"call_{qk8}_graph_speedup"] = t_dense / row[f"call_{qk8}_graph_ms"]
                         if cfg.get("unfused", True):
                             unfused = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
                                                cfg["kmeans_step_iters"], kcfg, fused=False, **extra)
@@ -572,6 +631,26 @@ def write_tables(rows, tune_rows, out_dir: Path, tag: str, env: dict) -> None:
             _fmt(r.get("call_graph_ms", float("nan"))), _fmt(r.get("call_graph_speedup", float("nan"))),
             _fmt(100 * r.get("call_graph_nonattn_frac", float("nan")), 1),
         ]) + " |")
+    q8 = [(r, qk) for r in att for qk in ("int8", "fp8") if f"q8_{qk}_ms" in r]
+    if q8:
+        lines += ["", "## 8-bit attention (QK^T in int8 or e4m3, PV in e4m3; opt-in variants triton_int8_fp8 / "
+                  "triton_fp8)", "",
+                  "| shape | Cq/Ck | density | QK | bf16 kernel ms | 8-bit ms | vs bf16 kernel | efficiency vs bf16 "
+                  "cuDNN | quantize K/V ms | rel. L2 vs bf16 kernel | rel. L2 vs fp32 (head 0; bf16 kernel) "
+                  "| max err / same-quant torch (head 0) | call ms | call speedup | graph ms | graph speedup |",
+                  "|" + "---|" * 16]
+        for r, qk in q8:
+            p, nan = f"q8_{qk}_", float("nan")
+            lines.append("| " + " | ".join([
+                r["shape"], f"{r['cq']}/{r['ck']}", _fmt(r["density"], 3), qk, _fmt(r["ours_ms"]), _fmt(r[p + "ms"]),
+                _fmt(r.get(p + "speedup_vs_bf16_kernel", nan)), _fmt(r.get(p + "efficiency", nan)),
+                _fmt(r.get(p + "quantize_ms", nan)), _fmt(r.get(p + "relerr_vs_bf16_kernel", nan), 4),
+                f"{_fmt(r.get(p + 'relerr_vs_fp32_head0', nan), 4)} "
+                f"({_fmt(r.get(p + 'relerr_bf16_kernel_vs_fp32_head0', nan), 4)})",
+                f"{_fmt(r.get(p + 'err', nan), 3)} / {_fmt(r.get(p + 'err_torch_same_quant', nan), 3)}",
+                _fmt(r.get(f"call_{qk}_total_ms", nan)), _fmt(r.get(f"call_{qk}_speedup", nan)),
+                _fmt(r.get(f"call_{qk}_graph_ms", nan)), _fmt(r.get(f"call_{qk}_graph_speedup", nan)),
+            ]) + " |")
     lines += ["", "## k-means (2 warm-started iterations; ms)", "",
               "| shape | Cq/Ck | ours Q | ours K | flash-kmeans Q | flash-kmeans K | cold build ms | Q sizes p10/50/90 "
               "| K sizes p10/50/90 |", "|" + "---|" * 9]

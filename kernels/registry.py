@@ -68,6 +68,8 @@ class AttentionVariant:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     head_dims: tuple[int, ...] | None = None  # None: any
     requires: tuple[str, ...] = ()  # importable packages this variant needs
+    # An opt-in variant changes the numerics (e.g. FP8): "auto" never picks it, naming it does.
+    opt_in: bool = False
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
@@ -181,7 +183,8 @@ class TorchKMeans(KMeansVariant):
 
 _ATTENTION: dict[str, AttentionVariant] = {}
 _KMEANS: dict[str, KMeansVariant] = {}
-_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.kmeans", "svg2_kernels.flex")
+_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.varblock_fp8", "svg2_kernels.kmeans",
+                 "svg2_kernels.flex")
 _lazy_loaded = False
 
 
@@ -247,6 +250,9 @@ def _select(table: dict, name: str, inputs, kind: str, order: Callable[[], list[
         return variant
     refusals = []
     for n in order():
+        if getattr(table[n], "opt_in", False):
+            refusals.append(f"  {n}: opt-in (changes the numerics): name it to use it")
+            continue
         reasons = table[n].not_supported_reasons(inputs)
         if not reasons:
             return table[n]

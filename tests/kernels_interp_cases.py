@@ -64,6 +64,45 @@ def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3,
     return name, ok, f"err {err:.3g} vs same-precision torch {base:.3g} (floor {floor})"
 
 
+def attention_8bit_case(name, qk, dtype, b, h, sq, sk, d, cq, ck, density, cfg=None, k_offset=0.0, seed=0,
+                        token_order=False):
+    """The 8-bit kernel (INT8 or FP8 QK^T, FP8 PV) against fp32: its error at most twice that of a torch path
+    that quantizes the same operands the same way (the FlashAttention rule at the kernel's precision)."""
+    from svg2_kernels.reference import varblock_attention_fp8_reference as ref8
+    from svg2_kernels.reference import varblock_attention_reference as ref
+    from svg2_kernels.varblock_attention import VarBlockConfig
+    from svg2_kernels.varblock_fp8 import _forward_fp8
+
+    g = torch.Generator().manual_seed(seed)
+    qo = random_offsets(b * h, sq - 3, cq, g).reshape(b, h, cq + 1)
+    ko = random_offsets(b * h, sk - 4, ck, g).reshape(b, h, ck + 1)
+    bm = torch.rand(b, h, cq, ck, generator=g) < density
+    bm[0, 0, 0] = False  # a query cluster that selects nothing
+    q = torch.randn(b, h, sq, d, generator=g).to(dtype)
+    k = (torch.randn(b, h, sk, d, generator=g) * 1.5 + k_offset).to(dtype)  # an offset: K's centring is exact
+    k[..., 1] = 0.5  # a constant channel (scale 0 -> 1)
+    v = torch.randn(b, h, sk, d, generator=g).to(dtype)
+    config = VarBlockConfig(*cfg) if cfg else None
+    out = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config)
+    r32, r8 = ref(q, k, v, qo, ko, bm).float(), ref8(q, k, v, qo, ko, bm, qk=qk).float()
+    err = (out.float() - r32).abs().max().item()
+    base = (r8 - r32).abs().max().item()
+    ok = bool(torch.isfinite(out).all()) and err <= 2 * base + 1e-3
+    # rows past q_offsets[-1] and the query cluster that selects nothing are zero
+    empty = out[0, 0, int(qo[0, 0, 0]):int(qo[0, 0, 1])]
+    ok = ok and bool((out[..., sq - 3:, :] == 0).all()) and bool((empty == 0).all())
+    detail = f"err {err:.3g} vs 8-bit torch path {base:.3g}"
+    if token_order:  # q_perm: Q gathered and O scattered by the kernel
+        perm = torch.stack([torch.randperm(sq, generator=g) for _ in range(b * h)]).reshape(b, h, sq)
+        idx = perm[..., None].expand(-1, -1, -1, d)
+        got = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, q_perm=perm, qk=qk, config=config)
+        sorted_out = _forward_fp8(q.gather(2, idx), k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config)
+        same = torch.equal(got, torch.empty_like(sorted_out).scatter_(2, idx, sorted_out))
+        ok = ok and same
+        detail += f", token order equal {same}"
+    return name, ok, detail
+
+
 def kmeans_case(name, dtype, n, s, d, c, iters, tiles=None, sort_x=False, seed=0):
     from svg2_kernels.kmeans import KMeansTiles, kmeans_triton
     from svg2_kernels.reference import kmeans_assign_reference, kmeans_update_reference
@@ -212,7 +251,11 @@ def opcheck_more_case():
         for sort_x in (False, True):
             torch.library.opcheck(_kmeans_op, (x, c, iters, sort_x), test_utils=checks)
     torch.library.opcheck(_permute_rows_op, (q, perm), test_utils=checks)
-    return "opcheck_more", True, "token-order attention, kmeans, permute_rows"
+    from svg2_kernels.varblock_fp8 import _varblock_attention_fp8_op
+
+    for p_, qk in ((perm, "int8"), (None, "fp8")):
+        torch.library.opcheck(_varblock_attention_fp8_op, (q, k, v, p_, qo, ko, bm, 0.25, qk), test_utils=checks)
+    return "opcheck_more", True, "token-order attention, 8-bit attention, kmeans, permute_rows"
 
 
 def svg2_end_to_end_case():
@@ -304,6 +347,16 @@ CASES = [
     ("attn_fp16_tma_lpt_two_tier", torch.float16, 2, 3, 90, 70, 32, 4, 9, 0.5,
      (32, 16, 4, 4, 1, 16, 4, False, "tma", 16, True)),
 ]
+CASES_8BIT = [
+    ("attn8_int8_basic", "int8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0),
+    ("attn8_fp8_basic", "fp8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0),
+    ("attn8_int8_two_tier_fp32", "int8", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5,
+     (32, 16, 4, 4, 1, 16, 4, False, "tma")),
+    ("attn8_fp8_sparse", "fp8", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
+    ("attn8_int8_d48_token_order", "int8", torch.float16, 2, 1, 70, 33, 48, 3, 6, 0.7, None, 0.0, 0, True),
+    ("attn8_fp8_dense_all_token_order", "fp8", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, None, 1.0, 0, True),
+]
+
 KM_CASES = [
     ("kmeans_fp32_iters0", torch.float32, 2, 37, 32, 5, 0),
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
@@ -324,6 +377,7 @@ def main() -> None:
     _import_svg2_kernels()
     results = {}
     jobs = [lambda c=c: attention_case(*c) for c in CASES]
+    jobs += [lambda c=c: attention_8bit_case(*c) for c in CASES_8BIT]
     jobs += [lambda c=c: kmeans_case(*c) for c in KM_CASES]
     jobs.append(gather_q_case)
     jobs.append(permute_case)

@@ -27,6 +27,8 @@ _CASES = [
     "attn_fp16_chunks_dense_all",
     "attn_fp16_tma", "attn_fp32_tma_two_tier", "attn_fp16_tma_sparse", "attn_fp16_tma_dense_all", "attn_fp32_tma_d48",
     "attn_fp16_tma_lpt_two_tier",
+    "attn8_int8_basic", "attn8_fp8_basic", "attn8_int8_two_tier_fp32", "attn8_fp8_sparse", "attn8_int8_d48_token_order",
+    "attn8_fp8_dense_all_token_order",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "kmeans_fp16_sort_block", "kmeans_fp32_centroid_tiles", "kmeans_fp32_split_sort_x", "kmeans_fp16_sort_x_iters0",
     "kmeans_fp16_sort_block_split", "kmeans_fp16_rank_by_sort", "kmeans_fp16_rank_by_sort_one_point",
@@ -80,6 +82,39 @@ def test_registry_lists_variants():
     assert registry.select_attention_variant("auto", gpu).name == "triton"
     with pytest.raises(NotImplementedError, match="device 'cpu'"):
         registry.select_attention_variant("triton", cpu)
+
+
+def test_8bit_variants_are_opt_in_and_say_why_they_refuse():
+    from svg2_kernels import registry
+
+    names = registry.available_attention_variants()
+    assert {"triton_int8_fp8", "triton_fp8"} <= set(names)
+    gpu = registry.AttentionInputs("cuda", torch.bfloat16, 128, 1024, 1024)
+    assert registry.select_attention_variant("auto", gpu).name == "triton"  # never an opt-in one
+    with pytest.raises(NotImplementedError, match="opt-in"):
+        registry.select_attention_variant("auto", registry.AttentionInputs("meta", torch.bfloat16, 128, 64, 64))
+    odd = registry.get_attention_variant("triton_fp8").not_supported_reasons(
+        registry.AttentionInputs("cuda", torch.bfloat16, 72, 64, 64))
+    assert any("multiple of 16" in r for r in odd)
+    assert any("multiple of 16" in r for r in registry.get_attention_variant("triton_int8_fp8").not_supported_reasons(
+        registry.AttentionInputs("cuda", torch.bfloat16, 256, 64, 64)))
+
+
+def test_8bit_kernel_rejects_bad_calls():
+    pytest.importorskip("triton")
+    from svg2_kernels.varblock_attention import VarBlockConfig, build_varblock_metadata
+    from svg2_kernels.varblock_fp8 import quantize_kv_fp8, varblock_attention_fp8, varblock_attention_fp8_with_metadata
+
+    k = torch.zeros(1, 2, 64, 32)
+    with pytest.raises(ValueError, match="qk must be one of"):
+        quantize_kv_fp8(k, k, qk="int4")
+    with pytest.raises(ValueError, match="qk must be one of"):
+        varblock_attention_fp8(k, k, k, torch.tensor([[[0, 64]] * 2]), torch.tensor([[[0, 64]] * 2]),
+                               torch.ones(1, 2, 1, 1, dtype=torch.bool), qk="bf16")
+    meta = build_varblock_metadata(torch.tensor([[[0, 64]] * 2]), torch.tensor([[[0, 64]] * 2]),
+                                   torch.ones(1, 2, 1, 1, dtype=torch.bool), 64, 64, VarBlockConfig(16, 16, 4))
+    with pytest.raises(ValueError, match="key_layout='tma'"):
+        varblock_attention_fp8_with_metadata(k, None, meta)
 
 
 def test_metadata_schedule_cpu():
@@ -249,6 +284,64 @@ def test_varblock_cuda_graph_replay_equals_eager():
     torch.cuda.synchronize()
     assert torch.equal(out, varblock_attention(q, k, v, qo, ko, bm))
     del eager
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("qk", ["int8", "fp8"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("token_order", [False, True])
+def test_8bit_gpu_matches_its_torch_path(qk, d, token_order):
+    """bf16 inputs at real tile sizes: error against fp32 at most 2x that of the torch path that quantizes
+    the same operands the same way; with q_perm, the same output in token order."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the 8-bit kernel needs sm_90")
+    from svg2_kernels.reference import varblock_attention_fp8_reference as ref8
+    from svg2_kernels.reference import varblock_attention_reference as ref
+    from svg2_kernels.varblock_fp8 import varblock_attention_fp8
+
+    b, h, s, cq, ck = 1, 2, 4099, 37, 101
+    qo, ko = _gpu_layout(b, h, s - 5, cq, 4), _gpu_layout(b, h, s - 7, ck, 5)
+    bm = torch.rand(b, h, cq, ck, device="cuda") < 0.3
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k = k + 2.0  # an offset per channel: removed exactly by K's centring
+    out = varblock_attention_fp8(q, k, v, qo, ko, bm, qk=qk)
+    r32 = ref(q, k, v, qo, ko, bm).float()
+    err = (out.float() - r32).abs().max().item()
+    base = (ref8(q, k, v, qo, ko, bm, qk=qk).float() - r32).abs().max().item()
+    assert torch.isfinite(out).all() and err <= 2 * base + 1e-3, (err, base)
+    if token_order:
+        perm = torch.stack([torch.randperm(s, device="cuda") for _ in range(b * h)]).reshape(b, h, s)
+        idx = perm[..., None].expand(-1, -1, -1, d)
+        got = varblock_attention_fp8(q, k, v, qo, ko, bm, q_perm=perm, qk=qk)
+        want = torch.empty_like(out).scatter_(2, idx, varblock_attention_fp8(q.gather(2, idx), k, v, qo, ko, bm, qk=qk))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@cuda
+def test_8bit_cuda_graph_replay_equals_eager():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the 8-bit kernel needs sm_90")
+    from svg2_kernels.varblock_fp8 import varblock_attention_fp8
+
+    b, h, s, d, cq, ck = 1, 4, 8192, 128, 50, 200
+    qo, ko = _gpu_layout(b, h, s, cq, 6), _gpu_layout(b, h, s, ck, 7)
+    bm = torch.rand(b, h, cq, ck, device="cuda") < 0.25
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        varblock_attention_fp8(q, k, v, qo, ko, bm)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = varblock_attention_fp8(q, k, v, qo, ko, bm)
+    bm.copy_(torch.rand(b, h, cq, ck, device="cuda") < 0.25)  # new layout, same shapes
+    k.add_(0.5)  # new keys: the quantization runs inside the graph too
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, varblock_attention_fp8(q, k, v, qo, ko, bm))
 
 
 @pytest.mark.cuda
