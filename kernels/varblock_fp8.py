@@ -78,16 +78,17 @@ class Fp8KeysValues:
     """Cluster-sorted K and V quantized for :func:`varblock_attention_fp8_with_metadata`.
 
     k8: (B*H*Sk, D) int8 or e4m3 (``qk``), ``(k - mean) / k_scale``; k_scale: (B*H, D) fp32.
-    vt8: (B*H*D, Sk_pad) e4m3, V transposed (keys contiguous), ``v / v_scale``; Sk_pad = Sk rounded up to
-    16 (TMA needs 16-byte row strides), the pad columns zero; v_scale: (B*H, D) fp32.
+    v8: e4m3 ``v / v_scale``, (B*H*Sk, D) rows, or with ``v_transposed`` (B*H*D, Sk_pad) with the keys
+    contiguous (Sk_pad = Sk rounded up to 16, TMA's 16-byte row strides; pad columns zero); v_scale: (B*H, D).
     """
 
     k8: torch.Tensor
     k_scale: torch.Tensor
-    vt8: torch.Tensor
+    v8: torch.Tensor
     v_scale: torch.Tensor
     shape: tuple[int, int, int, int]  # (B, H, Sk, D) of the K/V they came from
     qk: str = "int8"  # the format of k8 (and of Q inside the kernel)
+    v_transposed: bool = False
 
 
 def fp8_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -166,9 +167,9 @@ def channel_scales(x: torch.Tensor, center: bool, qmax: float = E4M3_MAX) -> tup
     return shift, amax / qmax
 
 
-def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8") -> Fp8KeysValues:
+def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transposed: bool = False) -> Fp8KeysValues:
     """Quantize cluster-sorted k, v (B, H, Sk, D) for the 8-bit kernel (see :class:`Fp8KeysValues`); qk: the
-    format of K ("int8" or "fp8"); V is always e4m3."""
+    format of K ("int8" or "fp8"); V is always e4m3, stored transposed if ``v_transposed``."""
     if qk not in QK_FORMATS:
         raise ValueError(f"qk must be one of {QK_FORMATS}, got {qk!r}")
     if k.shape != v.shape or k.dim() != 4:
@@ -186,18 +187,21 @@ def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8") -> Fp8Ke
     v_shift, v_scale = channel_scales(v3, center=False)
     s_pad = -(-s // 16) * 16
     k8 = torch.empty(n * s, d, device=k.device, dtype=torch.int8 if qk == "int8" else _FP8)
-    vt8 = torch.empty(n * d, s_pad, device=k.device, dtype=_FP8)
-    if s_pad > s:
-        vt8[:, s:].zero_()  # pad columns: read by TMA boxes past the last key, multiplied by p = 0
+    if v_transposed:
+        v8 = torch.empty(n * d, s_pad, device=k.device, dtype=_FP8)
+        if s_pad > s:
+            v8[:, s:].zero_()  # pad columns: read by boxes past the last key, multiplied by p = 0
+    else:
+        v8 = torch.empty(n * s, d, device=k.device, dtype=_FP8)
     block_s, block_d = 64, triton.next_power_of_2(d)
     grid = (n, triton.cdiv(s, block_s))
     emulate = triton_interpreting()
     for x, shift, scale, out, transpose, int8 in ((k3, k_shift, k_scale, k8, False, qk == "int8"),
-                                                  (v3, v_shift, v_scale, vt8, True, False)):
+                                                  (v3, v_shift, v_scale, v8, v_transposed, False)):
         _quantize_kernel[grid](x, shift, scale, out, s, out.stride(0), x.stride(0), x.stride(1), D=d,
                                BLOCK_S=block_s, BLOCK_D=block_d, TRANSPOSE=transpose, INT8=int8,
                                EMULATE_RNE=emulate, num_warps=4)
-    return Fp8KeysValues(k8, k_scale, vt8, v_scale, (b, h, s, d), qk)
+    return Fp8KeysValues(k8, k_scale, v8, v_scale, (b, h, s, d), qk, v_transposed)
 
 
 # ------------------------------------------------------------------------------------------- kernel
@@ -205,21 +209,22 @@ def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8") -> Fp8Ke
 if _HAS_TRITON:
 
     @triton.jit
-    def _fp8_softmax_step(qk, n_mask, vt, row_scale, m_i, l_i, acc, EMULATE_RNE: tl.constexpr):
+    def _fp8_softmax_step(qk, n_mask, v, row_scale, m_i, l_i, acc, V_T: tl.constexpr, EMULATE_RNE: tl.constexpr):
         """online_softmax_step with a per-row score scale (Q's quantization scale times the softmax scale,
-        exp2 domain), P in e4m3 and V transposed (D, N) in e4m3."""
+        exp2 domain), P in e4m3 and V in e4m3, (N, D) or transposed (D, N) when V_T."""
         qk = qk + tl.where(n_mask, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * row_scale)
         p = tl.math.exp2(qk * row_scale[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = tl.dot(to_e4m3(p * 256.0, EMULATE_RNE), tl.trans(vt))
+        p8 = to_e4m3(p * 256.0, EMULATE_RNE)
+        pv = tl.dot(p8, tl.trans(v)) if V_T else tl.dot(p8, v)
         acc = acc * alpha[:, None] + pv
         return m_new, l_i, acc
 
     @triton.jit
     def _tma_fp8_kernel(
-        Q, Out, QIDX, desc_k, desc_vt, VT, stride_vt, VT_ROWS, KSCALE, VSCALE,
+        Q, Out, QIDX, desc_k, desc_v, VT, stride_vt, VT_ROWS, KSCALE, VSCALE,
         work_ptr, num_work_ptr, q_bounds_ptr, count_ptr, table_ptr,
         qk_scale,
         stride_qb, stride_qh, stride_qs,
@@ -227,8 +232,10 @@ if _HAS_TRITON:
         H, Cq1, T_ROW, SEQ_Q, SEQ_K,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER_Q: tl.constexpr, QK_INT8: tl.constexpr,
-        EMULATE_RNE: tl.constexpr,
+        V_MODE: tl.constexpr, EMULATE_RNE: tl.constexpr,
     ):
+        # V_MODE 0: V (B*H*Sk, D) rows by TMA (Triton transposes each tile in shared memory for the K-major
+        # wgmma operand); 1: V^T (B*H*D, Sk_pad) by TMA; 2: V^T by pointer loads.
         pid = tl.program_id(0)
         if pid >= tl.load(num_work_ptr):
             return
@@ -257,19 +264,20 @@ if _HAS_TRITON:
             packed = tl.load(tiles + t)
             start = packed >> 8
             k = desc_k.load([head_row + start, 0])
-            if EMULATE_RNE:  # interpreter: it asserts 16-byte aligned inner box offsets, which TMA does not need
-                offs_r = vt_row + offs_d
-                vt = tl.load(VT + offs_r[:, None].to(tl.int64) * stride_vt + (start + offs_n)[None, :],
-                             mask=(offs_r < VT_ROWS)[:, None] & ((start + offs_n) < stride_vt)[None, :],
-                             other=0.0)
+            if V_MODE == 0:
+                v = desc_v.load([head_row + start, 0])
+            elif V_MODE == 1:
+                v = desc_v.load([vt_row, start])
             else:
-                vt = desc_vt.load([vt_row, start])
+                offs_r = vt_row + offs_d
+                v = tl.load(VT + offs_r[:, None].to(tl.int64) * stride_vt + (start + offs_n)[None, :],
+                            mask=(offs_r < VT_ROWS)[:, None] & ((start + offs_n) < stride_vt)[None, :], other=0.0)
             if QK_INT8:
                 qk = tl.dot(q8, tl.trans(k)).to(tl.float32)  # exact int32 sums
             else:
                 qk = tl.dot(q8, tl.trans(k))
-            m_i, l_i, acc = _fp8_softmax_step(qk, offs_n < (packed & 255), vt, row_scale, m_i, l_i, acc,
-                                              EMULATE_RNE)
+            m_i, l_i, acc = _fp8_softmax_step(qk, offs_n < (packed & 255), v, row_scale, m_i, l_i, acc,
+                                              V_MODE != 0, EMULATE_RNE)
         v_scale = tl.load(VSCALE + n * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         acc = acc * (v_scale * (1.0 / 256.0))[None, :]
         store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os)
@@ -277,11 +285,13 @@ if _HAS_TRITON:
 
 def varblock_attention_fp8_with_metadata(q: torch.Tensor, kv: Fp8KeysValues, meta, scale: float | None = None,
                                          out: torch.Tensor | None = None, q_perm: torch.Tensor | None = None,
-                                         compile_info: list | None = None) -> torch.Tensor:
+                                         compile_info: list | None = None, vt_pointers: bool = False) -> torch.Tensor:
     """The FP8 kernel with prebuilt metadata (``key_layout="tma"``) and pre-quantized K/V.
 
     q: (B, H, Sq, D) bf16/fp16/fp32, cluster-sorted, or in token order with ``q_perm`` (B, H, Sq) sorted
     position -> token (the kernel then gathers Q and writes O in token order). Returns O in q's dtype.
+    vt_pointers: read a transposed V with pointer loads instead of TMA (always so under the interpreter, which
+    asserts 16-byte aligned inner box offsets).
     """
     from svg2_kernels.varblock_attention import _compile_summary
 
@@ -299,7 +309,12 @@ def varblock_attention_fp8_with_metadata(q: torch.Tensor, kv: Fp8KeysValues, met
     qidx = q_perm.reshape(bsz * h, sq).to(torch.int32) if q_perm is not None else meta.num_work
     block_d = triton.next_power_of_2(d)
     desc_k = TensorDescriptor.from_tensor(kv.k8, [cfg.block_n, block_d])
-    desc_vt = TensorDescriptor.from_tensor(kv.vt8, [block_d, cfg.block_n])
+    if kv.v_transposed:
+        desc_v = TensorDescriptor.from_tensor(kv.v8, [block_d, cfg.block_n])
+        v_mode = 2 if vt_pointers or triton_interpreting() else 1
+    else:
+        desc_v = TensorDescriptor.from_tensor(kv.v8, [cfg.block_n, block_d])
+        v_mode = 0
     tiers = [(meta.work, meta.num_work, cfg.block_m, cfg.num_warps)]
     if cfg.block_m_small > 0:
         tiers.append((meta.work_small, meta.num_work_small, cfg.block_m_small, cfg.num_warps_small))
@@ -307,14 +322,15 @@ def varblock_attention_fp8_with_metadata(q: torch.Tensor, kv: Fp8KeysValues, met
         if work.shape[0] == 0:
             continue
         compiled = _tma_fp8_kernel[(work.shape[0],)](
-            q, out, qidx, desc_k, desc_vt, kv.vt8, kv.vt8.stride(0), kv.vt8.shape[0], kv.k_scale, kv.v_scale,
+            q, out, qidx, desc_k, desc_v, kv.v8, kv.v8.stride(0), kv.v8.shape[0], kv.k_scale, kv.v_scale,
             work, num_work, meta.q_bounds, meta.chunk_count, meta.chunk_table,
             scale * 1.4426950408889634,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h, meta.chunk_count.shape[1], meta.chunk_table.shape[-1], sq, kv.shape[2],
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, GATHER_Q=q_perm is not None,
-            QK_INT8=kv.qk == "int8", EMULATE_RNE=triton_interpreting(), num_warps=warps, num_stages=cfg.num_stages,
+            QK_INT8=kv.qk == "int8", V_MODE=v_mode, EMULATE_RNE=triton_interpreting(), num_warps=warps,
+            num_stages=cfg.num_stages,
         )
         if compile_info is not None:
             compile_info.append(_compile_summary(compiled, block_m))
@@ -331,7 +347,8 @@ def fp8_config(q: torch.Tensor, seqlen_k: int):
     return default_config("cuda", q.shape[-1], torch.cuda.get_device_capability(q.device), seqlen_k)
 
 
-def _forward_fp8(q, k, v, q_offsets, k_offsets, block_map, scale, q_perm=None, qk="int8", config=None):
+def _forward_fp8(q, k, v, q_offsets, k_offsets, block_map, scale, q_perm=None, qk="int8", config=None,
+                 v_transposed=False):
     from svg2_kernels.varblock_attention import build_varblock_metadata
 
     reason = fp8_refusal(q, k)
@@ -340,7 +357,8 @@ def _forward_fp8(q, k, v, q_offsets, k_offsets, block_map, scale, q_perm=None, q
                                   f"(bf16) variant instead.")
     cfg = config or fp8_config(q, k.shape[2])
     meta = build_varblock_metadata(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2], cfg)
-    return varblock_attention_fp8_with_metadata(q, quantize_kv_fp8(k, v, qk), meta, scale, q_perm=q_perm)
+    kv = quantize_kv_fp8(k, v, qk, v_transposed)
+    return varblock_attention_fp8_with_metadata(q, kv, meta, scale, q_perm=q_perm)
 
 
 @torch.library.custom_op("svg2_kernels::varblock_attention_fp8", mutates_args=())

@@ -65,7 +65,7 @@ def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3,
 
 
 def attention_8bit_case(name, qk, dtype, b, h, sq, sk, d, cq, ck, density, cfg=None, k_offset=0.0, seed=0,
-                        token_order=False):
+                        token_order=False, v_transposed=False):
     """The 8-bit kernel (INT8 or FP8 QK^T, FP8 PV) against fp32: its error at most twice that of a torch path
     that quantizes the same operands the same way (the FlashAttention rule at the kernel's precision)."""
     from svg2_kernels.reference import varblock_attention_fp8_reference as ref8
@@ -83,7 +83,8 @@ def attention_8bit_case(name, qk, dtype, b, h, sq, sk, d, cq, ck, density, cfg=N
     k[..., 1] = 0.5  # a constant channel (scale 0 -> 1)
     v = torch.randn(b, h, sk, d, generator=g).to(dtype)
     config = VarBlockConfig(*cfg) if cfg else None
-    out = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config)
+    out = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config,
+                       v_transposed=v_transposed)
     r32, r8 = ref(q, k, v, qo, ko, bm).float(), ref8(q, k, v, qo, ko, bm, qk=qk).float()
     err = (out.float() - r32).abs().max().item()
     base = (r8 - r32).abs().max().item()
@@ -95,8 +96,10 @@ def attention_8bit_case(name, qk, dtype, b, h, sq, sk, d, cq, ck, density, cfg=N
     if token_order:  # q_perm: Q gathered and O scattered by the kernel
         perm = torch.stack([torch.randperm(sq, generator=g) for _ in range(b * h)]).reshape(b, h, sq)
         idx = perm[..., None].expand(-1, -1, -1, d)
-        got = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, q_perm=perm, qk=qk, config=config)
-        sorted_out = _forward_fp8(q.gather(2, idx), k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config)
+        got = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, q_perm=perm, qk=qk, config=config,
+                       v_transposed=v_transposed)
+        sorted_out = _forward_fp8(q.gather(2, idx), k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config,
+                       v_transposed=v_transposed)
         same = torch.equal(got, torch.empty_like(sorted_out).scatter_(2, idx, sorted_out))
         ok = ok and same
         detail += f", token order equal {same}"
@@ -355,6 +358,7 @@ CASES_8BIT = [
     ("attn8_fp8_sparse", "fp8", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
     ("attn8_int8_d48_token_order", "int8", torch.float16, 2, 1, 70, 33, 48, 3, 6, 0.7, None, 0.0, 0, True),
     ("attn8_fp8_dense_all_token_order", "fp8", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, None, 1.0, 0, True),
+    ("attn8_int8_v_transposed", "int8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0, 1, True, True),
 ]
 
 KM_CASES = [

@@ -28,7 +28,7 @@ _CASES = [
     "attn_fp16_tma", "attn_fp32_tma_two_tier", "attn_fp16_tma_sparse", "attn_fp16_tma_dense_all", "attn_fp32_tma_d48",
     "attn_fp16_tma_lpt_two_tier",
     "attn8_int8_basic", "attn8_fp8_basic", "attn8_int8_two_tier_fp32", "attn8_fp8_sparse", "attn8_int8_d48_token_order",
-    "attn8_fp8_dense_all_token_order",
+    "attn8_fp8_dense_all_token_order", "attn8_int8_v_transposed",
     "kmeans_fp32_iters0", "kmeans_fp32_iters3", "kmeans_fp16_iters2",
     "kmeans_fp16_sort_block", "kmeans_fp32_centroid_tiles", "kmeans_fp32_split_sort_x", "kmeans_fp16_sort_x_iters0",
     "kmeans_fp16_sort_block_split", "kmeans_fp16_rank_by_sort", "kmeans_fp16_rank_by_sort_one_point",
