@@ -62,7 +62,8 @@ def child(qk: str, vl: str) -> dict:
         t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v))
     t_bf16 = bench(lambda: run_bf16(q, k, v, meta))
     kv = quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows")
-    out = varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr")
+    info = []
+    out = varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr", compile_info=info)
     torch.cuda.synchronize()
     t8 = bench(lambda: varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr"))
     t_quant = bench(lambda: quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows"))
@@ -76,20 +77,22 @@ def child(qk: str, vl: str) -> dict:
                 density=density, speedup_vs_bf16_kernel=t_bf16 / t8, efficiency_bf16=density * t_dense / t_bf16,
                 efficiency_8bit=density * t_dense / t8, err=(out[:, hh].float() - ref).abs().max().item(),
                 err_torch_same_quant=(emu - ref).abs().max().item(),
-                relerr_vs_fp32=((out[:, hh].float() - ref).norm() / ref.norm()).item())
+                relerr_vs_fp32=((out[:, hh].float() - ref).norm() / ref.norm()).item(),
+                compile=[{k_: c.get(k_) for k_ in ("block_m", "n_regs", "n_spills", "shared")} for c in info])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--layouts", default="rows,t_tma,t_ptr", help="V layouts to run, comma-separated")
     ap.add_argument("--child", nargs=2)
     a = ap.parse_args()
     if a.child:
         print("ROW " + json.dumps(child(*a.child)), flush=True)
         return
     rows = []
-    for qk, vl in COMBOS:
+    for qk, vl in [c for c in COMBOS if c[1] in a.layouts.split(",")]:
         proc = subprocess.run([sys.executable, __file__, "--child", qk, vl], capture_output=True, text=True,
                               timeout=240)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
