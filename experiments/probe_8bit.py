@@ -20,7 +20,7 @@ from pathlib import Path
 COMBOS = [(qk, vl) for qk in ("int8", "fp8") for vl in ("rows", "t_tma", "t_ptr")]
 
 
-def child(qk: str, vl: str) -> dict:
+def child(qk: str, vl: str, tiles: str = "") -> dict:
     import torch
     import torch.nn.functional as F
     from svg2_kernels.reference import varblock_attention_fp8_reference, varblock_attention_reference
@@ -57,10 +57,18 @@ def child(qk: str, vl: str) -> dict:
     q, k, v = (torch.randn(b, h, s, d, generator=g).to(torch.bfloat16).cuda() for _ in range(3))
     k = k + 1.0
     cfg = default_config("cuda", d, torch.cuda.get_device_capability(), s)
+    bf16_cfg = cfg
+    if tiles:  # block_m, block_n, warps[, block_m_small]: the 8-bit kernel's tiles (the bf16 one keeps its own)
+        import dataclasses
+
+        t = [int(x) for x in tiles.split(",")]
+        cfg = dataclasses.replace(cfg, block_m=t[0], block_n=t[1], num_warps=t[2],
+                                  block_m_small=t[3] if len(t) > 3 else 0)
+    meta_bf16 = build_varblock_metadata(qo, ko, bm, s, s, bf16_cfg)
     meta = build_varblock_metadata(qo, ko, bm, s, s, cfg)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-    t_bf16 = bench(lambda: run_bf16(q, k, v, meta))
+    t_bf16 = bench(lambda: run_bf16(q, k, v, meta_bf16))
     kv = quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows")
     info = []
     out = varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr", compile_info=info)
@@ -73,7 +81,8 @@ def child(qk: str, vl: str) -> dict:
     emu = varblock_attention_fp8_reference(*args, qk=qk).float()
     pairs = (bm * (qo.diff(dim=-1)[..., :, None] * ko.diff(dim=-1)[..., None, :])).sum().item()
     density = pairs / (b * h * s * s)
-    return dict(qk=qk, v_layout=vl, dense_ms=t_dense, bf16_ms=t_bf16, q8_ms=t8, quantize_ms=t_quant,
+    return dict(qk=qk, v_layout=vl, tiles=tiles or "default", dense_ms=t_dense, bf16_ms=t_bf16, q8_ms=t8,
+                quantize_ms=t_quant,
                 density=density, speedup_vs_bf16_kernel=t_bf16 / t8, efficiency_bf16=density * t_dense / t_bf16,
                 efficiency_8bit=density * t_dense / t8, err=(out[:, hh].float() - ref).abs().max().item(),
                 err_torch_same_quant=(emu - ref).abs().max().item(),
@@ -86,29 +95,35 @@ def main() -> None:
     ap.add_argument("--out", default="results/kernels")
     ap.add_argument("--tag", default="")
     ap.add_argument("--layouts", default="rows,t_tma,t_ptr", help="V layouts to run, comma-separated")
-    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--tiles", default="", help="';'-separated block_m,block_n,warps[,block_m_small] to try")
+    ap.add_argument("--child", nargs=3)
     a = ap.parse_args()
     if a.child:
         print("ROW " + json.dumps(child(*a.child)), flush=True)
         return
     rows = []
-    for qk, vl in [c for c in COMBOS if c[1] in a.layouts.split(",")]:
-        proc = subprocess.run([sys.executable, __file__, "--child", qk, vl], capture_output=True, text=True,
+    jobs = [(qk, vl, t) for qk, vl in COMBOS if vl in a.layouts.split(",") for t in (a.tiles or "").split(";")]
+    for qk, vl, t in jobs:
+        proc = subprocess.run([sys.executable, __file__, "--child", qk, vl, t], capture_output=True, text=True,
                               timeout=240)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-        row = json.loads(found[-1][4:]) if found else dict(qk=qk, v_layout=vl, error=(proc.stderr or "")[-600:])
+        row = json.loads(found[-1][4:]) if found else dict(qk=qk, v_layout=vl, tiles=t,
+                                                           error=(proc.stderr or "")[-600:])
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| QK | V layout | density | cuDNN dense ms | bf16 kernel ms | 8-bit ms | vs bf16 kernel | eff. bf16 "
+    lines = ["| QK | V layout | tiles (M, N, warps, small M) | regs/spills | density | cuDNN dense ms "
+             "| bf16 kernel ms | 8-bit ms | vs bf16 kernel | eff. bf16 "
              "| eff. 8-bit | quantize ms | rel. L2 vs fp32 (head 0) | max err / same-quant torch |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['qk']} | {r['v_layout']} | failed: {r['error'][-160:]!r} |" + " |" * 9)
+            lines.append(f"| {r['qk']} | {r['v_layout']} | {r['tiles']} | failed: {r['error'][-160:]!r} |" + " |" * 10)
             continue
-        lines.append(f"| {r['qk']} | {r['v_layout']} | {r['density']:.3f} | {r['dense_ms']:.2f} | {r['bf16_ms']:.2f} "
+        regs = ", ".join(f"{c['n_regs']}/{c['n_spills']}" for c in r.get("compile", []))
+        lines.append(f"| {r['qk']} | {r['v_layout']} | {r['tiles']} | {regs} | {r['density']:.3f} "
+                     f"| {r['dense_ms']:.2f} | {r['bf16_ms']:.2f} "
                      f"| {r['q8_ms']:.2f} | {r['speedup_vs_bf16_kernel']:.2f} | {r['efficiency_bf16']:.2f} "
                      f"| {r['efficiency_8bit']:.2f} | {r['quantize_ms']:.2f} | {r['relerr_vs_fp32']:.4f} "
                      f"| {r['err']:.3f} / {r['err_torch_same_quant']:.3f} |")
