@@ -20,7 +20,7 @@ from pathlib import Path
 COMBOS = [(qk, vl) for qk in ("int8", "fp8") for vl in ("rows", "t_tma", "t_ptr")]
 
 
-def child(qk: str, vl: str, tiles: str = "") -> dict:
+def child(qk: str, vl: str, tiles: str = "", pv: str = "fp8") -> dict:
     import torch
     import torch.nn.functional as F
     from svg2_kernels.reference import varblock_attention_fp8_reference, varblock_attention_reference
@@ -69,19 +69,19 @@ def child(qk: str, vl: str, tiles: str = "") -> dict:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v))
     t_bf16 = bench(lambda: run_bf16(q, k, v, meta_bf16))
-    kv = quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows")
+    kv = quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows", pv=pv)
     info = []
     out = varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr", compile_info=info)
     torch.cuda.synchronize()
     t8 = bench(lambda: varblock_attention_fp8_with_metadata(q, kv, meta, vt_pointers=vl == "t_ptr"))
-    t_quant = bench(lambda: quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows"))
+    t_quant = bench(lambda: quantize_kv_fp8(k, v, qk, v_transposed=vl != "rows", pv=pv))
     hh = slice(0, 1)
     args = (q[:, hh], k[:, hh], v[:, hh], qo[:, hh], ko[:, hh], bm[:, hh])
     ref = varblock_attention_reference(*args).float()
-    emu = varblock_attention_fp8_reference(*args, qk=qk).float()
+    emu = varblock_attention_fp8_reference(*args, qk=qk, pv=pv).float()
     pairs = (bm * (qo.diff(dim=-1)[..., :, None] * ko.diff(dim=-1)[..., None, :])).sum().item()
     density = pairs / (b * h * s * s)
-    return dict(qk=qk, v_layout=vl, tiles=tiles or "default", dense_ms=t_dense, bf16_ms=t_bf16, q8_ms=t8,
+    return dict(qk=qk, pv=pv, v_layout=vl, tiles=tiles or "default", dense_ms=t_dense, bf16_ms=t_bf16, q8_ms=t8,
                 quantize_ms=t_quant,
                 density=density, speedup_vs_bf16_kernel=t_bf16 / t8, efficiency_bf16=density * t_dense / t_bf16,
                 efficiency_8bit=density * t_dense / t8, err=(out[:, hh].float() - ref).abs().max().item(),
@@ -96,33 +96,36 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--layouts", default="rows,t_tma,t_ptr", help="V layouts to run, comma-separated")
     ap.add_argument("--tiles", default="", help="';'-separated block_m,block_n,warps[,block_m_small] to try")
-    ap.add_argument("--child", nargs=3)
+    ap.add_argument("--pv", default="fp8", help="fp8, bf16 (QK^T alone in 8 bits), or both: fp8,bf16")
+    ap.add_argument("--child", nargs=4)
     a = ap.parse_args()
     if a.child:
         print("ROW " + json.dumps(child(*a.child)), flush=True)
         return
     rows = []
-    jobs = [(qk, vl, t) for qk, vl in COMBOS if vl in a.layouts.split(",") for t in (a.tiles or "").split(";")]
-    for qk, vl, t in jobs:
-        proc = subprocess.run([sys.executable, __file__, "--child", qk, vl, t], capture_output=True, text=True,
+    jobs = [(qk, vl, t, pv) for qk, vl in COMBOS if vl in a.layouts.split(",") for t in (a.tiles or "").split(";")
+            for pv in a.pv.split(",")]
+    for qk, vl, t, pv in jobs:
+        proc = subprocess.run([sys.executable, __file__, "--child", qk, vl, t, pv], capture_output=True, text=True,
                               timeout=240)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-        row = json.loads(found[-1][4:]) if found else dict(qk=qk, v_layout=vl, tiles=t,
+        row = json.loads(found[-1][4:]) if found else dict(qk=qk, pv=pv, v_layout=vl, tiles=t,
                                                            error=(proc.stderr or "")[-600:])
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| QK | V layout | tiles (M, N, warps, small M) | regs/spills | density | cuDNN dense ms "
+    lines = ["| QK | PV | V layout | tiles (M, N, warps, small M) | regs/spills | density | cuDNN dense ms "
              "| bf16 kernel ms | 8-bit ms | vs bf16 kernel | eff. bf16 "
              "| eff. 8-bit | quantize ms | rel. L2 vs fp32 (head 0) | max err / same-quant torch |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['qk']} | {r['v_layout']} | {r['tiles']} | failed: {r['error'][-160:]!r} |" + " |" * 10)
+            lines.append(f"| {r['qk']} | {r['pv']} | {r['v_layout']} | {r['tiles']} | "
+                         f"failed: {r['error'][-160:]!r} |" + " |" * 10)
             continue
         regs = ", ".join(f"{c['n_regs']}/{c['n_spills']}" for c in r.get("compile", []))
-        lines.append(f"| {r['qk']} | {r['v_layout']} | {r['tiles']} | {regs} | {r['density']:.3f} "
+        lines.append(f"| {r['qk']} | {r['pv']} | {r['v_layout']} | {r['tiles']} | {regs} | {r['density']:.3f} "
                      f"| {r['dense_ms']:.2f} | {r['bf16_ms']:.2f} "
                      f"| {r['q8_ms']:.2f} | {r['speedup_vs_bf16_kernel']:.2f} | {r['efficiency_bf16']:.2f} "
                      f"| {r['efficiency_8bit']:.2f} | {r['quantize_ms']:.2f} | {r['relerr_vs_fp32']:.4f} "

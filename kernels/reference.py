@@ -116,13 +116,14 @@ def _round_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def varblock_attention_fp8_reference(q, k, v, q_offsets, k_offsets, block_map, scale: float | None = None,
-                                     qk: str = "int8"):
+                                     qk: str = "int8", pv: str = "fp8"):
     """The 8-bit kernel's arithmetic in fp32 torch (the "same-precision torch path" for its error rule).
 
     Quantizes exactly the operands the kernel quantizes, the same way: K centred on its per-head mean and
     scaled per channel, Q times K's channel scales and then per row (both to int8 or e4m3, ``qk``), V per
     channel and the softmax numerators (relative to the row max) as ``p * 256``, both e4m3. Everything else
-    is fp32. Shapes as :func:`varblock_attention_reference`; returns q's dtype.
+    is fp32 (with ``pv="bf16"`` V and P are not quantized). Shapes as :func:`varblock_attention_reference`;
+    returns q's dtype.
     """
     qmax, rnd = (127.0, _round_int8) if qk == "int8" else (448.0, _round_e4m3)
     b, h, sq, d = q.shape
@@ -141,8 +142,12 @@ def varblock_attention_fp8_reference(q, k, v, q_offsets, k_offsets, block_map, s
     q_amax = qf.abs().amax(-1, keepdim=True)
     q_scale = torch.where(q_amax > 0, q_amax / qmax, torch.ones_like(q_amax))
     q_deq = rnd(qf / q_scale) * q_scale
-    out = _masked_attention(q_deq, k8, v_deq, q_offsets, k_offsets, block_map, scale,
-                            quantize_p=lambda p: _round_e4m3(p * 256.0) / 256.0)
+    if pv == "bf16":
+        v_deq, quantize_p = vf, None
+    else:
+        def quantize_p(p):
+            return _round_e4m3(p * 256.0) / 256.0
+    out = _masked_attention(q_deq, k8, v_deq, q_offsets, k_offsets, block_map, scale, quantize_p=quantize_p)
     return out.reshape(b, h, sq, d).to(q.dtype)
 
 

@@ -89,6 +89,7 @@ class Fp8KeysValues:
     shape: tuple[int, int, int, int]  # (B, H, Sk, D) of the K/V they came from
     qk: str = "int8"  # the format of k8 (and of Q inside the kernel)
     v_transposed: bool = False
+    pv: str = "fp8"  # "bf16": v8 is V itself (16-bit, unscaled) and P @ V runs in 16 bits
 
 
 def fp8_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -167,9 +168,13 @@ def channel_scales(x: torch.Tensor, center: bool, qmax: float = E4M3_MAX) -> tup
     return shift, amax / qmax
 
 
-def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transposed: bool = False) -> Fp8KeysValues:
+def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transposed: bool = False,
+                    pv: str = "fp8") -> Fp8KeysValues:
     """Quantize cluster-sorted k, v (B, H, Sk, D) for the 8-bit kernel (see :class:`Fp8KeysValues`); qk: the
-    format of K ("int8" or "fp8"); V is always e4m3, stored transposed if ``v_transposed``."""
+    format of K ("int8" or "fp8"); pv: "fp8" (V in e4m3, stored transposed if ``v_transposed``) or "bf16"
+    (V as it is: only QK^T in 8 bits, SageAttention1's split)."""
+    if pv not in ("fp8", "bf16"):
+        raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
     if qk not in QK_FORMATS:
         raise ValueError(f"qk must be one of {QK_FORMATS}, got {qk!r}")
     if k.shape != v.shape or k.dim() != 4:
@@ -184,10 +189,15 @@ def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transp
     if v3.stride(-1) != 1:
         v3 = v3.contiguous()
     k_shift, k_scale = channel_scales(k3, center=True, qmax=127.0 if qk == "int8" else E4M3_MAX)
-    v_shift, v_scale = channel_scales(v3, center=False)
+    if pv == "bf16":
+        v_scale = torch.ones(n, d, device=k.device, dtype=torch.float32)
+    else:
+        v_shift, v_scale = channel_scales(v3, center=False)
     s_pad = -(-s // 16) * 16
     k8 = torch.empty(n * s, d, device=k.device, dtype=torch.int8 if qk == "int8" else _FP8)
-    if v_transposed:
+    if pv == "bf16":
+        v8 = v3.contiguous().view(n * s, d)
+    elif v_transposed:
         v8 = torch.empty(n * d, s_pad, device=k.device, dtype=_FP8)
         if s_pad > s:
             v8[:, s:].zero_()  # pad columns: read by boxes past the last key, multiplied by p = 0
@@ -196,12 +206,14 @@ def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transp
     block_s, block_d = 64, triton.next_power_of_2(d)
     grid = (n, triton.cdiv(s, block_s))
     emulate = triton_interpreting()
-    for x, shift, scale, out, transpose, int8 in ((k3, k_shift, k_scale, k8, False, qk == "int8"),
-                                                  (v3, v_shift, v_scale, v8, v_transposed, False)):
+    jobs = [(k3, k_shift, k_scale, k8, False, qk == "int8")]
+    if pv == "fp8":
+        jobs.append((v3, v_shift, v_scale, v8, v_transposed, False))
+    for x, shift, scale, out, transpose, int8 in jobs:
         _quantize_kernel[grid](x, shift, scale, out, s, out.stride(0), x.stride(0), x.stride(1), D=d,
                                BLOCK_S=block_s, BLOCK_D=block_d, TRANSPOSE=transpose, INT8=int8,
                                EMULATE_RNE=emulate, num_warps=4)
-    return Fp8KeysValues(k8, k_scale, v8, v_scale, (b, h, s, d), qk, v_transposed)
+    return Fp8KeysValues(k8, k_scale, v8, v_scale, (b, h, s, d), qk, v_transposed and pv == "fp8", pv)
 
 
 # ------------------------------------------------------------------------------------------- kernel
@@ -209,7 +221,8 @@ def quantize_kv_fp8(k: torch.Tensor, v: torch.Tensor, qk: str = "int8", v_transp
 if _HAS_TRITON:
 
     @triton.jit
-    def _fp8_softmax_step(qk, n_mask, v, row_scale, m_i, l_i, acc, V_T: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    def _fp8_softmax_step(qk, n_mask, v, row_scale, m_i, l_i, acc, V_T: tl.constexpr, PV_FP8: tl.constexpr,
+                          EMULATE_RNE: tl.constexpr):
         """online_softmax_step with a per-row score scale (Q's quantization scale times the softmax scale,
         exp2 domain), P in e4m3 and V in e4m3, (N, D) or transposed (D, N) when V_T."""
         qk = qk + tl.where(n_mask, 0.0, float("-inf"))[None, :]
@@ -217,7 +230,7 @@ if _HAS_TRITON:
         p = tl.math.exp2(qk * row_scale[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p8 = to_e4m3(p * 256.0, EMULATE_RNE)
+        p8 = to_e4m3(p * 256.0, EMULATE_RNE) if PV_FP8 else (p * 256.0).to(v.dtype)
         # Accumulate in place, as the bf16 kernel: a separate (M, D) fp32 product doubles the accumulator's
         # registers (128 per thread at 128x128 with 4 warps) and spilled, 2.5x slower than bf16 (run r23).
         acc = acc * alpha[:, None]
@@ -234,7 +247,7 @@ if _HAS_TRITON:
         H, Cq1, T_ROW, SEQ_Q, SEQ_K,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER_Q: tl.constexpr, QK_INT8: tl.constexpr,
-        V_MODE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+        V_MODE: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_RNE: tl.constexpr,
     ):
         # V_MODE 0: V (B*H*Sk, D) rows by TMA (Triton transposes each tile in shared memory for the K-major
         # wgmma operand); 1: V^T (B*H*D, Sk_pad) by TMA; 2: V^T by pointer loads.
@@ -279,7 +292,7 @@ if _HAS_TRITON:
             else:
                 qk = tl.dot(q8, tl.trans(k))
             m_i, l_i, acc = _fp8_softmax_step(qk, offs_n < (packed & 255), v, row_scale, m_i, l_i, acc,
-                                              V_MODE != 0, EMULATE_RNE)
+                                              V_MODE != 0, PV_FP8, EMULATE_RNE)
         v_scale = tl.load(VSCALE + n * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         acc = acc * (v_scale * (1.0 / 256.0))[None, :]
         store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os)
@@ -331,7 +344,8 @@ def varblock_attention_fp8_with_metadata(q: torch.Tensor, kv: Fp8KeysValues, met
             out.stride(0), out.stride(1), out.stride(2),
             h, meta.chunk_count.shape[1], meta.chunk_table.shape[-1], sq, kv.shape[2],
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, GATHER_Q=q_perm is not None,
-            QK_INT8=kv.qk == "int8", V_MODE=v_mode, EMULATE_RNE=triton_interpreting(), num_warps=warps,
+            QK_INT8=kv.qk == "int8", V_MODE=v_mode, PV_FP8=kv.pv == "fp8", EMULATE_RNE=triton_interpreting(),
+            num_warps=warps,
             num_stages=cfg.num_stages,
         )
         if compile_info is not None:
