@@ -21,6 +21,14 @@ The running max, sum and accumulator stay fp32; each key tile's P @ V is accumul
 The quantization of K and V is one torch reduction pass plus one Triton
 pass each (:func:`quantize_kv_fp8`); the query side is free.
 
+Measured (H200, Triton 3.6, Wan 1.3B heads at density 0.25; results/kernels/probe_8bit_r23..r26.md): **slower
+than the bf16 kernel**, 0.39-0.49x with PV in e4m3 (13.0-13.4 ms against 5.2 ms) and 0.92-0.94x with QK^T alone in 8
+bits (``pv="bf16"``), at every tile config tried. At 128x64 tiles with 4 warps the 8-bit loop needs 255 registers and
+spills; 8 warps remove the spills and are no faster. V^T by TMA at unaligned key offsets faults (illegal instruction),
+so V is read as rows by default. Relative L2 error against fp32 on head 0: 3.8% (INT8 QK^T, FP8 PV), 5.3% (FP8 both),
+1.2% (INT8 QK^T, bf16 PV), against 0.2% for the bf16 kernel. The variants stay opt-in for quality studies and for
+Triton versions that lower 8-bit attention better.
+
 Accuracy is that of e4m3 (3 mantissa bits): tests compare against a torch path that quantizes the same
 operands the same way (:func:`svg2_kernels.reference.varblock_attention_fp8_reference`) and against fp32.
 Under Triton's interpreter, whose fp32 -> e4m3 conversion drops the carry when rounding crosses a power of two
