@@ -397,6 +397,9 @@ def run(cfg: dict) -> list[dict]:
 
     ktiles = KMeansTiles(*cfg["kmeans_tiles"]) if cfg.get("kmeans_tiles") else None
     extra = dict(tiles=ktiles, sort_k=bool(cfg.get("kmeans_sort_k")))
+    # QK^T formats of the opt-in 8-bit variants asked for ("triton_int8_fp8" -> "int8", "triton_fp8" -> "fp8")
+    qk8_formats = [{"triton_int8_fp8": "int8", "triton_fp8": "fp8"}[v_] for v_ in cfg["variants"]
+                   if v_ in ("triton_int8_fp8", "triton_fp8")]
 
     def emit(row: dict, table: list):
         table.append(row)
@@ -523,8 +526,7 @@ def run(cfg: dict) -> list[dict]:
                     row["err_ours"] = (out[:, hh].float() - ref.float()).abs().max().item()
                     row["err_torch_same_prec"] = (low.float() - ref.float()).abs().max().item()
                     row["finite"] = bool(torch.isfinite(out).all().item())
-                for qk8 in [v_[len("triton_"):].split("_")[0] for v_ in cfg["variants"]
-                            if v_ in ("triton_int8_fp8", "triton_fp8")]:
+                for qk8 in qk8_formats:
                     measure_8bit(row, qk8, qs, ks, vs, q_off, k_off, bm4, meta, out, t_dense, density, dev, budget)
                 if "flex" in cfg["variants"] and dev.type == "cuda":
                     try:
@@ -565,8 +567,7 @@ def run(cfg: dict) -> list[dict]:
                         row["call_graph_nonattn_ms"] = graph_time(call, q, k, v, reps)
                         call.skip_attention = False
                         row["call_graph_nonattn_frac"] = row["call_graph_nonattn_ms"] / row["call_graph_ms"]
-                        for qk8 in [v_[len("triton_"):].split("_")[0] for v_ in cfg["variants"]
-                                    if v_ in ("triton_int8_fp8", "triton_fp8")]:
+                        for qk8 in qk8_formats:
                             c8 = SVG2Call(rq.centroids, rk.centroids, dens, cfg["min_kc_ratio"],
                                           cfg["kmeans_step_iters"], kcfg, qk8=qk8, **extra)
                             bd8 = breakdown(c8, q, k, v, reps)
