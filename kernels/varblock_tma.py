@@ -34,7 +34,7 @@ def tma_refusals(device_type: str, dtype: torch.dtype, head_dim: int, block_n: i
     if block_n is not None and not 16 <= block_n <= 128:
         reasons.append(f"block_n {block_n} not in [16, 128] (one TMA box per tile; the tile table packs at most "
                        "255 valid rows)")
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     if (head_dim * esize) % 16:
         reasons.append(f"head dim {head_dim} x {esize} bytes is not a multiple of 16 bytes (TMA rows): "
                        "use kernel 'triton_chunks'")
