@@ -2,21 +2,37 @@
 
     svg2-report multirun/quickstart                 # a sweep folder, a store folder, or a folder of sweeps
     svg2-report multirun/pareto multirun/kernels --out reports/h200
+
+``svg2-run`` writes the same report when a run or multirun ends (:class:`ReportCallback`, named in
+``conf/config.yaml``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from analysis.pareto import plot_pareto
 from analysis.tables import failures, summarise, to_latex, to_markdown
+from svg2.harness.ranks import rank_policy
 from svg2.harness.store import load_results
 
-__all__ = ["write_report", "main"]
+__all__ = ["write_report", "report_dir_for", "ReportCallback", "main"]
+
+log = logging.getLogger("svg2.harness")
+
+
+def report_dir_for(store_dir: Path) -> Path:
+    """``<run or sweep dir>/report`` for ``<run or sweep dir>/results``; ``<store>/report`` otherwise."""
+    return store_dir.parent / "report" if store_dir.name == "results" else store_dir / "report"
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
@@ -84,13 +100,70 @@ def _failures_md(f: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+class ReportCallback(Callback):
+    """``report: true`` (default) writes ``<run or sweep dir>/report/`` from the results store when a run or
+    multirun ends. The stores come from the jobs' return values (``svg2.harness.cli.run_from_hydra``), kept
+    by this callback object for the run it belongs to."""
+
+    def __init__(self) -> None:
+        self._stores: list[Path] = []
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._stores = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._stores = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
+        if job_return is None or job_return.status != JobStatus.COMPLETED:
+            return
+        value = job_return.return_value
+        if isinstance(value, dict) and value.get("store_dir"):
+            self._stores.append(Path(value["store_dir"]))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("report", True) and self._stores:
+            self._report(config, self._stores[-1])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("report", True):
+            return
+        if self._stores:  # jobs ran in this process (basic launcher)
+            stores = list(dict.fromkeys(self._stores))
+        elif config.store.get("dir"):  # jobs ran elsewhere (SLURM): the store the config names
+            stores = [Path(config.store.dir).expanduser()]
+        else:
+            stores = [Path(str(config.hydra.sweep.dir)) / "results"]
+        for store in stores:
+            self._report(config, store)
+
+    def _report(self, config: DictConfig, store: Path) -> None:
+        if not rank_policy(config).report_allowed():  # under torchrun: after every rank's rows, rank 0 only
+            return
+        if not store.exists():
+            return
+        out = report_dir_for(store)
+        try:
+            files = write_report([store], out)
+        except Exception as e:  # noqa: BLE001 - a report problem must never lose or fail the runs
+            log.error("report for %s failed: %s: %s (rerun: svg2-report %s)", store, type(e).__name__, e, store)
+            return
+        print(f"[svg2-run] report: {out} ({len(files)} files)")
+        if config.logger.name == "wandb":
+            from svg2.harness.loggers import make_logger
+
+            lg = make_logger(config.logger, {}, name="report", out_dir=out, job_type="report")
+            lg.log_images({p.stem: p for p in files if p.suffix == ".png"})
+            lg.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="svg2-report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paths", nargs="+", help="results store(s), sweep folder(s) or parent folder(s)")
     ap.add_argument("--out", default=None, help="output folder (default: <first path>/report)")
     args = ap.parse_args(argv)
     first = Path(args.paths[0])
-    out = Path(args.out) if args.out else (first.parent / "report" if first.name == "results" else first / "report")
+    out = Path(args.out) if args.out else report_dir_for(first)
     try:
         files = write_report(args.paths, out)
     except FileNotFoundError as e:

@@ -35,19 +35,15 @@ from pathlib import Path
 
 import torch
 
-WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-MODELS = {
-    # Wan 2.1 T2V 1.3B, 832x480, 81 frames -> latent 21 x 60 x 104 -> 32760 tokens
-    "wan1.3b": dict(label="Wan2.1-1.3B 480p 81f", latent=(21, 60, 104), text_len=512, clusters=(100, 500),
-                    config=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)),
-    # Wan 2.1 T2V 14B, 1280x720, 81 frames -> latent 21 x 90 x 160 -> 75600 tokens
-    "wan14b": dict(label="Wan2.1-14B 720p 81f", latent=(21, 90, 160), text_len=512, clusters=(300, 1000),
-                   config=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)),
-    # CPU smoke test of this script
-    "tiny": dict(label="tiny (CPU smoke)", latent=(3, 8, 8), text_len=16, clusters=(8, 16),
-                 config=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)),
-}
+from svg2.benchmark import (
+    WAN_TRANSFORMERS,
+    peak_gb,
+    random_wan_transformer,
+    repeat_ms,
+    reset_peak,
+    wan_transformer_inputs,
+)
+
 NUM_STEPS = 50
 SCENARIOS = [(0.25, 0.2), (0.12, 0.1), (0.25, 0.1), (0.12, 0.2)]  # (density, dense-step fraction)
 
@@ -57,69 +53,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls (CUDA events on the GPU)."""
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def peak_gb(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def build_model(spec: dict, device, dtype):
-    """Random-weight WanTransformer3DModel built directly on the device in ``dtype``; the modules diffusers
-    keeps in float32 when loading (``_keep_in_fp32_modules``) are float32 here too."""
-    from diffusers import WanTransformer3DModel
-
-    cfg = {**WAN_COMMON, **spec["config"]}
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = WanTransformer3DModel(**cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    keep = set(model._keep_in_fp32_modules or [])
-    for name, p in model.named_parameters():
-        if keep & set(name.split(".")):
-            p.data = p.data.float()
-    for name, b in model.named_buffers():
-        if keep & set(name.split(".")):
-            b.data = b.data.float()
-    return model.eval().requires_grad_(False)
-
-
-def make_inputs(spec: dict, device, dtype, seed: int = 0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    f, h, w = spec["latent"]
-    c = spec["config"].get("text_dim", WAN_COMMON["text_dim"])
-    return dict(
-        hidden_states=torch.randn(1, 16, f, h, w, generator=g, device=device).to(dtype),
-        timestep=torch.tensor([500.0], device=device),
-        encoder_hidden_states=torch.randn(1, spec["text_len"], c, generator=g, device=device).to(dtype),
-        return_dict=False,
-    )
-
-
 def attention_ms(spec: dict, device, dtype, repeats: int) -> float:
     """One dense self-attention call (SDPA, same backend priority as the model) on the model's shape."""
     f, h, w = spec["latent"]
@@ -127,8 +60,8 @@ def attention_ms(spec: dict, device, dtype, repeats: int) -> float:
     heads, d = spec["config"]["num_attention_heads"], spec["config"]["attention_head_dim"]
     q, k, v = (torch.randn(1, heads, s, d, device=device, dtype=dtype) for _ in range(3))
     fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    timed(fn, device, 2)
-    return statistics.median(timed(fn, device, repeats))
+    repeat_ms(fn, device, 2)
+    return statistics.median(repeat_ms(fn, device, repeats))
 
 
 def projection(t_dense: float, t_warmup_step: float, t_cold: float, t_sparse: float, frac: float) -> dict:
@@ -143,7 +76,7 @@ def projection(t_dense: float, t_warmup_step: float, t_cold: float, t_sparse: fl
 def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
     from svg2 import SVG2Config, enable_svg2
 
-    spec = MODELS[name]
+    spec = WAN_TRANSFORMERS[name]
     rep = args.repeats if name != "wan14b" else args.repeats_14b
     res: dict = {"model": name, "label": spec["label"], "compiled": compiled, "dtype": str(dtype),
                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -155,11 +88,11 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
     res["clusters"] = [cq, ck]
     t0 = time.perf_counter()
     reset_peak(device)
-    model = build_model(spec, device, dtype)
+    model = random_wan_transformer(spec, device, dtype)
     _sync(device)
     res["build_s"] = time.perf_counter() - t0
     res["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    inputs = make_inputs(spec, device, dtype)
+    inputs = wan_transformer_inputs(spec, device, dtype)
     log(f"[{name}{' compiled' if compiled else ''}] built in {res['build_s']:.1f}s, "
         f"{res['weights_gb']:.1f} GB, S={res['seq_len']}")
 
@@ -178,7 +111,7 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
     res["dense_first_call_s"] = time.perf_counter() - t0
     res["output_finite"] = bool(torch.isfinite(out).all())
     reset_peak(device)
-    res["dense_ms"] = statistics.median(timed(lambda: fwd(runner), device, rep))
+    res["dense_ms"] = statistics.median(repeat_ms(lambda: fwd(runner), device, rep))
     res["dense_peak_gb"] = peak_gb(device)
     log(f"  dense {res['dense_ms']:.1f} ms (first call {res['dense_first_call_s']:.1f}s)")
     if not compiled:
@@ -201,15 +134,15 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
         fwd(runner)
         _sync(device)
         res["ours_dense_first_call_s"] = time.perf_counter() - t0
-    res["ours_dense_ms"] = statistics.median(timed(lambda: fwd(runner), device, rep))
+    res["ours_dense_ms"] = statistics.median(repeat_ms(lambda: fwd(runner), device, rep))
     log(f"  ours dense {res['ours_dense_ms']:.1f} ms (first call {res.get('ours_dense_first_call_s', 0):.1f}s)")
     # first sparse call of the process: Triton JIT + cold k-means; then reset and time a clean cold call
     handle.set_step(NUM_STEPS - 1, num_steps=NUM_STEPS)
-    res["sparse_first_call_ms"] = timed(lambda: fwd(runner), device, 1)[0]
+    res["sparse_first_call_ms"] = repeat_ms(lambda: fwd(runner), device, 1)[0]
     handle.reset()
     handle.set_step(NUM_STEPS - 1, num_steps=NUM_STEPS)
     reset_peak(device)
-    res["cold_ms"] = timed(lambda: fwd(runner), device, 1)[0]
+    res["cold_ms"] = repeat_ms(lambda: fwd(runner), device, 1)[0]
     log(f"  svg2 first call {res['sparse_first_call_ms']:.0f} ms, cold call {res['cold_ms']:.0f} ms")
     res["svg2"] = {}
     for d in densities:
@@ -218,7 +151,7 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
         if handle.timer is not None:
             handle.timer.reset()
         n_before = len(handle.targets[0].state.records)
-        ms = timed(lambda: fwd(runner), device, rep)
+        ms = repeat_ms(lambda: fwd(runner), device, rep)
         recs = handle.targets[0].state.resolved_records()[n_before:]
         sparse = [r["density"] for r in recs if not r.get("dense")]
         entry = {"ms": statistics.median(ms), "all_ms": ms, "measured_density": statistics.mean(sparse),
@@ -317,7 +250,7 @@ def main(argv=None) -> None:
                 (out / "e2e.md").write_text(table([r for r in results if "error" not in r]) + "\n")
             except Exception as e:  # keep the other models' numbers
                 log(f"FAILED {name} compiled={compiled}: {type(e).__name__}: {e}")
-                results.append({"model": name, "label": MODELS[name]["label"], "compiled": compiled,
+                results.append({"model": name, "label": WAN_TRANSFORMERS[name]["label"], "compiled": compiled,
                                 "error": f"{type(e).__name__}: {e}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

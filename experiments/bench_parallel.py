@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism benchmark: step time of one video on 1 and on N GPUs, dense and SVG2.
 
-Random-weight Wan 2.1 transformers (``experiments/bench_e2e.py``'s shapes: 1.3B at 480p, 14B at 720p, 81
+Random-weight Wan 2.1 transformers (``svg2.benchmark.WAN_TRANSFORMERS``: 1.3B at 480p, 14B at 720p, 81
 frames), bf16, batch 1 per transformer call; a denoising step is two calls (CFG: cond, uncond). SVG2 runs at a
 fixed target density (25% by default; ``dense_layers=1``, every step sparse: the first step is the cold
 k-means, later ones warm). Dense is the stock diffusers model (SDPA; under context parallelism diffusers' own
@@ -23,17 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script under torchrun
-
-from experiments.bench_e2e import MODELS, build_model, make_inputs, peak_gb, reset_peak, timed  # noqa: E402
-from svg2 import SVG2Config, enable_svg2  # noqa: E402
-from svg2.parallel import enable_ulysses, init_distributed, per_rank_summary  # noqa: E402
+from svg2 import SVG2Config, enable_svg2
+from svg2.benchmark import (
+    WAN_TRANSFORMERS,
+    peak_gb,
+    random_wan_transformer,
+    repeat_ms,
+    reset_peak,
+    wan_transformer_inputs,
+)
+from svg2.parallel import enable_ulysses, init_distributed, per_rank_summary
 
 DEFAULT_MODELS = "wan1.3b,wan14b"
 
@@ -53,7 +57,7 @@ def run_steps(model, inputs, steps: int, device) -> tuple[list[float], torch.Ten
             for branch in ("cond", "uncond"):
                 with model.cache_context(branch, step_index=i, num_inference_steps=steps):
                     out = model(**inputs)[0]
-        times += timed(step, device, 1)
+        times += repeat_ms(step, device, 1)
     return times, out
 
 
@@ -86,15 +90,15 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def bench_model(name: str, args, info, device, dtype, log) -> dict | None:
-    spec = MODELS[name]
+    spec = WAN_TRANSFORMERS[name]
     n = info.world_size
     heads = spec["config"]["num_attention_heads"]
     if heads % n:
         log(f"[{name}] skipped: {heads} heads do not divide by {n} GPUs")
         return None
     torch.manual_seed(0)
-    model = build_model(spec, device, dtype)
-    inputs = make_inputs(spec, device, dtype)
+    model = random_wan_transformer(spec, device, dtype)
+    inputs = wan_transformer_inputs(spec, device, dtype)
     methods = args.methods.split(",")
     single: dict[str, dict] = {}
     if info.rank == 0:
@@ -142,7 +146,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {sorted(MODELS)}")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {sorted(WAN_TRANSFORMERS)}")
     ap.add_argument("--methods", default="dense,svg2")
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=3, help="denoising steps timed (the first is SVG2's cold step)")

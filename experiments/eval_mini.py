@@ -20,16 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from svg2.harness.metrics import mean_psnr
 from svg2.mini import checker
 from svg2.mini.model import build_transformer
 from svg2.mini.pipeline import MiniPipeline, load_mini_pipeline
 from svg2.mini.structure import measure_top_mass
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Per-frame PSNR (data range 1.0) averaged over frames; a, b: (F, H, W, 3)."""
-    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(-1)
-    return float((10 * np.log10(1.0 / np.maximum(mse, 1e-12))).mean())
 
 
 def density_sweep(pipe: MiniPipeline, densities: list[float], n_prompts: int) -> list[dict]:
@@ -49,7 +44,7 @@ def density_sweep(pipe: MiniPipeline, densities: list[float], n_prompts: int) ->
                 stats = handle.stats()
             finally:
                 handle.remove()
-            row = {"prompt": prompt, "target_density": td, "psnr": _psnr(sparse, dense),
+            row = {"prompt": prompt, "target_density": td, "psnr": mean_psnr(sparse, dense),
                    "mean_sparse_density": stats["mean_sparse_density"], "mean_density": stats["mean_density"],
                    "seconds": time.time() - t0}
             rows.append(row)

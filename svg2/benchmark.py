@@ -10,6 +10,9 @@ one call (DESIGN.md section 7):
 
 Phases (k-means, selection, permutation, metadata, attention) come from the call's own
 :class:`~svg2.timing.ComponentTimer` sections. Rows are plain dicts written as Markdown + JSON.
+
+Whole-transformer benchmarks (``experiments/bench_e2e.py``, ``experiments/bench_parallel.py``) share the
+random-weight Wan transformers of :data:`WAN_TRANSFORMERS` (speed does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.timing import ComponentTimer
 
-__all__ = ["PHASES", "time_ms", "graph_ms", "busy_cycles_per_ms", "dense_ms", "WholeCall", "write_rows"]
+__all__ = ["PHASES", "repeat_ms", "time_ms", "graph_ms", "busy_cycles_per_ms", "dense_ms", "WholeCall", "write_rows",
+           "WAN_TRANSFORMERS", "random_wan_transformer", "wan_transformer_inputs", "peak_gb", "reset_peak"]
 
 PHASES = ("kmeans", "selection", "permutation", "metadata", "attention")
 
@@ -39,19 +43,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, budget_ms: float = 400.0, min_reps: int = 3,
-            max_reps: int = 100) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up call (CUDA events on a GPU, the wall clock on CPU);
-    as many repeats as fit ``budget_ms`` within [min_reps, max_reps]."""
-    fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    one = (time.perf_counter() - t0) * 1e3
-    reps = int(min(max_reps, max(min_reps, budget_ms / max(one, 1e-3))))
+def repeat_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn()``: CUDA events on a GPU, the wall clock on CPU."""
     times = []
-    for _ in range(reps):
+    for _ in range(repeats):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -63,7 +58,21 @@ def time_ms(fn: Callable[[], Any], device: torch.device, budget_ms: float = 400.
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, budget_ms: float = 400.0, min_reps: int = 3,
+            max_reps: int = 100) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call (:func:`repeat_ms`); as many repeats as fit
+    ``budget_ms`` within [min_reps, max_reps]."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = (time.perf_counter() - t0) * 1e3
+    reps = int(min(max_reps, max(min_reps, budget_ms / max(one, 1e-3))))
+    return statistics.median(repeat_ms(fn, device, reps))
 
 
 def graph_ms(fn: Callable[[], Any], reps: int = 20) -> float:
@@ -184,3 +193,69 @@ def write_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], out_dir: 
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+# -- whole transformers ------------------------------------------------------------------------------------
+
+_WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    # Wan 2.1 T2V 1.3B, 832x480, 81 frames -> latent 21 x 60 x 104 -> 32760 tokens
+    "wan1.3b": dict(label="Wan2.1-1.3B 480p 81f", latent=(21, 60, 104), text_len=512, clusters=(100, 500),
+                    config=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)),
+    # Wan 2.1 T2V 14B, 1280x720, 81 frames -> latent 21 x 90 x 160 -> 75600 tokens
+    "wan14b": dict(label="Wan2.1-14B 720p 81f", latent=(21, 90, 160), text_len=512, clusters=(300, 1000),
+                   config=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)),
+    # CPU smoke tests of the benchmarks
+    "tiny": dict(label="tiny (CPU smoke)", latent=(3, 8, 8), text_len=16, clusters=(8, 16),
+                 config=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)),
+}
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory in GiB since the last :func:`reset_peak` (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def random_wan_transformer(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random-weight ``WanTransformer3DModel`` of ``spec`` (a :data:`WAN_TRANSFORMERS` entry) built directly on
+    the device in ``dtype``; the modules diffusers keeps in float32 when loading (``_keep_in_fp32_modules``)
+    are float32 here too, so the timing matches a loaded checkpoint."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = {**_WAN_COMMON, **spec["config"]}
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    keep = set(model._keep_in_fp32_modules or [])
+    for name, p in model.named_parameters():
+        if keep & set(name.split(".")):
+            p.data = p.data.float()
+    for name, b in model.named_buffers():
+        if keep & set(name.split(".")):
+            b.data = b.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def wan_transformer_inputs(spec: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                           seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one transformer forward of ``spec``: batch 1 (one CFG branch), timestep 500."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    f, h, w = spec["latent"]
+    c = spec["config"].get("text_dim", _WAN_COMMON["text_dim"])
+    return dict(
+        hidden_states=torch.randn(1, 16, f, h, w, generator=g, device=device).to(dtype),
+        timestep=torch.tensor([500.0], device=device),
+        encoder_hidden_states=torch.randn(1, spec["text_len"], c, generator=g, device=device).to(dtype),
+        return_dict=False,
+    )

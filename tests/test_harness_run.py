@@ -59,7 +59,7 @@ def _rows(store: Path) -> pd.DataFrame:
 
 
 def _svg2_run_in_process(args, monkeypatch):
-    from experiments.run import main
+    from svg2.harness.cli import main
 
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["svg2-run", *args])

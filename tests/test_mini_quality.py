@@ -8,11 +8,11 @@ The floor leaves ~2.8 dB of margin for platform differences in k-means and BLAS 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from svg2 import SVG2Config
+from svg2.harness.metrics import mean_psnr
 from svg2.mini.pipeline import default_weights_path, load_mini_pipeline
 
 PSNR_FLOOR_DB = 26.0
@@ -21,11 +21,6 @@ PROMPT = "a red circle moves right over a flat blue background"
 pytestmark = pytest.mark.skipif(not (default_weights_path() / "transformer").is_dir(),
                                 reason="mini weights not shipped in this checkout")
 
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Per-frame PSNR (data range 1.0), averaged over frames. a, b: (F, H, W, 3)."""
-    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(-1)
-    return float((10 * np.log10(1.0 / np.maximum(mse, 1e-12))).mean())
 
 
 def test_svg2_defaults_on_mini_quick_stay_above_psnr_floor():
@@ -39,6 +34,6 @@ def test_svg2_defaults_on_mini_quick_stay_above_psnr_floor():
         stats = handle.stats()
     finally:
         handle.remove()
-    psnr = _psnr(sparse, dense)
+    psnr = mean_psnr(sparse, dense)
     assert stats["mean_sparse_density"] < 1.0, "SVG2 never ran sparse: the hooks did not see the steps"
     assert psnr >= PSNR_FLOOR_DB, f"SVG2 vs dense PSNR {psnr:.2f} dB < floor {PSNR_FLOOR_DB} dB"

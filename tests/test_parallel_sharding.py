@@ -18,11 +18,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from svg2.harness.ranks import mode_of
 from svg2.harness.schema import register_configs
 from svg2.harness.store import ResultsStore
 from svg2.parallel import merge_stores, my_rows, shard_keys
 from svg2.parallel.dist import DistInfo
-from svg2.parallel.harness_hooks import mode_of
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

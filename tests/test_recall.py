@@ -114,7 +114,7 @@ def test_cli_on_synthetic_heads(tmp_path, capsys):
 
 def test_recorder_during_a_tiny_wan_generation(tmp_path):
     from svg2 import enable_svg2
-    from tests.tiny_diffusers import tiny_wan_pipeline
+    from svg2.harness.models import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -63,34 +63,3 @@ def hunyuan_inputs(batch: int = 2, frames: int = 4, size: int = 16, text_len: in
         guidance=torch.full((batch,), 6000.0),
         return_dict=False,
     )
-
-
-def tiny_tokenizer(max_length: int = 16):
-    """A word-level fast tokenizer built in memory (no files, no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "a red blue green ball cube moves left right up down on black white background slowly fast".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
-
-
-def tiny_wan_pipeline(two_experts: bool = False):
-    """WanPipeline with a tiny VAE, a tiny UMT5 text encoder and a tiny tokenizer, all built locally."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0))
-    kw = {}
-    if two_experts:
-        kw = dict(transformer_2=tiny_wan(num_layers=2, seed=1), boundary_ratio=0.5)
-    return WanPipeline(tokenizer=tiny_tokenizer(), text_encoder=text_encoder.eval(), vae=vae.eval(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan(num_layers=2),
-                       **kw)

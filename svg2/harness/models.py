@@ -56,10 +56,14 @@ def _char_tokenizer(max_length: int):
 
 
 def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int = 2, head_dim: int = 16,
-                      text_dim: int = 32, text_len: int = 16, flow_shift: float = 3.0,
+                      text_dim: int = 32, text_len: int = 16, flow_shift: float = 3.0, two_experts: bool = False,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny diffusers ``WanPipeline`` (UMT5 text encoder, Wan VAE, Wan transformer),
-    deterministic under ``init_seed``. Its attention has no learned structure: for plumbing, not quality."""
+    deterministic under ``init_seed``. Its attention has no learned structure: for plumbing, not quality.
+
+    ``two_experts``: a Wan 2.2 A14B-style pipeline, a second transformer (the low-noise expert) taking over
+    below timestep 600 (``boundary_ratio=0.6``: with UniPC's flow sigmas at shift 3 the last of 4 steps sits at
+    t=500, so even a 4-step test run uses both experts)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -73,10 +77,14 @@ def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int
                              relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
                              decoder_start_token_id=0)
         text_encoder = UMT5EncoderModel(enc_cfg)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=16,
-            out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=2 * num_heads * head_dim,
-            num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+        def make_transformer() -> WanTransformer3DModel:
+            return WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=16,
+                out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=2 * num_heads * head_dim,
+                num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+
+        transformer = make_transformer()
+        experts = dict(transformer_2=make_transformer().eval(), boundary_ratio=0.6) if two_experts else {}
     finally:
         torch.random.set_rng_state(gen_state)
     for m in (vae, text_encoder, transformer):
@@ -84,12 +92,13 @@ def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=flow_shift)
     pipe = WanPipeline(tokenizer=_char_tokenizer(text_len), text_encoder=text_encoder, vae=vae,
-                       scheduler=scheduler, transformer=transformer)
+                       scheduler=scheduler, transformer=transformer, **experts)
     pipe._svg2_max_sequence_length = text_len  # the harness passes it as max_sequence_length
     pipe.to(device=device)
     if dtype != torch.float32:
-        pipe.transformer.to(dtype)
-        pipe.text_encoder.to(dtype)
+        for m in (pipe.transformer, getattr(pipe, "transformer_2", None), pipe.text_encoder):
+            if m is not None:
+                m.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,10 +1,15 @@
 """One harness job: every (prompt, seed) of one (model, method, kernel) configuration -> result rows.
 
-Flow per job: skip rows the store already holds -> load the pipeline (kept across the jobs of one process)
--> dense reference videos (cache hit, or generated with the stock pipeline) -> enable the method ->
-optional warm-up -> per (prompt, seed): timed generation, MP4, metrics against the reference, one row.
-Any exception inside a row (OOM included) becomes a ``status="failed"`` row with the error and the job goes
-on; a relaunch retries it. Nothing is lost on a kill: every finished row is already on disk.
+:func:`run_job` runs the stages of a job in order: ``plan`` (method spec, row keys, this rank's share, skip
+rows the store already holds) -> ``load`` (the pipeline, kept across the jobs of one process by the
+:class:`~svg2.harness.session.RunSession`) -> ``references`` (dense videos: cache hit, or generated with the
+stock pipeline) -> ``enable`` (the method, optional warm-up) -> ``rows`` (per (prompt, seed): timed generation,
+MP4, metrics against the reference, one row). The rank policy of ``parallel.mode``
+(:mod:`svg2.harness.ranks`) decides this rank's share and what it writes.
+
+A stage that fails records every row still to run as failed (``failed_stage`` names it) and ends the job;
+an exception inside a row (OOM included) fails that row only and the job goes on. A relaunch retries failed
+rows. Nothing is lost on a kill: every finished row is already on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,14 +35,14 @@ from svg2.harness.environment import environment_info
 from svg2.harness.generation import GenerationResult, generate
 from svg2.harness.loggers import NullLogger, make_logger
 from svg2.harness.metrics import MetricSuite
-from svg2.harness.models import load_pipeline
 from svg2.harness.prompts import Prompt, load_prompts
+from svg2.harness.ranks import RankPolicy, rank_policy
 from svg2.harness.reference import ReferenceCache, reference_key
+from svg2.harness.session import LoadedPipeline, RunSession
 from svg2.harness.store import ResultsStore
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
-from svg2.parallel import harness_hooks as par
 
-__all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job", "clear_pipeline_cache"]
+__all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job"]
 
 log = logging.getLogger("svg2.harness")
 
@@ -94,9 +98,10 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
     return MethodSpec(m.name, label, False, None, {**shared, **kwargs})
 
 
-def job_identity(cfg: DictConfig, spec: MethodSpec) -> dict[str, Any]:
+def job_identity(cfg: DictConfig, spec: MethodSpec, policy: RankPolicy | None = None) -> dict[str, Any]:
     """Everything that changes a row's content. Logger, store, progress and names are not part of it."""
     mt = cfg.metrics
+    policy = policy or rank_policy(cfg)
     return {
         "model": _plain(cfg.model),
         "method": spec.identity(),
@@ -104,7 +109,7 @@ def job_identity(cfg: DictConfig, spec: MethodSpec) -> dict[str, Any]:
                                                 "compare_on")},
         "compile": bool(cfg.compile),
         "warmup_runs": int(cfg.latency.warmup_runs),
-        **par.identity(cfg),  # parallel.mode=ulysses: {"ulysses_degree": N} (other latencies); else nothing
+        **policy.identity(),  # parallel.mode=ulysses: {"ulysses_degree": N} (other latencies); else nothing
     }
 
 
@@ -112,34 +117,6 @@ def row_key(identity: dict[str, Any], prompt: Prompt, seed: int) -> str:
     blob = json.dumps({"job": identity, "prompt": prompt.text, "image": prompt.image, "seed": int(seed)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-# Store folders this process wrote to (read by svg2.harness.callbacks.ReportCallback).
-STORES_WRITTEN: list[Path] = []
-
-# -- pipeline reuse across the jobs of one process (a multirun with the basic launcher) ---------------------
-_PIPE_CACHE: dict[str, tuple[Any, torch.device, torch.dtype]] = {}
-
-
-def clear_pipeline_cache() -> None:
-    _PIPE_CACHE.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _get_pipeline(cfg: DictConfig) -> tuple[Any, torch.device, torch.dtype]:
-    key = json.dumps({"model": _plain(cfg.model), "compile": bool(cfg.compile)}, sort_keys=True, default=str)
-    if key not in _PIPE_CACHE:
-        clear_pipeline_cache()  # one pipeline at a time: free the previous one first
-        pipe, device, dtype = load_pipeline(cfg.model)
-        par.parallelize(cfg, pipe)  # parallel.mode=ulysses: shard the sequence across the ranks
-        if cfg.compile:
-            for name in ("transformer", "transformer_2"):
-                if getattr(pipe, name, None) is not None:
-                    setattr(pipe, name, torch.compile(getattr(pipe, name)))
-        _PIPE_CACHE[key] = (pipe, device, dtype)
-    return _PIPE_CACHE[key]
 
 
 def _progress_enabled(cfg: DictConfig) -> bool:
@@ -159,97 +136,17 @@ def _json(v: Any) -> str:
 @dataclass
 class _Ref:
     frames: np.ndarray
-    mp4: Path
+    mp4: Path | None
     meta: dict[str, Any]
     cached: bool
 
 
-def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | None = None,
-            out_dir: str | Path | None = None) -> dict[str, int]:
-    """Run one job (all prompts x seeds of ``cfg``) into the store at ``store_dir``.
+class _Stop(Exception):  # noqa: N818 - control flow: the job ends here, its rows are already recorded
+    """Raised by a stage after it recorded the failure of every row still to run."""
 
-    Returns counts: ``{"total", "skipped", "ok", "failed"}``.
-    """
-    from tqdm.auto import tqdm
 
-    job_info = dict(job_info or {})
-    par.job_start(cfg)
-    store = par.store_for_rank(cfg, ResultsStore(store_dir))
-    out_dir = Path(out_dir or store_dir)
-    prompts = load_prompts(cfg.prompts, task=cfg.model.task)  # a bad prompt set fails before any generation
-    seeds = [int(s) for s in cfg.seeds]
-    items = par.rows_for_rank(cfg, [(p, s) for p in prompts for s in seeds])  # torchrun: this rank's share
-    counts = {"total": len(items), "skipped": 0, "ok": 0, "failed": 0}
-
-    base_job = {"name": cfg.name, **job_info, "model": cfg.model.name, "model_family": cfg.model.family,
-                "task": cfg.model.task, "height": cfg.model.height, "width": cfg.model.width,
-                "num_frames": cfg.model.num_frames, "num_steps": cfg.model.num_steps,
-                "guidance_scale": cfg.model.guidance_scale, "dtype": cfg.model.dtype, "compile": bool(cfg.compile),
-                "kernel_attention": cfg.kernel.attention, "kernel_kmeans": cfg.kernel.kmeans,
-                "method": cfg.method.name, "method_label": cfg.method.label or cfg.method.name,
-                **par.row_fields(cfg),
-                "config_json": _json(_plain(cfg))}
-    try:
-        spec = method_spec(cfg)
-        identity = job_identity(cfg, spec)
-        spec_error = None
-    except Exception as e:  # noqa: BLE001 - a bad method config is a failed job, not a dead sweep
-        spec, spec_error = None, e
-        identity = {"invalid": _plain(cfg.method), "model": _plain(cfg.model), "kernel": _plain(cfg.kernel)}
-
-    def base_row(p: Prompt, s: int) -> dict[str, Any]:
-        row = {**base_job, "key": row_key(identity, p, s), "prompt": p.text, "prompt_id": p.id,
-               "dimension": p.dimension, "image": p.image, "seed": s, "started_at": time.time()}
-        if spec is not None:
-            row.update(method_stock=spec.stock, svg2_config_json=_json(spec.cfg.to_dict() if spec.cfg else None),
-                       method_kwargs_json=_json(spec.kwargs))
-            if spec.cfg is not None:  # flat copies of the knobs people sweep (tables, plots, filtering)
-                row.update({f"cfg_{k}": v for k, v in spec.cfg.to_dict().items()})
-            elif "target_density" in spec.kwargs:
-                row["cfg_target_density"] = spec.kwargs["target_density"]
-        return row
-
-    todo = []
-    for p, s in items:
-        key = row_key(identity, p, s)
-        if store.should_run(key, retry_failed=cfg.store.retry_failed):
-            todo.append((p, s))
-        else:
-            counts["skipped"] += 1
-    tag = job_info.get("override_dirname") or cfg.method.name
-    if counts["skipped"]:
-        log.info("[%s] %d of %d rows already in %s: skipped", tag, counts["skipped"], len(items), store.root)
-    if not todo:
-        return counts
-
-    def fail_all(exc: BaseException, stage: str, which: list[tuple[Prompt, int]]) -> None:
-        for p, s in which:
-            store.write(_failure(base_row(p, s), exc, stage), consolidate=False)
-            counts["failed"] += 1
-        store.consolidate()
-        log.error("[%s] %s failed for %d rows: %s: %s", tag, stage, len(which), type(exc).__name__, exc)
-
-    if spec_error is not None:
-        fail_all(spec_error, "config", todo)
-        if cfg.fail_fast:
-            raise spec_error
-        return counts
-
-    try:
-        pipe, device, dtype = _get_pipeline(cfg)
-        suite = MetricSuite.from_config(cfg.metrics)
-    except Exception as e:  # noqa: BLE001
-        fail_all(e, "load", todo)
-        if cfg.fail_fast:
-            raise
-        return counts
-
-    env = environment_info(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    cache = ReferenceCache(Path(os.path.expanduser(cfg.cache.dir)), dtype=cfg.cache.dtype, enabled=cfg.cache.enabled)
-    cache = par.cache_for_rank(cfg, cache)
-    model_plain = _plain(cfg.model)
+def _comparisons(cfg: DictConfig) -> tuple[list[str], bool, str | None]:
+    """(metrics.compare_on, save MP4s?, why MP4 is skipped or None) on this machine."""
     compare_on = list(cfg.metrics.compare_on)
     bad = set(compare_on) - {"memory", "mp4"}
     if bad:
@@ -262,125 +159,263 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
             log.warning("MP4 output and MP4 metrics are skipped: %s", mp4_why)
         compare_on = [c for c in compare_on if c != "mp4"]
         save_videos = False
-    progress = _progress_enabled(cfg)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
-    logger = NullLogger() if par.is_follower(cfg) else make_logger(cfg.logger, _plain(cfg), name=str(tag),
-                                                                    out_dir=out_dir)
+    return compare_on, save_videos, None if mp4_ok else mp4_why
 
-    refs: dict[tuple[str, int], _Ref] = {}
-    failed_keys: set[str] = set()
 
-    def ref_key(p: Prompt, s: int) -> str:
-        return reference_key(model_plain, device.type, p.text, p.image, s)
+class _Job:
+    """The state of one job while its stages run (see :func:`run_job`)."""
 
-    def store_reference(p: Prompt, s: int, res: GenerationResult) -> _Ref:
-        meta = {"latency_s": res.latency_s, "gpu": env["gpu"], "git_rev": env["git_rev"], "model": cfg.model.name,
-                "prompt": p.text, "seed": s}
-        frames, mp4 = cache.put(ref_key(p, s), res.frames, meta, fps=cfg.model.fps, write_video=mp4_ok)
-        return _Ref(frames, mp4, {**meta, "key": ref_key(p, s)}, cached=False)
+    def __init__(self, cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | None,
+                 out_dir: str | Path | None, session: RunSession) -> None:
+        self.cfg, self.session = cfg, session
+        self.policy = rank_policy(cfg, scratch=session.scratch_dir)
+        self.job_info = dict(job_info or {})
+        self.store = ResultsStore(store_dir)
+        self.out_dir = Path(out_dir or store_dir)
+        self.tag = self.job_info.get("override_dirname") or cfg.method.name
+        self.counts = {"total": 0, "skipped": 0, "ok": 0, "failed": 0}
+        self.todo: list[tuple[Prompt, int]] = []
+        self.failed_keys: set[str] = set()
+        self.refs: dict[tuple[str, int], _Ref] = {}
+        self.spec: MethodSpec | None = None
+        self.spec_error: Exception | None = None
+        self.handle: Any = None
+        self.logger: Any = NullLogger()
+        self.warmup_s = 0.0
+        self.loaded: LoadedPipeline | None = None
 
-    # 1. references (stock pipeline). A stock method's own generation doubles as its missing reference.
-    for p, s in todo:
-        hit = cache.get(ref_key(p, s))
-        if hit is not None:
-            ref_mp4 = cache.entry(ref_key(p, s)) / "video.mp4"
-            if "mp4" in compare_on and not ref_mp4.exists():  # cached where imageio-ffmpeg was missing
-                write_mp4(ref_mp4, hit[0], fps=cfg.model.fps)
-            refs[(p.text + (p.image or ""), s)] = _Ref(hit[0], ref_mp4, hit[1], True)
-    missing = [(p, s) for p, s in todo if (p.text + (p.image or ""), s) not in refs]
-    if missing and not spec.stock:
-        for p, s in tqdm(missing, desc=f"dense references [{tag}]", disable=not progress, leave=False):
+    # -- stages -----------------------------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Method spec and row keys; this rank's share of (prompt, seed); skip rows the store already holds."""
+        cfg = self.cfg
+        self.policy.job_start()
+        self.store = self.policy.store(self.store)
+        prompts = load_prompts(cfg.prompts, task=cfg.model.task)  # a bad prompt set fails before any generation
+        self.compare_on, self.save_videos, self.mp4_why = _comparisons(cfg)
+        items = self.policy.rows([(p, int(s)) for p in prompts for s in cfg.seeds])
+        self.counts["total"] = len(items)
+        self.base_job = {
+            "name": cfg.name, **self.job_info, "model": cfg.model.name, "model_family": cfg.model.family,
+            "task": cfg.model.task, "height": cfg.model.height, "width": cfg.model.width,
+            "num_frames": cfg.model.num_frames, "num_steps": cfg.model.num_steps,
+            "guidance_scale": cfg.model.guidance_scale, "dtype": cfg.model.dtype, "compile": bool(cfg.compile),
+            "kernel_attention": cfg.kernel.attention, "kernel_kmeans": cfg.kernel.kmeans,
+            "method": cfg.method.name, "method_label": cfg.method.label or cfg.method.name,
+            **self.policy.row_fields(), "config_json": _json(_plain(cfg))}
+        try:
+            self.spec = method_spec(cfg)
+            self.identity = job_identity(cfg, self.spec, self.policy)
+        except Exception as e:  # noqa: BLE001 - a bad method config is a failed job, not a dead sweep
+            self.spec_error = e
+            self.identity = {"invalid": _plain(cfg.method), "model": _plain(cfg.model), "kernel": _plain(cfg.kernel)}
+        for p, s in items:
+            if self.store.should_run(row_key(self.identity, p, s), retry_failed=cfg.store.retry_failed):
+                self.todo.append((p, s))
+            else:
+                self.counts["skipped"] += 1
+        if self.counts["skipped"]:
+            log.info("[%s] %d of %d rows already in %s: skipped", self.tag, self.counts["skipped"], len(items),
+                     self.store.root)
+        if self.todo and self.spec_error is not None:
+            self.fail_rows(self.spec_error, "config")
+
+    def load(self) -> None:
+        """The pipeline (the session's, when the model matches), the metrics, the reference cache, the logger."""
+        cfg = self.cfg
+        try:
+            self.loaded = self.session.pipeline(cfg, self.policy.parallelize)
+            self.suite = MetricSuite.from_config(cfg.metrics)
+        except Exception as e:  # noqa: BLE001
+            self.fail_rows(e, "load")
+        device = self.loaded.device
+        self.env = environment_info(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cache = ReferenceCache(Path(os.path.expanduser(cfg.cache.dir)), dtype=cfg.cache.dtype,
+                               enabled=cfg.cache.enabled)
+        self.cache = self.policy.cache(cache)
+        self.progress = _progress_enabled(cfg)
+        pipe = self.loaded.pipe
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
+        if self.policy.writes:
+            self.logger = make_logger(cfg.logger, _plain(cfg), name=str(self.tag), out_dir=self.out_dir)
+
+    def references(self) -> None:
+        """Dense reference videos: cache hits, else generated with the stock pipeline. A stock method's own
+        generation doubles as its missing reference (see :meth:`rows`)."""
+        cfg = self.cfg
+        for p, s in self.todo:
+            hit = self.cache.get(self._ref_key(p, s))
+            if hit is not None:
+                ref_mp4 = self.cache.entry(self._ref_key(p, s)) / "video.mp4"
+                if "mp4" in self.compare_on and not ref_mp4.exists():  # cached where imageio-ffmpeg was missing
+                    write_mp4(ref_mp4, hit[0], fps=cfg.model.fps)
+                self.refs[_pair_id(p, s)] = _Ref(hit[0], ref_mp4, hit[1], True)
+        missing = [(p, s) for p, s in self.todo if _pair_id(p, s) not in self.refs]
+        if not missing or self.spec.stock:
+            return
+        from tqdm.auto import tqdm
+
+        for p, s in tqdm(missing, desc=f"dense references [{self.tag}]", disable=not self.progress, leave=False):
             try:
-                refs[(p.text + (p.image or ""), s)] = store_reference(p, s, generate(pipe, cfg.model, p, s, device))
+                res = generate(self.loaded.pipe, cfg.model, p, s, self.loaded.device)
+                self.refs[_pair_id(p, s)] = self._store_reference(p, s, res)
             except Exception as e:  # noqa: BLE001
-                row = _failure(base_row(p, s), e, "reference")
-                store.write(row)
-                failed_keys.add(row["key"])
-                counts["failed"] += 1
-                log.error("[%s] dense reference failed for %r: %s", tag, p.text, e)
+                row = _failure(self._base_row(p, s), e, "reference")
+                self.store.write(row)
+                self.failed_keys.add(row["key"])
+                self.counts["failed"] += 1
+                log.error("[%s] dense reference failed for %r: %s", self.tag, p.text, e)
                 if cfg.fail_fast:
                     raise
-                _free_memory(device)
+                _free_memory(self.loaded.device)
 
-    # 2. the method
-    handle = None
-    try:
-        if not spec.stock:
-            from svg2.integrations import enable_svg2
+    def enable(self) -> None:
+        """Install the method (nothing for a stock method) and run the untimed warm-up generations."""
+        cfg, spec = self.cfg, self.spec
+        try:
+            if not spec.stock:
+                from svg2.integrations import enable_svg2
 
-            handle = enable_svg2(pipe, spec.cfg, method=spec.name, timing=bool(cfg.latency.components),
-                                 **spec.kwargs)
-        warmup_s = 0.0
-        n_warmup = int(cfg.latency.warmup_runs)
-        if n_warmup < 0:
-            n_warmup = 1 if device.type == "cuda" else 0
-        for _ in range(n_warmup):
-            p0, s0 = todo[0]
-            warmup_s += generate(pipe, cfg.model, p0, s0, device, per_step=False).latency_s
-    except Exception as e:  # noqa: BLE001
-        if handle is not None:
-            handle.remove()
-        fail_all(e, "enable" if handle is None else "warmup", [it for it in todo if row_key(identity, *it)
-                                                                not in failed_keys])
-        if cfg.fail_fast:
-            raise
-        logger.finish()
-        return counts
+                self.handle = enable_svg2(self.loaded.pipe, spec.cfg, method=spec.name,
+                                          timing=bool(cfg.latency.components), **spec.kwargs)
+            n_warmup = int(cfg.latency.warmup_runs)
+            if n_warmup < 0:
+                n_warmup = 1 if self.loaded.device.type == "cuda" else 0
+            for _ in range(n_warmup):
+                p0, s0 = self.todo[0]
+                self.warmup_s += generate(self.loaded.pipe, cfg.model, p0, s0, self.loaded.device,
+                                          per_step=False).latency_s
+        except Exception as e:  # noqa: BLE001
+            self.fail_rows(e, "enable" if self.handle is None else "warmup")
 
-    try:
-        bar = tqdm(todo, desc=f"{spec.label} [{tag}]", disable=not progress)
+    def rows(self) -> None:
+        """Per (prompt, seed): timed generation, MP4, metrics against the reference, one row in the store."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(self.todo, desc=f"{self.spec.label} [{self.tag}]", disable=not self.progress)
         for p, s in bar:
-            row = base_row(p, s)
-            if row["key"] in failed_keys:
+            row = self._base_row(p, s)
+            if row["key"] in self.failed_keys:
                 continue
             video_path = None
             try:
-                res = generate(pipe, cfg.model, p, s, device, per_step=bool(cfg.latency.per_step))
-                ref = refs.get((p.text + (p.image or ""), s))
-                if ref is None:  # stock method, reference not cached yet: this video is the reference
-                    ref = store_reference(p, s, res)
-                row.update(_latency_fields(res, warmup_s, env))
-                row.update(_stats_fields(par.stats_view(cfg, handle)))  # ulysses: all ranks' heads
-                row.update(ref_key=ref.meta.get("key"), ref_cached=ref.cached, ref_latency_s=ref.meta.get("latency_s"),
-                           ref_gpu=ref.meta.get("gpu"), ref_frames_dtype=ref.meta.get("frames_dtype", cfg.cache.dtype),
-                           ref_video_path=str(ref.mp4) if ref.mp4 else "")
-                if save_videos or "mp4" in compare_on:
-                    video_path = write_mp4(store.root / "videos" / f"{row['key']}.mp4", res.frames, fps=cfg.model.fps)
-                    row["video_path"] = str(video_path)
-                scalars, per_frame = {}, {}
-                if "memory" in compare_on:
-                    sc, pf = suite(ref.frames, res.frames)
-                    scalars.update(sc)
-                    per_frame.update(pf)
-                if "mp4" in compare_on:
-                    sc, pf = suite(read_mp4(ref.mp4), read_mp4(video_path), suffix="_mp4")
-                    scalars.update(sc)
-                    per_frame.update(pf)
-                row.update(scalars)
-                row.update(suite.describe())
-                row.update(compared_on=",".join(compare_on), mp4_skipped_reason=mp4_why,
-                           mp4_settings_json=_json(MP4_SETTINGS),
-                           per_frame_json=_json(per_frame), status="ok", finished_at=time.time(), **env)
-                counts["ok"] += 1
-                if progress and "psnr" in scalars:
-                    bar.set_postfix(psnr=f"{scalars['psnr']:.2f}", density=row.get("density"))
+                row, video_path = self._measure(p, s, row)
+                self.counts["ok"] += 1
+                if self.progress and "psnr" in row:
+                    bar.set_postfix(psnr=f"{row['psnr']:.2f}", density=row.get("density"))
             except Exception as e:  # noqa: BLE001 - OOM, kernel errors...: record and go on
-                row = {**_failure(row, e, "generate"), **env}
-                counts["failed"] += 1
-                log.error("[%s] failed for %r: %s: %s", tag, p.text, type(e).__name__, e)
-                _free_memory(device)
-                if cfg.fail_fast:
-                    store.write(row)
+                row = {**_failure(row, e, "generate"), **self.env}
+                self.counts["failed"] += 1
+                log.error("[%s] failed for %r: %s: %s", self.tag, p.text, type(e).__name__, e)
+                _free_memory(self.loaded.device)
+                if self.cfg.fail_fast:
+                    self.store.write(row)
                     raise
-            store.write(row)
-            logger.log_row(row, video_path)
+            self.store.write(row)
+            self.logger.log_row(row, video_path)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.logger.finish()
+        if self.loaded is not None:
+            _free_memory(self.loaded.device)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def fail_rows(self, exc: Exception, stage: str) -> None:
+        """Record every row still to run as failed at ``stage``, then end the job (``fail_fast``: re-raise)."""
+        which = [it for it in self.todo if row_key(self.identity, *it) not in self.failed_keys]
+        for p, s in which:
+            self.store.write(_failure(self._base_row(p, s), exc, stage), consolidate=False)
+            self.counts["failed"] += 1
+        self.store.consolidate()
+        log.error("[%s] %s failed for %d rows: %s: %s", self.tag, stage, len(which), type(exc).__name__, exc)
+        if self.cfg.fail_fast:
+            raise exc
+        raise _Stop(stage) from exc
+
+    def _base_row(self, p: Prompt, s: int) -> dict[str, Any]:
+        row = {**self.base_job, "key": row_key(self.identity, p, s), "prompt": p.text, "prompt_id": p.id,
+               "dimension": p.dimension, "image": p.image, "seed": s, "started_at": time.time()}
+        spec = self.spec
+        if spec is not None:
+            row.update(method_stock=spec.stock, svg2_config_json=_json(spec.cfg.to_dict() if spec.cfg else None),
+                       method_kwargs_json=_json(spec.kwargs))
+            if spec.cfg is not None:  # flat copies of the knobs people sweep (tables, plots, filtering)
+                row.update({f"cfg_{k}": v for k, v in spec.cfg.to_dict().items()})
+            elif "target_density" in spec.kwargs:
+                row["cfg_target_density"] = spec.kwargs["target_density"]
+        return row
+
+    def _ref_key(self, p: Prompt, s: int) -> str:
+        return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s)
+
+    def _store_reference(self, p: Prompt, s: int, res: GenerationResult) -> _Ref:
+        meta = {"latency_s": res.latency_s, "gpu": self.env["gpu"], "git_rev": self.env["git_rev"],
+                "model": self.cfg.model.name, "prompt": p.text, "seed": s}
+        frames, mp4 = self.cache.put(self._ref_key(p, s), res.frames, meta, fps=self.cfg.model.fps,
+                                     write_video=self.mp4_why is None)
+        return _Ref(frames, mp4, {**meta, "key": self._ref_key(p, s)}, cached=False)
+
+    def _measure(self, p: Prompt, s: int, row: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+        cfg, suite = self.cfg, self.suite
+        res = generate(self.loaded.pipe, cfg.model, p, s, self.loaded.device, per_step=bool(cfg.latency.per_step))
+        ref = self.refs.get(_pair_id(p, s))
+        if ref is None:  # stock method, reference not cached yet: this video is the reference
+            ref = self._store_reference(p, s, res)
+        row.update(_latency_fields(res, self.warmup_s))
+        row.update(_stats_fields(self.policy.stats_view(self.handle)))  # ulysses: all ranks' heads
+        row.update(ref_key=ref.meta.get("key"), ref_cached=ref.cached, ref_latency_s=ref.meta.get("latency_s"),
+                   ref_gpu=ref.meta.get("gpu"), ref_frames_dtype=ref.meta.get("frames_dtype", cfg.cache.dtype),
+                   ref_video_path=str(ref.mp4) if ref.mp4 else "")
+        video_path = None
+        if self.save_videos or "mp4" in self.compare_on:
+            video_path = write_mp4(self.store.root / "videos" / f"{row['key']}.mp4", res.frames, fps=cfg.model.fps)
+            row["video_path"] = str(video_path)
+        scalars, per_frame = {}, {}
+        if "memory" in self.compare_on:
+            sc, pf = suite(ref.frames, res.frames)
+            scalars.update(sc)
+            per_frame.update(pf)
+        if "mp4" in self.compare_on:
+            sc, pf = suite(read_mp4(ref.mp4), read_mp4(video_path), suffix="_mp4")
+            scalars.update(sc)
+            per_frame.update(pf)
+        row.update(scalars)
+        row.update(suite.describe())
+        row.update(compared_on=",".join(self.compare_on), mp4_skipped_reason=self.mp4_why,
+                   mp4_settings_json=_json(MP4_SETTINGS), per_frame_json=_json(per_frame), status="ok",
+                   finished_at=time.time(), **self.env)
+        return row, video_path
+
+
+def _pair_id(p: Prompt, s: int) -> tuple[str, int]:
+    return p.text + (p.image or ""), s
+
+
+def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | None = None,
+            out_dir: str | Path | None = None, *, session: RunSession | None = None) -> dict[str, int]:
+    """Run one job (all prompts x seeds of ``cfg``, this rank's share) into the store at ``store_dir``.
+
+    ``session`` carries what the jobs of one process share (the loaded pipeline); without one, the job loads
+    its own. Returns counts: ``{"total", "skipped", "ok", "failed"}``.
+    """
+    job = _Job(cfg, store_dir, job_info, out_dir, session or RunSession())
+    try:
+        job.plan()
+        if job.todo:
+            job.load()
+            job.references()
+            job.enable()
+            job.rows()
+    except _Stop:
+        pass  # the stage recorded its failed rows
     finally:
-        if handle is not None:
-            handle.remove()
-        logger.finish()
-        _free_memory(device)
-    return counts
+        job.close()
+    return job.counts
 
 
 def _free_memory(device: torch.device) -> None:
@@ -389,7 +424,7 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _latency_fields(res: GenerationResult, warmup_s: float, env: dict[str, Any]) -> dict[str, Any]:
+def _latency_fields(res: GenerationResult, warmup_s: float) -> dict[str, Any]:
     steps = res.step_s
     return {
         "latency_s": res.latency_s,
@@ -420,26 +455,3 @@ def _stats_fields(handle: Any) -> dict[str, Any]:
     for comp, t in timing.items():
         out[f"time_{comp}_ms"] = t.get("total_ms") if isinstance(t, dict) else t
     return out
-
-
-def run_from_hydra(cfg: DictConfig) -> dict[str, int]:
-    """The body of ``svg2-run``: resolve the store folder from Hydra's run/sweep dir, then :func:`run_job`."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    par.setup(cfg)  # under torchrun: join the process group (svg2.parallel.harness_hooks)
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    out_dir = Path(hc.runtime.output_dir)
-    if cfg.store.dir:
-        store_dir = Path(os.path.expanduser(cfg.store.dir))
-    else:
-        store_dir = (Path(hc.sweep.dir) if multirun else out_dir) / "results"
-    job_info = {"job_num": hc.job.num if multirun else 0, "override_dirname": hc.job.override_dirname or "default",
-                "output_dir": str(out_dir)}
-    store_dir = par.shared_path(store_dir)
-    STORES_WRITTEN.append(store_dir)  # for the report callback at the end of the run / multirun
-    counts = run_job(cfg, store_dir, job_info, out_dir=out_dir)
-    print(f"[svg2-run] {job_info['override_dirname']}: {counts['ok']} ok, {counts['failed']} failed, "
-          f"{counts['skipped']} already done -> {store_dir}", file=sys.stderr)
-    return counts

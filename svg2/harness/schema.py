@@ -163,7 +163,7 @@ class CacheConfig:
 
 @dataclass
 class ParallelConfig:
-    """Several processes under torchrun (svg2.parallel.harness_hooks): ``none`` | ``shard`` (one video per GPU,
+    """Several processes under torchrun (svg2.harness.ranks): ``none`` | ``shard`` (one video per GPU,
     rows split across ranks) | ``ulysses`` (one video on all GPUs, sequence parallel; rank 0 writes)."""
 
     mode: str = "none"
