@@ -53,7 +53,10 @@ class MiniPipelineOutput:
 
 class MiniPipeline:
     """Text-to-video pipeline of the mini model. Components: ``transformer`` (a diffusers
-    ``WanTransformer3DModel``), ``text_encoder`` (:class:`MiniTextEncoder`), ``tokenizer``, ``scheduler``."""
+    ``WanTransformer3DModel``), ``text_encoder`` (:class:`MiniTextEncoder`), ``tokenizer``, ``scheduler``.
+    ``operating_points`` names the sizes the weights were trained for (a subclass sets its own)."""
+
+    operating_points: dict[str, dict] = OPERATING_POINTS
 
     def __init__(self, transformer: WanTransformer3DModel, text_encoder: MiniTextEncoder,
                  tokenizer: CaptionTokenizer, scheduler=None, variant: str = "quick") -> None:
@@ -61,10 +64,10 @@ class MiniPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler if scheduler is not None else UniPCMultistepScheduler(**SCHEDULER_CONFIG)
-        if variant not in OPERATING_POINTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(OPERATING_POINTS)}")
+        if variant not in self.operating_points:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(self.operating_points)}")
         self.variant = variant
-        self.defaults = dict(OPERATING_POINTS[variant])
+        self.defaults = dict(self.operating_points[variant])
 
     # -- diffusers-like plumbing -------------------------------------------------------------------
     @property

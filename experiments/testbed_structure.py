@@ -1,0 +1,170 @@
+"""Structure acceptance of the testbed model: concentration, locality and sparse-method recall per head.
+
+On held-out world clips (drawn with a seed no training stretch uses) at the eval point, noised to an early,
+a middle and a late denoising step of the 30-step sampler, every layer and head:
+- mean top-15% attention mass (target >= 0.80);
+- share of heads that put more than half of that top mass outside +-1 frame, +-4 tokens (target >= 0.25);
+- attention recall at density 0.15 of SVG2's clusters, positional blocks and the oracle over SVG2's clusters
+  (targets: SVG2 - positional >= 0.10, oracle >= 0.85), from ``analysis.recall``.
+
+    python experiments/testbed_structure.py --weights weights/testbed --out results/testbed/structure
+    python experiments/testbed_structure.py --weights /tmp/w --device cpu --point quick --clips 1 --rows 64
+
+Writes ``structure.json`` (every head) and ``structure.md`` (the summary) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from analysis.recall import MethodSpec, recall_sweep
+from svg2.mini.model import SPATIAL_FACTOR, pack
+from svg2.testbed.data import captions, render, sample_scenes
+from svg2.testbed.model import TESTBED_POINTS, load_testbed_pipeline
+from svg2.testbed.structure import StructureProbe
+
+HELD_OUT_SEED = 2_000_000_011  # no training stretch draws from this seed
+STEP_FRACTIONS = {"early": 0.1, "middle": 0.5, "late": 0.9}
+
+
+def recall_specs(density: float, cq: int, ck: int, block: int) -> list[MethodSpec]:
+    return [
+        MethodSpec("svg2", "svg2", dict(num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
+        MethodSpec("positional", "positional", dict(block_size=block, target_density=density)),
+        MethodSpec("oracle (k-means clusters)", "oracle",
+                   dict(partition="kmeans", num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
+    ]
+
+
+def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int, ck: int, block: int,
+            recall_layers: list[int] | None, seed: int = HELD_OUT_SEED) -> dict:
+    p = TESTBED_POINTS[point]
+    h, w, f = p["height"], p["width"], p["num_frames"]
+    grid = (f, h // SPATIAL_FACTOR, w // SPATIAL_FACTOR)
+    dev, dtype = pipe.device, pipe.dtype
+    scene = sample_scenes(clips, torch.Generator().manual_seed(seed), aspect=w / h, train=False)
+    caps = captions(scene)
+    x0 = pack(render(scene, f, h, w, device=dev))
+    text = pipe.encode_prompt(caps)
+    pipe.scheduler.set_timesteps(p["num_inference_steps"], device=dev)
+    sigmas = pipe.scheduler.sigmas
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    probe = StructureProbe(pipe.transformer, grid, num_rows=rows, keep_qkv=True)
+    per_head: dict[tuple[int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    recall_rows: list[dict] = []
+    levels = {}
+    try:
+        for name, frac in STEP_FRACTIONS.items():
+            i = min(int(frac * p["num_inference_steps"]), p["num_inference_steps"] - 1)
+            sigma = float(sigmas[i])
+            levels[name] = {"step": i, "sigma": sigma}
+            xt = ((1 - sigma) * x0 + sigma * noise).to(dtype)
+            for c in range(clips):  # one clip per forward keeps the recorded Q/K/V small
+                probe.tag = {"level": name, "clip": c}
+                probe.qkv.clear()
+                with torch.no_grad():
+                    pipe.transformer(hidden_states=xt[c:c + 1], timestep=torch.full((1,), sigma * 1000, device=dev),
+                                     encoder_hidden_states=text[c:c + 1], return_dict=False)
+                recs = [dict(r, step=i, num_steps=p["num_inference_steps"]) for r in probe.qkv
+                        if recall_layers is None or r["layer"] in recall_layers]
+                for rr in recall_sweep(recs, recall_specs(density, cq, ck, block), num_rows=min(rows, 256),
+                                       seed=c, device=dev):
+                    recall_rows.append(dict(rr, level=name, clip=c))
+                probe.qkv.clear()
+        for r in probe.rows:
+            for hi in range(r["stats"].top_mass.numel()):
+                per_head[(r["layer"], hi)]["top_mass"].append(float(r["stats"].top_mass[hi]))
+                per_head[(r["layer"], hi)]["outside_local"].append(float(r["stats"].outside_local[hi]))
+                per_head[(r["layer"], hi)][f"top_mass_{r['level']}"].append(float(r["stats"].top_mass[hi]))
+    finally:
+        probe.remove()
+    heads = [{"layer": lh[0], "head": lh[1], **{k: sum(v) / len(v) for k, v in d.items()}}
+             for lh, d in sorted(per_head.items())]
+    by_method: dict[str, list[float]] = defaultdict(list)
+    err_by_method: dict[str, list[float]] = defaultdict(list)
+    dens_by_method: dict[str, list[float]] = defaultdict(list)
+    for rr in recall_rows:
+        by_method[rr["method"]].append(rr["recall"])
+        err_by_method[rr["method"]].append(rr["rel_error"])
+        dens_by_method[rr["method"]].append(rr["density"])
+    summary = {
+        "point": point, "tokens": grid[0] * grid[1] * grid[2], "clips": clips, "rows_per_head": rows,
+        "levels": levels,
+        "top_mass_mean": sum(hd["top_mass"] for hd in heads) / len(heads),
+        "top_mass_by_level": {lv: sum(hd[f"top_mass_{lv}"] for hd in heads) / len(heads) for lv in levels},
+        "content_head_share": sum(hd["outside_local"] > 0.5 for hd in heads) / len(heads),
+        "num_heads": len(heads),
+        "recall_density": density, "clusters": [cq, ck], "block": block,
+        "recall": {m: sum(v) / len(v) for m, v in by_method.items()},
+        "rel_error": {m: sum(v) / len(v) for m, v in err_by_method.items()},
+        "density": {m: sum(v) / len(v) for m, v in dens_by_method.items()},
+    }
+    rec = summary["recall"]
+    if "svg2" in rec and "positional" in rec:
+        summary["recall_svg2_minus_positional"] = rec["svg2"] - rec["positional"]
+    return {"summary": summary, "heads": heads}
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"Testbed structure at the {s['point']} point ({s['tokens']} tokens), {s['clips']} held-out clips x "
+             f"{len(s['levels'])} noise levels, {s['num_heads']} heads, {s['rows_per_head']} query rows per head.", "",
+             "| figure | measured | target |", "|---|---|---|",
+             f"| mean top-15% attention mass | {s['top_mass_mean']:.3f} | >= 0.80 |"]
+    for lv, v in s["top_mass_by_level"].items():
+        lines.append(f"| ... at the {lv} step (sigma {s['levels'][lv]['sigma']:.2f}) | {v:.3f} | |")
+    lines.append(f"| heads with > half the top mass outside +-1 frame, +-4 tokens | {s['content_head_share']:.3f} "
+                 "| >= 0.25 |")
+    for m, v in s["recall"].items():
+        lines.append(f"| recall at density {s['recall_density']} ({m}; measured density {s['density'][m]:.3f}, "
+                     f"rel. output error {s['rel_error'][m]:.3f}) | {v:.3f} | "
+                     f"{'>= 0.85' if m.startswith('oracle') else ''} |")
+    if "recall_svg2_minus_positional" in s:
+        lines.append(f"| recall SVG2 - positional | {s['recall_svg2_minus_positional']:+.3f} | >= +0.10 |")
+    lines += ["", "Per layer (mean over heads): top-15% mass / share outside the local window", "",
+              "| layer | top mass | outside local | content heads |", "|---|---|---|---|"]
+    layers = sorted({hd["layer"] for hd in result["heads"]})
+    for layer in layers:
+        hs = [hd for hd in result["heads"] if hd["layer"] == layer]
+        lines.append(f"| {layer} | {sum(h['top_mass'] for h in hs) / len(hs):.3f} | "
+                     f"{sum(h['outside_local'] for h in hs) / len(hs):.3f} | "
+                     f"{sum(h['outside_local'] > 0.5 for h in hs)}/{len(hs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=None, help="testbed weights folder (default: the shipped weights)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--point", default="eval", choices=sorted(TESTBED_POINTS))
+    ap.add_argument("--clips", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=512, help="query rows sampled per head")
+    ap.add_argument("--density", type=float, default=0.15)
+    ap.add_argument("--clusters", default="64,256", help="SVG2 (Cq, Ck) for the recall figures")
+    ap.add_argument("--block", type=int, default=64, help="positional block size (tokens)")
+    ap.add_argument("--recall-layers", default=None, help="comma list (default: all layers)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    pipe = load_testbed_pipeline(a.point, device=a.device, dtype=dtype, path=a.weights)
+    cq, ck = (int(x) for x in a.clusters.split(","))
+    layers = None if a.recall_layers is None else [int(x) for x in a.recall_layers.split(",")]
+    result = measure(pipe, point=a.point, clips=a.clips, rows=a.rows, density=a.density, cq=cq, ck=ck,
+                     block=a.block, recall_layers=layers)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "structure.json").write_text(json.dumps(result, indent=2))
+    md = markdown(result)
+    (out / "structure.md").write_text(md)
+    print(md, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Training of the testbed model in budgeted stretches (flow matching on world clips).
+
+The GPU comes in commands of at most 10 minutes; the machine keeps /tmp between back-to-back commands, not
+between sessions. So a run
+- resumes the full state (weights, EMA, optimizer, step, log, data RNG) from ``ckpt`` when it exists
+  (``resume=True``: same stretch), else starts from the committed weights (``init_from``: the EMA becomes
+  both the live weights and the EMA; the optimizer starts afresh; the step count and the log continue from
+  the committed ``training_meta.json`` and log), else from scratch;
+- stops by itself after ``time_budget`` seconds of training, saves the checkpoint, and exports the EMA
+  weights (8-bit matrices) with an accumulated log.
+The learning rate is constant after a linear warm-up (so stretches chain without a schedule length); the
+EMA (decay 0.9995) does the averaging a decaying schedule would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from svg2.mini.model import flow_matching_loss, num_tokens, pack, sample_t
+from svg2.mini.text import MiniTextEncoder
+from svg2.testbed.data import captions, render, sample_scenes
+from svg2.testbed.model import (
+    TESTBED_TEXT_ENCODER_CONFIG,
+    TESTBED_TRANSFORMER_CONFIG,
+    build_testbed,
+    load_testbed_state,
+    save_testbed,
+    testbed_tokenizer,
+)
+
+__all__ = ["TrainConfig", "BUCKETS", "train"]
+
+# (height, width, frames, weight): the eval point (8,192 tokens) dominates; the long point (16,384), shorter
+# clips and the CPU-sized quick point keep the other sizes in distribution.
+BUCKETS: list[tuple[int, int, int, float]] = [
+    (128, 128, 32, 0.55),
+    (128, 256, 32, 0.15),
+    (128, 128, 16, 0.10),
+    (96, 96, 24, 0.08),
+    (64, 64, 16, 0.12),
+]
+TINY_BUCKETS: list[tuple[int, int, int, float]] = [(64, 64, 4, 0.5), (64, 64, 8, 0.5)]
+LOG_NAME = "train_log.jsonl.gz"
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    ckpt: str | None = None
+    resume: bool = True
+    init_from: str | None = None
+    time_budget: float = 480.0
+    max_steps: int | None = None
+    tokens_per_step: int = 65536
+    lr: float = 5e-4
+    warmup: int = 300
+    weight_decay: float = 0.01
+    ema_decay: float = 0.9995
+    cfg_dropout: float = 0.1
+    seed: int = 0
+    device: str = "cuda"
+    tiny: bool = False
+    checkpoint_every: float = 180.0
+    transformer_overrides: dict = field(default_factory=dict)
+
+
+class EMA:
+    """fp32 exponential moving average of the floating-point state, decay warmed up as (1 + n) / (10 + n)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float, n: int = 0) -> None:
+        self.decay, self.n = decay, n
+        self.shadow = {f"{name}.{k}": v.detach().float().clone()
+                       for name, m in modules.items() for k, v in m.state_dict().items()}
+        live = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+        self._pairs = [(self.shadow[k], v) for k, v in live.items() if v.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        shadows, lives = zip(*self._pairs)
+        torch._foreach_lerp_(list(shadows), [v.float() for v in lives], 1 - d)
+
+    def load(self, shadow: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in shadow.items():
+            self.shadow[k].copy_(v)
+        self.n = n
+
+    def part(self, name: str) -> dict[str, torch.Tensor]:
+        pre = name + "."
+        return {k[len(pre):]: v for k, v in self.shadow.items() if k.startswith(pre)}
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_log(log: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as f:
+        for rec in log:
+            f.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+
+
+def _batch(cfg: TrainConfig, buckets, gen: torch.Generator, tok, dev: torch.device):
+    weights = torch.tensor([b[3] for b in buckets])
+    h, w, f, _ = buckets[int(torch.multinomial(weights, 1, generator=gen))]
+    bs = max(1, cfg.tokens_per_step // num_tokens(f, h, w))
+    scene = sample_scenes(bs, gen, aspect=w / h)
+    caps = captions(scene)
+    drop = torch.rand(bs, generator=gen) < cfg.cfg_dropout
+    ids, mask = tok(["" if d else c for c, d in zip(caps, drop.tolist())])
+    with torch.no_grad():
+        x0 = pack(render(scene, f, h, w, device=dev))
+    return x0, ids.to(dev), mask.to(dev), sample_t(bs, gen).to(dev), (h, w, f, bs)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one budgeted stretch; returns a summary dict (also written to ``out/summary.json``)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tf_cfg = {**TESTBED_TRANSFORMER_CONFIG, **cfg.transformer_overrides}
+    te_cfg = dict(TESTBED_TEXT_ENCODER_CONFIG)
+    buckets = BUCKETS
+    if cfg.tiny:
+        tf_cfg.update(num_layers=2, num_attention_heads=2, ffn_dim=128, text_dim=64)
+        te_cfg.update(dim=64, num_layers=1, num_heads=2, ffn_dim=128)
+        buckets = TINY_BUCKETS
+    tok = testbed_tokenizer(te_cfg["max_len"])
+    torch.manual_seed(cfg.seed)
+    transformer = build_testbed(**tf_cfg).to(dev).train()
+    text_encoder = MiniTextEncoder(len(tok), **te_cfg).to(dev).train()
+    modules = {"transformer": transformer, "text_encoder": text_encoder}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.99), fused=dev.type == "cuda")
+    step, log, origin = 0, [], "scratch"
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else None
+    if cfg.resume and ckpt is not None and ckpt.is_file():
+        ck = torch.load(ckpt, map_location=dev, weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(ck["model"][name])
+        opt.load_state_dict(ck["opt"])
+        ema = EMA(modules, cfg.ema_decay)
+        ema.load(ck["ema"], ck["ema_n"])
+        step, log, origin = ck["step"], ck["log"], f"checkpoint {ckpt}"
+    elif cfg.init_from:
+        tf_state, _, te_state, _ = load_testbed_state(cfg.init_from)
+        transformer.load_state_dict(tf_state)
+        text_encoder.load_state_dict(te_state)
+        meta_file = Path(cfg.init_from) / "training_meta.json"
+        meta_prev = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        step = int(meta_prev.get("steps", 0))
+        log = _read_log(Path(cfg.init_from) / LOG_NAME)
+        ema = EMA(modules, cfg.ema_decay, n=step)
+        origin = f"weights {cfg.init_from} (step {step})"
+    else:
+        ema = EMA(modules, cfg.ema_decay)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    print(f"testbed: {n_params / 1e6:.2f} M transformer parameters on {dev}; from {origin}", flush=True)
+    # data and noise streams depend on the global step, so stretches never replay the same clips
+    data_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step + 1)
+
+    start_step = step
+    t0 = time.time()
+    t_ckpt = t0
+    while time.time() - t0 < cfg.time_budget and (cfg.max_steps is None or step < cfg.max_steps):
+        ts = time.time()
+        x0, ids, mask, t, (h, w, f, bs) = _batch(cfg, buckets, data_gen, tok, dev)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            text = text_encoder(ids, mask)
+            loss = flow_matching_loss(transformer, x0, text, t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        rec = {"step": step, "loss": round(float(loss.detach()), 5), "gnorm": round(float(gnorm), 4),
+               "lr": lr, "size": [f, h, w], "batch": bs, "ms": round(1000 * (time.time() - ts), 1)}
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {step}; lower --lr or check the data")
+        log.append(rec)
+        if step % 100 == 0 or step - start_step <= 2:
+            print(json.dumps(rec), flush=True)
+        if ckpt is not None and time.time() - t_ckpt > cfg.checkpoint_every:
+            _save_ckpt(ckpt, modules, opt, ema, step, log)
+            t_ckpt = time.time()
+    elapsed = time.time() - t0
+    if ckpt is not None:
+        _save_ckpt(ckpt, modules, opt, ema, step, log)
+    meta = {"steps": step, "transformer_config": tf_cfg, "text_encoder_config": te_cfg,
+            "transformer_params": n_params, "buckets": buckets, "train_config": asdict(cfg),
+            "clips_seen": sum(r["batch"] for r in log)}
+    weights_dir = out / "weights"
+    save_testbed(ema.part("transformer"), ema.part("text_encoder"), tok, weights_dir, tf_cfg, te_cfg, meta)
+    _write_log(log, weights_dir / LOG_NAME)
+    recent = [r["loss"] for r in log[-200:]]
+    summary = {"from": origin, "start_step": start_step, "end_step": step, "seconds": round(elapsed, 1),
+               "ms_per_step": round(1000 * elapsed / max(step - start_step, 1), 1),
+               "mean_loss_last_200": sum(recent) / max(len(recent), 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def _save_ckpt(path: Path, modules, opt, ema: EMA, step: int, log: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": {n: m.state_dict() for n, m in modules.items()}, "opt": opt.state_dict(),
+                "ema": ema.shadow, "ema_n": ema.n, "step": step, "log": log}, tmp)
+    tmp.replace(path)
