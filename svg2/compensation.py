@@ -59,8 +59,13 @@ __all__ = [
 ]
 
 COMPENSATION_BACKENDS = ("auto", "torch", "flex")
-# Elements of a (rows x keys) fp32 score block materialised at once by the torch paths (256 MiB).
+# Elements of a (rows x keys) fp32 score block materialised at once by the torch paths: 256 MiB on the CPU,
+# 1 GiB on a GPU (fewer, larger matmuls for the O(S^2) LSE fallback).
 _CHUNK_ELEMS = 1 << 26
+
+
+def _chunk_elems(device: torch.device) -> int:
+    return _CHUNK_ELEMS * (4 if device.type == "cuda" else 1)
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ def _centroid_attention_torch(q, summary: KeySummary, bias, q_labels, scale):
     qf = q.reshape(n, sq, d)
     out = torch.empty(n, sq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, sq, dtype=torch.float32, device=q.device)
-    rows = max(1, _CHUNK_ELEMS // max(1, n * ck))
+    rows = max(1, _chunk_elems(q.device) // max(1, n * ck))
     for r0 in range(0, sq, rows):
         r1 = min(sq, r0 + rows)
         # -- logits of every centroid, then the per-query-cluster bias: log n_j, or -inf where j is computed --
@@ -370,7 +375,7 @@ def varblock_attention_lse_torch(
     vf = None if v is None else v.reshape(n, sk, d).float()
     out = None if v is None else torch.zeros(n, sq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, sq, dtype=torch.float32, device=q.device)
-    rows = max(1, _CHUNK_ELEMS // max(1, n * sk))
+    rows = max(1, _chunk_elems(q.device) // max(1, n * sk))
     for s0 in range(0, sq, rows):
         s1 = min(sq, s0 + rows)
         mask = torch.gather(bm, 1, qid[:, s0:s1, None].expand(n, s1 - s0, ck + 1))
