@@ -410,3 +410,39 @@ def test_compensate_must_be_bool():
     with pytest.raises(TypeError, match="compensate must be a bool"):
         SVG2Config(compensate="yes")
     assert SVG2Config(compensate=True, layout_every=4).to_dict()["layout_every"] == 4
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_flex_compensation_matches_torch_on_gpu():
+    q, summ, skipped, labels = _summary_and_inputs(seed=2, sq=1000, cq=7, ck=300, d=128)
+    q = q.cuda().to(torch.bfloat16)
+    summ = KeySummary(summ.centroids.cuda(), summ.value_means.cuda(), summ.sizes.cuda())
+    skipped, labels = skipped.cuda(), labels.cuda()
+    out_f, lse_f, used = centroid_attention(q, summ, skipped, labels, 0.09, backend="auto")
+    assert used == "flex"
+    out_t, lse_t, _ = centroid_attention(q, summ, skipped, labels, 0.09, backend="torch")
+    finite = torch.isfinite(lse_t)
+    assert torch.equal(finite, torch.isfinite(lse_f))
+    torch.testing.assert_close(lse_f[finite], lse_t[finite], rtol=1e-2, atol=2e-2)  # bf16 q, k
+    torch.testing.assert_close(out_f.float(), out_t, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_compensated_call_on_gpu_within_twice_the_torch_error(kernel):
+    q, k, v = (x.cuda().to(torch.bfloat16) for x in clustered_qkv(b=1, h=4, s=2048, d=128, clusters=12))
+    st = ClusterState()
+    cfg = SVG2Config(num_q_centroids=32, num_k_centroids=64, target_density=0.2, compensate=True,
+                     attention_kernel=kernel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the LSE fallback of a kernel without LSE output
+        out, lay = svg2_attention(q, k, v, cfg, st)
+    assert st.last_kernels["compensation"] == "flex"
+    ref = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"))
+    same = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"), dtype=torch.bfloat16)
+    err = (out.cpu().double() - ref).abs().max().item()
+    err_torch = (same.double() - ref).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch, st.last_kernels)
