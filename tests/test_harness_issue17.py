@@ -145,3 +145,28 @@ def test_enable_svg2_tiny_wan_with_compensation_and_layout_reuse(monkeypatch):
         outs = _loop(model, 2, inputs)
         assert {r["method"] for r in h.records()} == {"svg_ear"}
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("method", ["svg2", "svg_ear"])
+def test_enable_svg2_tiny_hunyuan_compensated_text_stays_exact(method):
+    from tests.tiny_diffusers import hunyuan_inputs, tiny_hunyuan
+
+    model = tiny_hunyuan()
+    inputs = hunyuan_inputs()  # batch 2, padded text (12 and 5 real tokens)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    cfg = TINY_CFG.replace(compensate=True)
+    with enable_svg2(model, cfg, method=method, num_steps=1, top_p=1.0, min_kc_ratio=1.0):
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs)[0], ref, rtol=1e-5, atol=1e-5)
+    # Padded text positions cannot leak into the video through compensation either.
+    other = dict(inputs)
+    ehs = inputs["encoder_hidden_states"].clone()
+    ehs[1, 5:] = 100.0 * torch.randn_like(ehs[1, 5:])
+    other["encoder_hidden_states"] = ehs
+    with enable_svg2(model, cfg, method=method, num_steps=1, top_p=0.5) as h, torch.no_grad():
+        a = model(**inputs)[0]
+        h.reset()
+        b = model(**other)[0]
+        assert {r["lse"] for r in h.records()} == {"torch"}
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
