@@ -30,9 +30,9 @@ from svg2.testbed.model import (
     TESTBED_TEXT_ENCODER_CONFIG,
     TESTBED_TRANSFORMER_CONFIG,
     build_testbed,
+    caption_tokenizer,
     load_testbed_state,
     save_testbed,
-    testbed_tokenizer,
 )
 
 __all__ = ["TrainConfig", "BUCKETS", "train"]
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
         tf_cfg.update(num_layers=2, num_attention_heads=2, ffn_dim=128, text_dim=64)
         te_cfg.update(dim=64, num_layers=1, num_heads=2, ffn_dim=128)
         buckets = TINY_BUCKETS
-    tok = testbed_tokenizer(te_cfg["max_len"])
+    tok = caption_tokenizer(te_cfg["max_len"])
     torch.manual_seed(cfg.seed)
     transformer = build_testbed(**tf_cfg).to(dev).train()
     text_encoder = MiniTextEncoder(len(tok), **te_cfg).to(dev).train()
