@@ -146,7 +146,7 @@ def test_save_and_load_sharded(tmp_path, monkeypatch):
 
 
 def test_training_stretch_resumes_and_accumulates(tmp_path):
-    from svg2.testbed.train import LOG_NAME, TrainConfig, _read_log, train
+    from svg2.testbed.train import LOG_NAME, TrainConfig, read_log, train
 
     ck = tmp_path / "ck.pt"
     s1 = train(TrainConfig(out=str(tmp_path / "a"), ckpt=str(ck), device="cpu", tiny=True, max_steps=2,
@@ -159,7 +159,7 @@ def test_training_stretch_resumes_and_accumulates(tmp_path):
     s3 = train(TrainConfig(out=str(tmp_path / "c"), init_from=str(tmp_path / "b" / "weights"), device="cpu",
                            tiny=True, max_steps=4, tokens_per_step=256, time_budget=60))
     assert s3["start_step"] == 3 and s3["end_step"] == 4
-    log = _read_log(tmp_path / "c" / "weights" / LOG_NAME)
+    log = read_log(tmp_path / "c" / "weights" / LOG_NAME)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in log)
 
