@@ -8,12 +8,13 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
 
 * ``dense``: cuDNN SDPA (the fastest dense kernel; the backend that ran is recorded);
 * ``svg2``: the public call ``svg2_attention`` on a warm state (2 k-means iterations), compensate off;
-* ``svg2+comp``: the same call with ``compensate=True`` (the LSE source it used is recorded: a kernel without
-  an LSE output forces the O(S^2) torch fallback, timed separately as ``lse fallback``);
+* ``svg2+lse``: the same call returning the kernel's LSE (what compensation needs from the kernel);
+* ``svg2+comp``: the same call with ``compensate=True`` (the kernel's LSE; the compensation backend recorded);
 * ``comp (flex)`` / ``comp (torch)``: the compensation step alone (key-cluster summaries from the permuted K/V,
-  centroid attention, LSE merge) given the sparse output and LSE: what ``compensate=True`` costs once the kernel
-  returns its LSE. Target (issue 17): at most 5% of the ``svg2`` call at (300, 1000);
-* ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1, no k-means, no selection);
+  centroid attention, LSE merge) given the sparse output and LSE. Target (issue 17): at most 5% of the
+  ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
+* ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
+  metadata);
 * ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
   and ``ear probe+routing`` alone.
 
@@ -56,13 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from analysis.synthetic import synthetic_qkv  # noqa: E402
 from svg2 import ClusterState, SVG2Config, svg2_attention  # noqa: E402
-from svg2.compensation import (  # noqa: E402
-    compensate,
-    segment_means,
-    summarize_key_clusters,
-    varblock_attention_lse_torch,
-    variant_returns_lse,
-)
+from svg2.compensation import compensate, segment_means, summarize_key_clusters  # noqa: E402
 from svg2.methods import AttentionContext, MethodState, build_method  # noqa: E402
 
 WAN14B = dict(heads=40, video=(21, 45, 80), head_dim=128, dtype="bfloat16")  # 720p, 81 frames: S = 75600
@@ -135,49 +130,36 @@ def dense_fn(q, k, v):
     return (lambda: F.scaled_dot_product_attention(q, k, v)), "sdpa-default"
 
 
-def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str],
-                 fallback_rows: bool = True) -> dict:
-    """Every row of one (Cq, Ck) configuration. Returns {row name: {"ms": ..., ...}} plus the kernels used."""
-    from svg2_kernels import AttentionInputs, select_attention_variant
-
+def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str]) -> dict:
+    """Every row of one (Cq, Ck) configuration: {row name: {"ms": ..., details}}."""
     cfg = SVG2Config(num_q_centroids=cq, num_k_centroids=ck, target_density=density, dense_steps_frac=0.0,
                      dense_layers=0)
     rows: dict[str, dict] = {}
     dense, dense_backend = dense_fn(q, k, v)
     rows["dense"] = {"ms": ms(dense), "kernel": dense_backend}
 
-    # -- the sparse call, warm (the first call is the cold start with 50 k-means iterations) --
+    # -- the sparse call, warm (the first call of a state is the cold start with 50 k-means iterations) --
     st = ClusterState()
     _, layout = svg2_attention(q, k, v, cfg, st, check_finite=False)
     rows["svg2"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg, st, check_finite=False)),
                     "density": layout.density(), "kernel": st.last_kernels.get("attention"),
                     "kmeans_kernel": st.last_kernels.get("kmeans")}
-    variant = select_attention_variant(cfg.attention_kernel, AttentionInputs.of(q, k))
-    # Rows whose call needs the O(S^2) torch LSE fallback (the kernel returns no LSE) can be left out.
-    full_calls = fallback_rows or variant_returns_lse(variant) or variant.name == "torch"
-    if full_calls:
-        st_c = ClusterState()
-        svg2_attention(q, k, v, cfg.replace(compensate=True), st_c, check_finite=False)
-        rows["svg2+comp"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg.replace(compensate=True), st_c,
-                                                             check_finite=False)),
-                             "lse": st_c.last_kernels.get("lse"),
-                             "compensation": st_c.last_kernels.get("compensation")}
+    rows["svg2+lse"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg, st, check_finite=False, return_lse=True))}
+    cfg_c = cfg.replace(compensate=True)
+    st_c = ClusterState()
+    svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)
+    rows["svg2+comp"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)),
+                         "lse": st_c.last_kernels.get("lse"), "compensation": st_c.last_kernels.get("compensation")}
     st_r = ClusterState()
     cfg_r = cfg.replace(layout_every=1_000_000)
-    svg2_attention(q, k, v, cfg_r, st_r, check_finite=False)  # builds the layout; later calls reuse it
+    svg2_attention(q, k, v, cfg_r, st_r, check_finite=False)  # builds the layout (and plan); later calls reuse it
     rows["svg2 layout reuse"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg_r, st_r, check_finite=False))}
 
-    # -- the compensation step alone, given the sparse output and its LSE --
-    ks = variant.gather_rows(k, layout.k_perm)
-    vs = variant.gather_rows(v, layout.k_perm)
+    # -- the compensation step alone, given the sparse output and its LSE on one layout --
+    out_s, lse, _ = svg2_attention(q, k, v, cfg, layout=layout, check_finite=False, return_lse=True)
+    gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))  # noqa: E731
+    ks, vs = gather(k, layout.k_perm), gather(v, layout.k_perm)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    out_s = variant.forward_token_order(q, ks, vs, layout.q_perm, layout.q_offsets, layout.k_offsets,
-                                        layout.block_map, scale)
-    qs = variant.gather_rows(q, layout.q_perm)
-    lse_fn = lambda: varblock_attention_lse_torch(qs, ks, None, layout.q_offsets, layout.k_offsets,  # noqa: E731
-                                                  layout.block_map, scale)[1]
-    lse_sorted = lse_fn()
-    lse = torch.empty_like(lse_sorted).scatter_(-1, layout.q_perm, lse_sorted)
     # A fresh layout's centroids come from k-means' last update (free); take this layout's exact ones.
     centroids = segment_means(ks, layout.k_sizes)
     outs = {}
@@ -192,30 +174,21 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
             rows[f"comp ({backend})"] = {"ms": ms(step), "compensation": used}
         except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
             rows[f"comp ({backend})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
-    if variant.name != "torch" and not variant_returns_lse(variant) and fallback_rows:
-        rows["lse fallback"] = {"ms": ms(lse_fn)}  # what a kernel without an LSE output costs on top
-    # Correctness of the timed steps: the backends against each other and against the public call.
-    if "torch" in outs:
-        for backend, out_c in outs.items():
-            if backend != "torch":
-                rows[f"comp ({backend})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"]).abs().max())
-    if full_calls:
-        call, _ = svg2_attention(q, k, v, cfg.replace(compensate=True), layout=layout, check_finite=False)
-        for backend, out_c in outs.items():
-            rows[f"comp ({backend})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
+    # Correctness of the timed steps: against the compensated public call and against each other.
+    call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
+    for backend, out_c in outs.items():
+        rows[f"comp ({backend})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
+        if backend != "torch" and "torch" in outs:
+            rows[f"comp ({backend})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"]).abs().max())
 
     # -- SVG-EAR (a warm sparse call of the method at the same density) --
-    ear = build_method("svg_ear", cfg=cfg.replace(compensate=True))
+    ear = build_method("svg_ear", cfg=cfg_c)
     state = MethodState()
     ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
+    ear(q, k, v, ctx)  # the cold start
+    rows["svg_ear"] = {"ms": ms(lambda: ear(q, k, v, ctx)), "density": state.resolved_records()[-1]["density"],
+                       "compensation": state.resolved_records()[-1].get("compensation")}
     site = state.cluster_state(*ctx.site())
-    if full_calls:
-        ear(q, k, v, ctx)  # the cold start
-        rows["svg_ear"] = {"ms": ms(lambda: ear(q, k, v, ctx)),
-                           "density": state.resolved_records()[-1]["density"],
-                           "lse": state.resolved_records()[-1].get("lse")}
-    else:
-        ear.route(q, k, v, ctx, site)  # the cold start of the site's k-means
     rows["ear probe+routing"] = {"ms": ms(lambda: ear.route(q, k, v, ctx, site)), "note": "incl. k-means"}
     return rows
 
@@ -231,7 +204,7 @@ def table(results: list[dict]) -> str:
             if t is None:
                 lines.append(f"| {res['config']} | {name} | - | - | - | {notes} |")
                 continue
-            pct = f"{100 * t / sparse:.1f}%" if name.startswith(("comp", "lse", "ear probe")) else ""
+            pct = f"{100 * t / sparse:.1f}%" if name.startswith(("comp", "ear probe")) else ""
             lines.append(f"| {res['config']} | {name} | {t:.2f} | {t / dense:.3f} | {pct} | {notes} |")
     return "\n".join(lines)
 
@@ -244,9 +217,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
-    ap.add_argument("--no-fallback-rows", action="store_true",
-                    help="skip the rows that need the O(S^2) torch LSE fallback (svg2+comp, lse fallback, svg_ear) "
-                         "when the attention kernel returns no LSE: minutes shorter at 720p")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     shape = TINY if args.tiny else WAN14B
@@ -258,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     with torch.no_grad():
         for cq, ck in pairs:
-            rows = bench_config(q, k, v, cq, ck, args.density, ms, comp_backends, not args.no_fallback_rows)
+            rows = bench_config(q, k, v, cq, ck, args.density, ms, comp_backends)
             results.append({"config": f"({cq}, {ck})", "cq": cq, "ck": ck, "rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()

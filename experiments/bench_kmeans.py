@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import SHAPES, bench, synthetic_qkv  # noqa: E402
+from svg2.benchmark import time_ms as bench
+from svg2.synthetic import SHAPES, clustered_qkv
 
 VARIANTS = [  # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split[, update_rows, rank_by_sort])
-    (256, 64, 8, 3, 64, 0),  # default r13-r19 (since r20: sort_block=128, rank_by_sort=True)
+    (256, 64, 8, 3, 128, 0, 0, True),  # the default
+    (256, 64, 8, 3, 64, 0, 0, False),  # counting rank instead of the sort
     (256, 64, 8, 3, 64, 1),
     (128, 64, 4, 2, 64, 0),
     (256, 64, 8, 2, 64, 0),
@@ -65,7 +65,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001
         flash = None
     for si, sname in enumerate(a.shapes.split(",")):
-        q, k, _ = synthetic_qkv(SHAPES[sname], 1, 128, torch.bfloat16, dev, si)
+        q, k, _ = clustered_qkv(SHAPES[sname], dtype=torch.bfloat16, device=dev, seed=si)
         b, h, s, d = q.shape
         n = b * h
         xq, xk = q.reshape(n, s, d), k.reshape(n, s, d)

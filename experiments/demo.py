@@ -13,31 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from svg2 import ClusterState, SVG2Config, svg2_attention
-
-
-def synthetic_qkv(b: int, h: int, s: int, d: int, clusters: int, seed: int):
-    """Mixture of Gaussians per head with unequal masses plus a smooth positional component."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(b, h, clusters, d, generator=g) * 1.5
-    weights = torch.rand(clusters, generator=g) ** 2 + 0.05
-    pos = torch.linspace(0, 1, s)[:, None] * torch.randn(1, d, generator=g)
-
-    def draw():
-        a = torch.multinomial(weights, b * h * s, replacement=True, generator=g).view(b, h, s)
-        x = torch.gather(centers, 2, a.unsqueeze(-1).expand(b, h, s, d))
-        return x + pos + 0.4 * torch.randn(b, h, s, d, generator=g)
-
-    return draw(), draw(), torch.randn(b, h, s, d, generator=g)
+from svg2.synthetic import VideoShape, clustered_qkv
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--grid", type=int, nargs=3, default=(4, 32, 32), metavar=("FRAMES", "HEIGHT", "WIDTH"),
+                   help="latent token grid (sequence length = their product)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--clusters", type=int, default=24, help="true mixture components of the synthetic data")
     args = p.parse_args(argv)
-    q, k, v = synthetic_qkv(1, args.heads, args.seqlen, args.head_dim, args.clusters, seed=0)
+    shape = VideoShape(args.heads, *args.grid)
+    q, k, v = clustered_qkv(shape, head_dim=args.head_dim, dtype=torch.float32, components=args.clusters, seed=0)
     t0 = time.perf_counter()
     ref = F.scaled_dot_product_attention(q, k, v)
     t_dense = time.perf_counter() - t0

@@ -13,15 +13,14 @@ component of the centroids), ``position`` (mean token index of the cluster).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT))
+from svg2.synthetic import SHAPES, clustered_qkv
 
 
 def lloyd(x: torch.Tensor, c: int, iters: int, g: torch.Generator):
@@ -76,8 +75,6 @@ def run_lengths(sel: torch.Tensor, ksz: torch.Tensor) -> list[int]:
 
 
 def main() -> None:
-    from bench_kernels import SHAPES, synthetic_qkv
-
     from svg2.selection import centroid_scores, select_target_density
 
     ap = argparse.ArgumentParser()
@@ -88,8 +85,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    shape = dict(SHAPES[args.shape], heads=args.heads)
-    q, k, _ = synthetic_qkv(shape, 1, 128, torch.float32, torch.device("cpu"), 0)
+    shape = dataclasses.replace(SHAPES[args.shape], heads=args.heads)
+    q, k, _ = clustered_qkv(shape, head_dim=128, dtype=torch.float32)
     n, s = args.heads, q.shape[2]
     lines = [f"# Key-side tile use by key-cluster order ({args.shape}, {n} heads, S={s}, CPU)", "",
              "Command: `python experiments/key_order_tiles.py " + " ".join(sys.argv[1:]) + "`", "",

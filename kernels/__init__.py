@@ -1,9 +1,12 @@
 """svg2_kernels: kernels for Sparse VideoGen2 (imported as ``svg2_kernels``; the folder is ``kernels/``).
 
-Every kernel has a float32 torch reference in :mod:`svg2_kernels.reference`. Variants are registered in
-:mod:`svg2_kernels.registry`, each declaring what it supports and why it refuses an input.
+Every kernel has a float32 torch reference in :mod:`svg2_kernels.reference`. Kernels are registered in
+:mod:`svg2_kernels.registry`, each declaring what it supports and why it refuses an input. A sparse layout
+becomes a kernel's input through :func:`svg2_kernels.plan.build_plan` (an :class:`AttentionPlan`, with the
+public :class:`TileConfig`).
 """
 
+from svg2_kernels.plan import AttentionPlan, TileConfig, build_plan
 from svg2_kernels.registry import (
     AttentionInputs,
     KMeansInputs,
@@ -16,6 +19,9 @@ from svg2_kernels.registry import (
 )
 
 __all__ = [
+    "AttentionPlan",
+    "TileConfig",
+    "build_plan",
     "AttentionInputs",
     "KMeansInputs",
     "available_attention_variants",

@@ -9,15 +9,24 @@ matrix products per head: ``Aq (tiles x Cq) @ block_map (Cq x Ck) @ Ak (Ck x til
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from svg2_kernels.plan import AttentionPlan
 from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_attention_variant
 
 __all__ = ["flex_block_mask", "flex_varblock_attention", "FlexVarBlockAttention"]
 
 _TILE = 128
-_compiled = None
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (eager flex_attention materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _segment_ids(offsets: torch.Tensor, length: int) -> torch.Tensor:
@@ -94,20 +103,26 @@ def _overlap_count(offsets: torch.Tensor, length: int) -> torch.Tensor:
     return (hi - lo).clamp_min(0)
 
 
-def flex_varblock_attention(q, k, v, q_offsets, k_offsets, block_map, scale=None, block_mask=None):
+def flex_varblock_attention(q, k, v, q_offsets, k_offsets, block_map, scale=None, block_mask=None,
+                            return_lse: bool = False):
     """FlexAttention on the layout's token mask; shapes as ``varblock_attention_reference``.
 
-    Rows that select no key come back as zeros (FlexAttention's convention for fully masked rows).
+    Rows that select no key come back as zeros (FlexAttention's convention for fully masked rows). With
+    ``return_lse``: ``(out, lse)``, lse (B, H, Sq) float32, natural log.
     """
-    global _compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _compiled is None:
-        _compiled = torch.compile(flex_attention, dynamic=False)
     if block_mask is None:
         block_mask = flex_block_mask(q_offsets, k_offsets, block_map, q.shape[2], k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _compiled(q, k, v, block_mask=block_mask, scale=scale)
+    if not return_lse:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: the older keyword
+        out, lse = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    else:
+        out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+    return out, lse.float()
 
 
 class FlexVarBlockAttention(AttentionVariant):
@@ -126,8 +141,13 @@ class FlexVarBlockAttention(AttentionVariant):
             reasons.append(f"head dim {inputs.head_dim} is not a power of two >= 16")
         return reasons
 
-    def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):
-        return flex_varblock_attention(q, k, v, q_offsets, k_offsets, block_map, scale)
+    def plan(self, q_offsets, k_offsets, block_map, inputs, tiles, skipped=()):
+        mask = flex_block_mask(q_offsets, k_offsets, block_map, inputs.seqlen_q, inputs.seqlen_k)
+        return AttentionPlan(self, inputs, q_offsets, k_offsets, block_map, None, mask, skipped)
+
+    def run(self, q, k, v, plan, scale, q_perm, return_lse):
+        res = flex_varblock_attention(q, k, v, None, None, None, scale, block_mask=plan.data, return_lse=return_lse)
+        return res if return_lse else (res, None)
 
 
 register_attention_variant(FlexVarBlockAttention())

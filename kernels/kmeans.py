@@ -24,15 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from svg2_kernels.registry import KMeansInputs, KMeansVariant, register_kmeans_variant, triton_interpreting
-
-try:
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
+from svg2_kernels._triton import HAS_TRITON, interpreting, tl, triton
+from svg2_kernels.registry import KMeansInputs, KMeansVariant, register_kmeans_variant
 
 __all__ = ["KMeansResult", "kmeans_triton", "kmeans_assign_triton", "TritonKMeans", "FlashKMeans"]
 
@@ -52,7 +45,7 @@ class KMeansResult:
 
 @dataclass(frozen=True)
 class KMeansTiles:
-    """Launch parameters of one Lloyd iteration.
+    """Launch parameters of one Lloyd iteration; the defaults are the measured GPU defaults.
 
     block_m, block_c, warps, stages: the assignment tile (points x centroids) and its launch.
     sort_block: points per counting-sort tile (divides block_m; 0 = block_m). The stable rank inside a
@@ -74,11 +67,11 @@ class KMeansTiles:
     block_m: int = 256
     block_c: int = 64
     warps: int = 8
-    stages: int = 2
-    sort_block: int = 0
+    stages: int = 3
+    sort_block: int = 128
     update_split: int = 0
     update_rows: int = 0
-    rank_by_sort: bool = False
+    rank_by_sort: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_c"):
@@ -103,14 +96,14 @@ class KMeansTiles:
 
 def default_tiles(x: torch.Tensor) -> KMeansTiles:
     """The measured default launch parameters for x's device."""
-    if x.device.type != "cuda" or triton_interpreting():
-        return KMeansTiles(16, 16, 4, 1, rank_by_sort=True)
+    if x.device.type != "cuda" or interpreting():
+        return KMeansTiles(16, 16, 4, 1, sort_block=16)
     # Fastest of 5 variants at Wan 14B (100, 500) and (300, 1000) on an H200 (bench_kmeans_r20): the stable rank
     # by sorting each tile's labels made the scatter 3.5-4.6x faster than counting earlier equal labels
     # (Q 1.95 -> 1.77 ms, K 3.33 -> 3.10 ms with 128-point tiles); with it, 128-point sort tiles (half the
     # per-tile histogram of 64-point ones) were fastest: Q / K 1.67 / 3.02 ms at (100, 500), 2.29 / 4.98 at
     # (300, 1000). Before the sort (bench_kmeans_r16), 128-point assignment tiles had won for Q.
-    return KMeansTiles(256, 64, 8, 3, sort_block=128, rank_by_sort=True)
+    return KMeansTiles()
 
 
 def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
@@ -121,7 +114,7 @@ def _tiles(x: torch.Tensor, blocks) -> KMeansTiles:
     return KMeansTiles(*blocks)
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _assign_kernel(
@@ -409,7 +402,7 @@ class TritonKMeans(KMeansVariant):
     priority = 100
     sorts_points = True  # the last update writes x in cluster order (sort_x): no separate K gather
     # CPU only under Triton's interpreter (tests); on CPU otherwise the torch path is the right one.
-    devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
+    devices = ("cuda", "cpu") if interpreting() else ("cuda",)
     requires = ("triton",)
 
     def not_supported_reasons(self, inputs: KMeansInputs) -> list[str]:

@@ -16,15 +16,7 @@ order, because a cluster's label is its centroid's index).
 from __future__ import annotations
 
 import torch
-from svg2_kernels.registry import triton_interpreting
-
-try:
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
+from svg2_kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 __all__ = ["chain_order", "chain_order_torch"]
 
@@ -51,7 +43,7 @@ def chain_order_torch(centroids: torch.Tensor) -> torch.Tensor:
     return order
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _chain_kernel(SIM, ORDER, C, BLOCK_C: tl.constexpr):
@@ -93,7 +85,7 @@ def _chain_order_op(centroids: torch.Tensor) -> torch.Tensor:
     n, c, _ = centroids.shape
     if c <= 2:
         return torch.arange(c, device=centroids.device).expand(n, c).contiguous()
-    if not _HAS_TRITON or not (centroids.is_cuda or triton_interpreting()):
+    if not HAS_TRITON or not (centroids.is_cuda or interpreting()):
         return chain_order_torch(centroids)
     sim = _similarity(centroids)
     order = torch.empty(n, c, dtype=torch.long, device=centroids.device)

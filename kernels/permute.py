@@ -8,18 +8,11 @@ gather and the output scatter entirely (``varblock_attention_with_metadata(..., 
 from __future__ import annotations
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
+from svg2_kernels._triton import HAS_TRITON, tl, triton
 
 __all__ = ["permute_rows", "unpermute_rows"]
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _permute_kernel(X, PERM, OUT, S, stride_xn, stride_xs, stride_on, stride_os,

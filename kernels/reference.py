@@ -17,7 +17,6 @@ import torch
 
 __all__ = [
     "varblock_attention_reference",
-    "varblock_attention_fp8_reference",
     "kmeans_assign_reference",
     "kmeans_update_reference",
 ]
@@ -45,7 +44,8 @@ def varblock_attention_reference(
     scale: float | None = None,
     *,
     compute_dtype: torch.dtype | None = torch.float32,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Variable-block sparse attention over cluster-sorted inputs (masked dense, chunked over queries).
 
     Args:
@@ -57,9 +57,11 @@ def varblock_attention_reference(
         scale: softmax scale, default 1/sqrt(headdim).
         compute_dtype: dtype of the arithmetic (float32 for the reference; None keeps the input dtype,
             which gives the "same-precision torch path" of the FlashAttention error rule).
+        return_lse: also return the log-sum-exp of every row's scaled scores.
     Returns:
         (batch, heads, seqlen_q, headdim) in q's dtype, sorted order. Query rows that select no key row
-        (and rows past q_offsets[-1]) are zero.
+        (and rows past q_offsets[-1]) are zero. With ``return_lse``: ``(out, lse)``, lse (batch, heads,
+        seqlen_q) float32, natural log, -inf for rows that select no key.
     """
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -69,13 +71,15 @@ def varblock_attention_reference(
     qf = q.reshape(n, sq, d).to(dt)
     kf = k.reshape(n, sk, d).to(dt)
     vf = v.reshape(n, sk, d).to(dt)
-    out = _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale)
-    return out.reshape(b, h, sq, d).to(q.dtype)
+    out, lse = _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale)
+    out = out.reshape(b, h, sq, d).to(q.dtype)
+    return (out, lse.reshape(b, h, sq).float()) if return_lse else out
 
 
-def _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale: float, quantize_p=None):
-    """Masked dense attention of (n, s, d) tensors in their dtype, chunked over queries. quantize_p: applied
-    to the softmax numerators before P @ V (the denominators use the unquantized ones, as the FP8 kernel)."""
+def _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale: float):
+    """Masked dense attention of (n, s, d) tensors in their dtype, chunked over queries.
+
+    Returns (out (n, sq, d), lse (n, sq) in the compute dtype, -inf for rows without keys)."""
     n, sq, d = qf.shape
     sk = kf.shape[1]
     cq, ck = block_map.shape[-2], block_map.shape[-1]
@@ -85,6 +89,7 @@ def _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale: float,
     bm = torch.zeros(n, cq + 1, ck + 1, dtype=torch.bool, device=qf.device)
     bm[:, :cq, :ck] = block_map.reshape(n, cq, ck)
     out = torch.zeros(n, sq, d, dtype=qf.dtype, device=qf.device)
+    lse = torch.full((n, sq), float("-inf"), dtype=qf.dtype, device=qf.device)
     rows = max(1, _CHUNK_ELEMS // max(1, sk * max(1, n)))
     for s0 in range(0, sq, rows):
         s1 = min(sq, s0 + rows)
@@ -97,58 +102,10 @@ def _masked_attention(qf, kf, vf, q_offsets, k_offsets, block_map, scale: float,
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(scores - row_max)
         denom = p.sum(dim=-1, keepdim=True)
-        if quantize_p is not None:
-            p = quantize_p(p)
         o = torch.matmul(p, vf) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out[:, s0:s1] = o
-    return out
-
-
-def _round_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to the nearest e4m3 value (saturating at +-448), as fp32."""
-    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
-
-
-def _round_int8(x: torch.Tensor) -> torch.Tensor:
-    """x rounded half away from zero and saturated to +-127 (the kernel's int8 conversion), as fp32."""
-    x = x.float().clamp(-127.0, 127.0)
-    return torch.trunc(x + 0.5 * torch.sign(x))
-
-
-def varblock_attention_fp8_reference(q, k, v, q_offsets, k_offsets, block_map, scale: float | None = None,
-                                     qk: str = "int8", pv: str = "fp8"):
-    """The 8-bit kernel's arithmetic in fp32 torch (the "same-precision torch path" for its error rule).
-
-    Quantizes exactly the operands the kernel quantizes, the same way: K centred on its per-head mean and
-    scaled per channel, Q times K's channel scales and then per row (both to int8 or e4m3, ``qk``), V per
-    channel and the softmax numerators (relative to the row max) as ``p * 256``, both e4m3. Everything else
-    is fp32 (with ``pv="bf16"`` V and P are not quantized). Shapes as :func:`varblock_attention_reference`;
-    returns q's dtype.
-    """
-    qmax, rnd = (127.0, _round_int8) if qk == "int8" else (448.0, _round_e4m3)
-    b, h, sq, d = q.shape
-    sk = k.shape[2]
-    n = b * h
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kf, vf = k.reshape(n, sk, d).float(), v.reshape(n, sk, d).float()
-    k_mean = kf.mean(1, keepdim=True)
-    k_amax = (kf - k_mean).abs().amax(1, keepdim=True)
-    k_scale = k_amax / qmax  # 0 for a constant channel: it adds nothing to the scores
-    k8 = rnd((kf - k_mean) / torch.where(k_scale > 0, k_scale, torch.ones_like(k_scale)))
-    v_amax = vf.abs().amax(1, keepdim=True)
-    v_scale = v_amax / 448.0
-    v_deq = _round_e4m3(vf / torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))) * v_scale
-    qf = q.reshape(n, sq, d).float() * k_scale
-    q_amax = qf.abs().amax(-1, keepdim=True)
-    q_scale = torch.where(q_amax > 0, q_amax / qmax, torch.ones_like(q_amax))
-    q_deq = rnd(qf / q_scale) * q_scale
-    if pv == "bf16":
-        v_deq, quantize_p = vf, None
-    else:
-        def quantize_p(p):
-            return _round_e4m3(p * 256.0) / 256.0
-    out = _masked_attention(q_deq, k8, v_deq, q_offsets, k_offsets, block_map, scale, quantize_p=quantize_p)
-    return out.reshape(b, h, sq, d).to(q.dtype)
+        lse[:, s0:s1] = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf: rows without keys
+    return out, lse
 
 
 def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

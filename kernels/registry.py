@@ -1,9 +1,12 @@
-"""Kernel variant registry, in the manner of xformers' operator dispatch.
+"""Kernel registry, in the manner of xformers' operator dispatch.
 
-Each variant declares what it supports (devices, dtypes, head dims, whether an optional package is
-installed) and answers ``not_supported_reasons(inputs)``. ``select_*("auto", inputs)`` walks the variants
-in priority order (fastest first) and returns the first that supports the inputs; when none does, the error
-lists every variant and why it refused. Callers record ``variant.name`` so a run says which kernel ran.
+Every entry is one concrete kernel (attention: ``triton_tma``, ``triton_chunks``, ``flex``, ``torch``;
+k-means: ``triton``, ``flash_kmeans``, ``torch``). Each declares what it supports (devices, dtypes, head dims,
+optional packages) and answers ``not_supported_reasons(inputs)``. ``select_*("auto", inputs)`` walks them in
+priority order (fastest first) and returns the first that accepts the inputs; the ones it skipped come back
+with their reasons (``with_skipped=True``); when none accepts, the error lists every kernel and why it
+refused. A named kernel that refuses is an error, never a silent fallback. Callers record the name of the
+kernel that ran (``AttentionPlan.kernel``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from svg2_kernels import reference
+from svg2_kernels._triton import interpreting
+from svg2_kernels.plan import AttentionPlan, TileConfig
 
 __all__ = [
     "AttentionInputs",
@@ -60,7 +65,7 @@ class KMeansInputs:
 
 
 class AttentionVariant:
-    """Base class. ``forward`` has the signature of ``reference.varblock_attention_reference``."""
+    """Base class of an attention kernel: what it supports, how it prepares a plan, how it runs one."""
 
     name: str = "base"
     priority: int = 0  # higher is tried first by "auto"
@@ -68,8 +73,9 @@ class AttentionVariant:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     head_dims: tuple[int, ...] | None = None  # None: any
     requires: tuple[str, ...] = ()  # importable packages this variant needs
-    # An opt-in variant changes the numerics (e.g. FP8): "auto" never picks it, naming it does.
-    opt_in: bool = False
+    # Reads Q in token order through the query permutation and writes the outputs in token order (both
+    # permutation passes fused into the kernel): ``run`` then accepts ``q_perm``.
+    fuses_query_permutation: bool = False
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
@@ -81,22 +87,17 @@ class AttentionVariant:
             reasons.append(f"head dim {inputs.head_dim} not in {self.head_dims}")
         return reasons
 
-    # A variant that can read Q in token order through the query permutation and write O back in token
-    # order (fusing both permutation passes into the kernel) sets this and implements forward_token_order.
-    fuses_query_permutation: bool = False
+    def plan(self, q_offsets: torch.Tensor, k_offsets: torch.Tensor, block_map: torch.Tensor,
+             inputs: AttentionInputs, tiles: TileConfig, skipped: tuple[str, ...] = ()) -> AttentionPlan:
+        """Prepare the layout for this kernel (default: nothing beyond the layout itself)."""
+        return AttentionPlan(self, inputs, q_offsets, k_offsets, block_map, None, None, skipped)
 
-    def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):  # pragma: no cover
-        raise NotImplementedError
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float,
+            q_perm: torch.Tensor | None, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (out (B, H, Sq, D), lse (B, H, Sq) float32 or None). ``q_perm`` only if fuses_query_permutation."""
+        raise NotImplementedError  # pragma: no cover
 
-    def forward_token_order(self, q, k, v, q_perm, q_offsets, k_offsets, block_map, scale=None):
-        """Like ``forward`` but q (B, H, Sq, D) and the output are in token order; ``q_perm`` (B, H, Sq)
-        maps sorted position -> token index."""
-        qs = self.gather_rows(q, q_perm)
-        out_sorted = self.forward(qs, k, v, q_offsets, k_offsets, block_map, scale)
-        out = torch.empty_like(out_sorted)
-        return out.scatter_(2, q_perm.unsqueeze(-1).expand_as(out_sorted), out_sorted)
-
-    def gather_rows(self, x, perm):
+    def gather_rows(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """x (B, H, S, D), perm (B, H, S) -> rows of x in perm order (the permutation step)."""
         return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
 
@@ -140,9 +141,7 @@ class KMeansVariant:
 
 def triton_interpreting() -> bool:
     """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``, the tests)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _has_package(name: str) -> bool:
@@ -158,8 +157,10 @@ class TorchAttention(AttentionVariant):
     name = "torch"
     priority = 0
 
-    def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):
-        return reference.varblock_attention_reference(q, k, v, q_offsets, k_offsets, block_map, scale)
+    def run(self, q, k, v, plan, scale, q_perm, return_lse):
+        out, lse = reference.varblock_attention_reference(q, k, v, plan.q_offsets, plan.k_offsets, plan.block_map,
+                                                          scale, return_lse=True)
+        return out, (lse if return_lse else None)
 
 
 class TorchKMeans(KMeansVariant):
@@ -183,8 +184,7 @@ class TorchKMeans(KMeansVariant):
 
 _ATTENTION: dict[str, AttentionVariant] = {}
 _KMEANS: dict[str, KMeansVariant] = {}
-_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.varblock_fp8", "svg2_kernels.kmeans",
-                 "svg2_kernels.flex")
+_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.kmeans", "svg2_kernels.flex")
 _lazy_loaded = False
 
 
@@ -226,7 +226,9 @@ def available_kmeans_variants() -> list[str]:
 def _get(table: dict, name: str, kind: str):
     _load_optional_variants()
     if name not in table:
-        raise KeyError(f"unknown {kind} kernel variant {name!r}; known: {sorted(table)} (or 'auto')")
+        hint = (" ('triton' is now two kernels: 'triton_tma' (Hopper) and 'triton_chunks')"
+                if name == "triton" and kind == "attention" else "")
+        raise KeyError(f"unknown {kind} kernel {name!r}; known: {sorted(table)} (or 'auto'){hint}")
     return table[name]
 
 
@@ -239,30 +241,33 @@ def get_kmeans_variant(name: str) -> KMeansVariant:
 
 
 def _select(table: dict, name: str, inputs, kind: str, order: Callable[[], list[str]]):
+    """-> (variant, skipped): ``skipped`` lists the faster kernels "auto" passed over, with their reasons."""
     if name != "auto":
         variant = _get(table, name, kind)
         reasons = variant.not_supported_reasons(inputs)
         if reasons:
             raise NotImplementedError(
-                f"{kind} kernel variant {name!r} cannot run {inputs}: {'; '.join(reasons)}. "
-                f"Use kernel 'auto' to pick a supported one."
+                f"{kind} kernel {name!r} cannot run {inputs}: {'; '.join(reasons)}. "
+                f"Name another kernel ({order()}) or use 'auto' to pick the fastest supported one."
             )
-        return variant
+        return variant, []
     refusals = []
     for n in order():
-        if getattr(table[n], "opt_in", False):
-            refusals.append(f"  {n}: opt-in (changes the numerics): name it to use it")
-            continue
         reasons = table[n].not_supported_reasons(inputs)
         if not reasons:
-            return table[n]
-        refusals.append(f"  {n}: {'; '.join(reasons)}")
-    raise NotImplementedError(f"no {kind} kernel variant supports {inputs}:\n" + "\n".join(refusals))
+            return table[n], refusals
+        refusals.append(f"{n}: {'; '.join(reasons)}")
+    raise NotImplementedError(f"no {kind} kernel supports {inputs}:\n" + "\n".join("  " + r for r in refusals))
 
 
-def select_attention_variant(name: str, inputs: AttentionInputs) -> AttentionVariant:
-    return _select(_ATTENTION, name, inputs, "attention", available_attention_variants)
+def select_attention_variant(name: str, inputs: AttentionInputs, *, with_skipped: bool = False):
+    """The attention kernel ``name`` (or the fastest that accepts ``inputs`` for "auto"); with
+    ``with_skipped`` also the list of ``"kernel: reason"`` for those "auto" passed over."""
+    variant, skipped = _select(_ATTENTION, name, inputs, "attention", available_attention_variants)
+    return (variant, skipped) if with_skipped else variant
 
 
-def select_kmeans_variant(name: str, inputs: KMeansInputs) -> KMeansVariant:
-    return _select(_KMEANS, name, inputs, "k-means", available_kmeans_variants)
+def select_kmeans_variant(name: str, inputs: KMeansInputs, *, with_skipped: bool = False):
+    """Like :func:`select_attention_variant`, for k-means."""
+    variant, skipped = _select(_KMEANS, name, inputs, "k-means", available_kmeans_variants)
+    return (variant, skipped) if with_skipped else variant

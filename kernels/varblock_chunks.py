@@ -1,19 +1,19 @@
-"""Variable-block sparse attention, v4: key tiles made of contiguous chunks (pipeliner-friendly).
+"""The ``triton_chunks`` kernel: key tiles made of contiguous chunks (any CUDA GPU), and the chunk table
+that both Triton kernels read.
 
-Same contract as :mod:`svg2_kernels.varblock_attention` (query cluster ``i`` attends to the union of its
-selected key clusters, each a contiguous range of the cluster-sorted K/V), with a different key-side layout:
+Same contract as :func:`svg2_kernels.varblock_attention.varblock_attention` (query cluster ``i`` attends to the
+union of its selected key clusters, each a contiguous range of the cluster-sorted K/V):
 
 * The selected key clusters of one query cluster are merged into runs (adjacent selected clusters; empty
   clusters never break a run) and every run is cut into **chunks** of ``CH`` rows, the last one partial.
   A chunk is one int32: ``physical start << 8 | valid rows``. A key tile of ``BLOCK_N`` rows is
   ``BLOCK_N // CH`` consecutive chunks, so row ``r`` of tile ``t`` lives at ``start[t * NCH + r // CH] +
   r % CH``: one (broadcast) load gives every row address, with no search and no loop-carried state.
-* Why (notes/kernels.md, v4): in v3 the K/V row addresses came out of a run-window search fed by loads
-  inside the loop; Triton's pipeliner kept the K/V tiles one stage ahead only and left the window loads
-  synchronous, so each iteration waited on global-memory latency. Here the address of tile ``t`` is a pure
-  function of ``t`` and one pipelinable load, so ``num_stages`` = 3 keeps two K/V tiles in flight.
-* Cost: chunk padding (at most ``CH - 1`` rows per run) instead of v3's dense packing; ``CH`` = 32 or 64
-  keeps it small at real cluster sizes (30-150 tokens, runs of several clusters).
+* Why: when a tile's row addresses depend on loads inside the loop (a search over run starts), Triton's
+  pipeliner keeps K/V only one stage ahead and leaves those loads synchronous, so every iteration waits on
+  global-memory latency. Here the address of tile ``t`` is a pure function of ``t`` and one pipelinable
+  load, so ``num_stages`` = 3 keeps two K/V tiles in flight (notes/kernels.md).
+* Cost: chunk padding, at most ``CH - 1`` rows per run.
 
 The chunk table has a fixed upper bound per query cluster (``ceil(Sk / CH) + ceil(Ck / 2) + 1`` slots), so
 it is built on the GPU without host syncs (CUDA-graph capturable).
@@ -22,10 +22,9 @@ it is built on the GPU without host syncs (CUDA-graph capturable).
 from __future__ import annotations
 
 import torch
+from svg2_kernels._triton import HAS_TRITON, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
+if HAS_TRITON:
     from svg2_kernels.varblock_common import (
         first_above,
         online_softmax_init,
@@ -33,10 +32,6 @@ try:
         query_tile,
         store_output,
     )
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
 
 __all__ = ["build_chunk_table", "launch_chunk_kernel", "MAX_SEQ"]
 
@@ -58,7 +53,7 @@ def build_chunk_table(
     """
     if seqlen_k >= MAX_SEQ:
         raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits; "
-                         "use VarBlockConfig(key_layout='window') for longer sequences")
+                         "use kernel 'torch' or 'flex' for longer sequences")
     if not 1 <= chunk <= 255:
         raise ValueError(f"chunk must be in [1, 255], got {chunk}")
     n, r, ck = sel.shape
@@ -96,11 +91,11 @@ def build_chunk_table(
     return table, count
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _chunk_fwd_kernel(
-        Q, K, V, Out, QIDX,
+        Q, K, V, Out, LSE, QIDX,
         work_ptr, num_work_ptr, q_bounds_ptr, count_ptr, table_ptr,
         qk_scale,
         stride_qb, stride_qh, stride_qs,
@@ -110,6 +105,7 @@ if _HAS_TRITON:
         H, Cq1, T_ROW, SEQ_Q, SEQ_K,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr, GATHER_Q: tl.constexpr,
+        STORE_LSE: tl.constexpr,
     ):
         NCH: tl.constexpr = BLOCK_N // CH
         pid = tl.program_id(0)
@@ -140,17 +136,19 @@ if _HAS_TRITON:
             # -- scores and online softmax --
             qk = tl.dot(q, tl.trans(k))
             m_i, l_i, acc = online_softmax_step(qk, n_mask, v, qk_scale, m_i, l_i, acc)
-        store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os)
+        store_output(Out, LSE, acc, m_i, l_i, n, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh,
+                     stride_os, SEQ_Q, STORE_LSE)
 
 
-def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bounds, count, table,
+def launch_chunk_kernel(q, k, v, out, lse, qidx, gather_q: bool, work, num_work, q_bounds, count, table,
                         scale: float, block_m: int, block_n: int, chunk: int, num_warps: int,
                         num_stages: int):
-    """One launch over the ``work`` items (tensors already validated by the caller); returns Triton's
-    compiled kernel (its ``asm`` / ``n_regs`` / ``n_spills`` are what benchmarks record)."""
+    """One launch over the ``work`` items (tensors already validated by the caller); ``lse`` (B * H, Sq)
+    float32 or None. Returns Triton's compiled kernel (its ``asm`` / ``n_regs`` / ``n_spills`` are what
+    benchmarks record)."""
     h, sq, d = q.shape[1], q.shape[2], q.shape[3]
     return _chunk_fwd_kernel[(work.shape[0],)](
-        q, k, v, out, qidx,
+        q, k, v, out, out if lse is None else lse, qidx,
         work, num_work, q_bounds, count, table,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),
@@ -159,12 +157,12 @@ def launch_chunk_kernel(q, k, v, out, qidx, gather_q: bool, work, num_work, q_bo
         out.stride(0), out.stride(1), out.stride(2),
         h, count.shape[1], table.shape[-1], sq, k.shape[2],
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q,
+        BLOCK_M=block_m, BLOCK_N=block_n, CH=chunk, GATHER_Q=gather_q, STORE_LSE=lse is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _max_combine(a, b):
@@ -233,7 +231,7 @@ def build_chunk_table_triton(
     """
     if seqlen_k >= MAX_SEQ:
         raise ValueError(f"sequence length {seqlen_k} >= {MAX_SEQ}: the chunk layout packs starts in 23 bits; "
-                         "use VarBlockConfig(key_layout='window') for longer sequences")
+                         "use kernel 'torch' or 'flex' for longer sequences")
     n, cq, ck = block_map.shape
     dev = block_map.device
     t_max = -(-seqlen_k // chunk) + (ck + 1) // 2 + 1

@@ -1,20 +1,17 @@
-"""Triton pieces shared by the variable-block attention kernels (window, chunk and TMA-tile key layouts).
+"""Triton pieces shared by the variable-block attention kernels (``triton_tma`` and ``triton_chunks``).
 
-Every kernel runs one query tile per program: the same work-item decoding and Q load, the same online
-softmax step per key tile, the same epilogue. They differ only in how a key tile's rows are found.
+Every kernel runs one query tile per program: the same prologue (work-item decoding and Q load,
+:func:`query_tile`), the same online-softmax step per key tile, the same epilogue (:func:`store_output`,
+optionally with the log-sum-exp). They differ only in how a key tile's rows are found and loaded.
 """
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
+from svg2_kernels._triton import HAS_TRITON, tl, triton
 
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
+__all__ = ["query_tile", "online_softmax_init", "online_softmax_step", "first_above", "store_output"]
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def query_tile(
@@ -62,7 +59,7 @@ if _HAS_TRITON:
 
         Padding is an additive -inf bias and the max is taken on raw scores, so the exponent is one FMA per
         score (``qk * scale - m``): on dense tiles this form ran at 0.64 of cuDNN against 0.55 for
-        scale-then-select-then-subtract (results/kernels/probe_loop_r6.md)."""
+        scale-then-select-then-subtract (probe_loop in notes/kernels.md)."""
         qk = qk + tl.where(n_mask, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -84,8 +81,16 @@ if _HAS_TRITON:
         return pos + 1
 
     @triton.jit
-    def store_output(Out, acc, l_i, b, h, q_rows, m_mask, offs_d, d_mask, stride_ob, stride_oh, stride_os):
-        """Normalise and store; rows without keys (and the tail cluster) write zeros."""
+    def store_output(Out, LSE, acc, m_i, l_i, n, b, h, q_rows, m_mask, offs_d, d_mask,
+                     stride_ob, stride_oh, stride_os, SEQ_Q, STORE_LSE: tl.constexpr):
+        """Normalise and store; rows without keys (and the tail cluster) write zeros.
+
+        With ``STORE_LSE`` also writes the natural log-sum-exp of the row's scaled scores to
+        ``LSE[n, q_rows]`` ((B * H, Sq) float32; -inf for rows without keys): ``m_i`` and ``l_i`` are in base 2.
+        """
+        if STORE_LSE:
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(LSE + n.to(tl.int64) * SEQ_Q + q_rows, lse, mask=m_mask)
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(

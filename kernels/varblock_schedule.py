@@ -4,10 +4,10 @@ The schedule lists ``(head, query cluster, first row)`` work items for the two q
 ``block_m`` tiles plus a large remainder; small remainders of at most ``block_m_small`` rows), optionally
 longest-first (by key tiles) inside each head or over all heads. The torch version
 (:func:`svg2_kernels.varblock_attention._with_query_tiles_torch`) defines the result; this one builds the
-same items in the same order (tested under Triton's interpreter, and on an H200 in run r11). It is the
-default (``VarBlockConfig(triton_schedule=True)``; False: the torch ops). Why: at Wan 1.3B the eager SVG2
-call is bound by kernel launches, and the schedule was the largest group of small launches: its metadata
-fell from 2.23 to 0.74 ms eager (run r13).
+same items in the same order (tested under Triton's interpreter and on the GPU). It is the default
+(``TileConfig(triton_schedule=True)``; False: the torch ops). Why: at Wan 1.3B the eager SVG2 call is bound
+by kernel launches, and the schedule was the largest group of small launches: its metadata fell from 2.23
+to 0.74 ms eager on an H200.
 
 1. ``_rank_kernel`` (one program per block of clusters): the position of every cluster in the schedule
    order, by counting the clusters that sort before it (key: head, then most key tiles first, then index;
@@ -20,19 +20,14 @@ fell from 2.23 to 0.74 ms eager (run r13).
 from __future__ import annotations
 
 import torch
+from svg2_kernels._triton import HAS_TRITON, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
+if HAS_TRITON:
     from svg2_kernels.varblock_common import first_above
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
 
 __all__ = ["build_work_items_triton"]
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _sort_key(idx, num_tiles_ptr, N, CQ1, LPT: tl.constexpr, ACROSS_HEADS: tl.constexpr):

@@ -1,5 +1,7 @@
 """svg2: Sparse VideoGen2 attention for video diffusion transformers, and its research harness."""
 
+from svg2_kernels import AttentionPlan, TileConfig
+
 from svg2.attention import ClusterState, build_layout, dense_attention, svg2_attention
 from svg2.config import SVG2Config
 from svg2.integrations import enable_svg2
@@ -9,6 +11,8 @@ from svg2.methods import AttentionContext, MethodState, available_methods, build
 __all__ = [
     "SVG2Config",
     "ClusterLayout",
+    "AttentionPlan",
+    "TileConfig",
     "ClusterState",
     "svg2_attention",
     "dense_attention",

@@ -1,7 +1,7 @@
 """SVG2 attention: cluster, select, permute, variable-block attention, un-permute (DESIGN.md section 1).
 
 Public functions:
-    svg2_attention(q, k, v, cfg, state=None, ...) -> (out, layout)
+    svg2_attention(q, k, v, cfg, state=None, ...) -> (out, layout), or (out, lse, layout) with return_lse
     dense_attention(q, k, v, ...) -> out
     build_layout(q, k, cfg, state=None, ...) -> layout   (clustering + selection only)
 """
@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from svg2_kernels import AttentionInputs, select_attention_variant
+from svg2_kernels.plan import AttentionPlan
 
 from svg2.clustering import kmeans
-from svg2.compensation import KeySummary, compensate, sparse_attention_with_lse, summarize_key_clusters
+from svg2.compensation import KeySummary, compensate, summarize_key_clusters
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
@@ -49,6 +49,8 @@ class ClusterState:
     layout: ClusterLayout | None = None
     layout_uses: int = 0
     last_layout_reused: bool = False
+    plan: AttentionPlan | None = None  # the kernel plan of ``plan_layout`` (a kept layout), built once
+    plan_layout: ClusterLayout | None = None
 
     def reset(self) -> None:
         self.q_centroids = None
@@ -58,6 +60,8 @@ class ClusterState:
         self.layout = None
         self.layout_uses = 0
         self.last_layout_reused = False
+        self.plan = None
+        self.plan_layout = None
 
     def reusable_layout(self, layout_every: int, q: torch.Tensor, num_text_tokens: int = 0,
                         text_mask: torch.Tensor | None = None) -> ClusterLayout | None:
@@ -72,6 +76,15 @@ class ClusterState:
             return None
         self.layout_uses += 1
         return lay if lay.text_mask is text_mask else dataclasses.replace(lay, text_mask=text_mask)
+
+    def layout_plan(self, layout: ClusterLayout, kernel: str, tiles, q: torch.Tensor) -> AttentionPlan:
+        """The kernel plan of a kept layout, built at its first call and reused with it (a reused layout skips
+        the kernel metadata too). Rebuilt when the layout object, q's dtype or head dim differ."""
+        p = self.plan
+        if p is None or self.plan_layout is not layout or p.inputs.dtype != q.dtype or p.inputs.head_dim != q.shape[-1]:
+            p = layout.plan(kernel, head_dim=q.shape[-1], dtype=q.dtype, tiles=tiles)
+            self.plan, self.plan_layout = p, layout
+        return p
 
     def keep_layout(self, layout: ClusterLayout, layout_every: int) -> None:
         """Remember a freshly built layout (it has served one call) when layouts are reused."""
@@ -258,10 +271,12 @@ def svg2_attention(
     text_mask: torch.Tensor | None = None,
     scale: float | None = None,
     layout: ClusterLayout | None = None,
+    plan: AttentionPlan | None = None,
     check_finite: bool = True,
     timer: ComponentTimer | None = None,
+    return_lse: bool = False,
     key_summary: KeySummary | None = None,
-) -> tuple[torch.Tensor, ClusterLayout]:
+) -> tuple[torch.Tensor, ClusterLayout] | tuple[torch.Tensor, torch.Tensor, ClusterLayout]:
     """Sparse VideoGen2 attention.
 
     Args:
@@ -274,19 +289,30 @@ def svg2_attention(
         text_mask: (batch, num_text_tokens) bool, False for padded text keys (masked as the dense model does).
         scale: softmax scale, default 1/sqrt(headdim).
         layout: reuse a precomputed layout (skips clustering and selection).
+        plan: reuse the kernel plan of ``layout`` (``layout.plan(...)``; needs ``layout``): skips the metadata.
         check_finite: raise on NaN/Inf inputs (one host sync; disable for CUDA-graph capture).
-        timer: optional ComponentTimer for the kmeans/selection/permutation/attention/compensation breakdown.
+        timer: optional ComponentTimer for the kmeans/selection/permutation/metadata/attention/compensation
+            breakdown.
+        return_lse: also return the log-sum-exp of every query's kept scaled scores (with ``cfg.compensate``:
+            of the compensated softmax, the skipped clusters' centroid terms included).
         key_summary: with ``cfg.compensate``, the key clusters' centroids and mean values of *these* K and V
             when the caller already has them; None computes them (k-means' last update for the centroids of a
             fresh layout, segment means over the permuted clusters otherwise).
-    With ``cfg.layout_every > 1`` and a ``state``, the layout built at one call serves the next
+    With ``cfg.compensate`` every skipped video key cluster contributes through its centroid and mean value,
+    merged with the kernel's output through the kernel's LSE (``svg2.compensation``); text stays exact. With
+    ``cfg.layout_every > 1`` and a ``state``, the layout (and its kernel plan) built at one call serves the next
     ``layout_every - 1`` calls too (``state.last_layout_reused`` says which kind this call was).
     Returns:
         out: (batch, heads, seqlen, headdim) in q's dtype and token order.
+        lse: only with ``return_lse``: (batch, heads, seqlen) float32, natural log, token order like ``out``
+            (-inf for a query that keeps no key).
         layout: the ClusterLayout used (density, block map, permutations).
+        The kernel that ran is ``state.last_kernels["attention"]`` (with a state).
     """
     cfg = cfg or SVG2Config()
     validate_qkv(q, k, v, num_text_tokens, text_mask, check_finite)
+    if plan is not None and layout is None:
+        raise ValueError("plan= needs the layout it was built from: pass layout= too")
     b, h, s, d = q.shape
     t = num_text_tokens
     sv = s - t
@@ -304,62 +330,75 @@ def svg2_attention(
     if state is not None:
         state.last_layout_reused = reused
     sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
-    variant = select_attention_variant(cfg.attention_kernel, AttentionInputs.of(q, k))
+    if plan is None:
+        with sec("metadata"):
+            if state is not None and cfg.layout_every > 1 and (reused or layout is state.layout):
+                plan = state.layout_plan(layout, cfg.attention_kernel, cfg.attention_tiles, q)  # kept with it
+            else:
+                plan = layout.plan(cfg.attention_kernel, head_dim=d, dtype=q.dtype, tiles=cfg.attention_tiles)
     if state is not None:
-        state.last_kernels["attention"] = variant.name
+        state.last_kernels["attention"] = plan.kernel
+    gather = plan.variant.gather_rows
 
     with sec("permutation"):
         # K in cluster order comes from k-means' last update when its kernel wrote it (one read of K saved)
-        ks = k_sorted if k_sorted is not None else variant.gather_rows(k[:, :, :sv], layout.k_perm)
-        vs = variant.gather_rows(v[:, :, :sv], layout.k_perm)
-        q_off = layout.q_offsets
-        k_off = layout.k_offsets
-        block_map = layout.block_map
+        ks = k_sorted if k_sorted is not None else gather(k[:, :, :sv], layout.k_perm)
+        vs = gather(v[:, :, :sv], layout.k_perm)
         if t > 0:
-            # Text keys become one extra key cluster that every query cluster selects; real text keys
-            # go first so that padded ones lie past the last offset and are never attended.
+            # Text keys follow the video keys, real ones first (the plan's last key cluster ends at the last
+            # real one, so padded text keys are never attended).
             kt, vt = k[:, :, sv:], v[:, :, sv:]
             if text_mask is not None:
                 tperm = torch.sort((~text_mask).to(torch.int8), dim=-1, stable=True).indices
                 tperm = tperm[:, None, :].expand(b, h, t)
-                kt, vt = variant.gather_rows(kt, tperm), variant.gather_rows(vt, tperm)
-                real = text_mask.sum(-1)[:, None].expand(b, h)
-            else:
-                real = torch.full((b, h), t, dtype=torch.long, device=q.device)
+                kt, vt = gather(kt, tperm), gather(vt, tperm)
             ks = torch.cat([ks, kt], dim=2)
             vs = torch.cat([vs, vt], dim=2)
-            k_off = torch.cat([k_off, (sv + real).unsqueeze(-1)], dim=-1)
-            ones = torch.ones(*block_map.shape[:-1], 1, dtype=torch.bool, device=q.device)
-            block_map = torch.cat([block_map, ones], dim=-1)
-    if cfg.compensate:
-        scale_ = 1.0 / math.sqrt(d) if scale is None else scale
+    want_lse = return_lse or cfg.compensate  # compensation merges through the kernel's LSE
+    if plan.variant.fuses_query_permutation:
+        # The kernel reads Q through q_perm and writes O in token order (permutation fused into it).
         with sec("attention"):
-            out_video, lse_video, lse_source = sparse_attention_with_lse(
-                variant, q[:, :, :sv], ks, vs, layout.q_perm, q_off, k_off, block_map, scale_)
+            res = plan.run(q[:, :, :sv], ks, vs, scale=scale, q_perm=layout.q_perm, return_lse=want_lse)
+    else:
+        with sec("permutation"):
+            qs = gather(q[:, :, :sv], layout.q_perm)
+        with sec("attention"):
+            res_s = plan.run(qs, ks, vs, scale=scale, return_lse=want_lse)
+        with sec("permutation"):
+            out_s, lse_s = res_s if want_lse else (res_s, None)
+            out_v = torch.empty_like(out_s).scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_s)
+            lse_v = None if lse_s is None else torch.empty_like(lse_s).scatter_(2, layout.q_perm, lse_s)
+            res = (out_v, lse_v) if want_lse else out_v
+    out_video, lse_video = res if want_lse else (res, None)
+    if cfg.compensate:
         with sec("compensation"):
             if key_summary is None:
                 key_summary = summarize_key_clusters(ks[:, :, :sv], vs[:, :, :sv], layout.k_sizes, k_centroids)
-            # Text keys (the extra column of block_map) are always computed, so only video clusters compensate.
-            out_video, _, comp_backend = compensate(out_video, lse_video, q[:, :, :sv], key_summary,
-                                                    ~layout.block_map, layout.q_labels, scale_)
+            # Text keys (the plan's extra key cluster) are always computed: only skipped video clusters add terms.
+            out_video, lse_video, comp_backend = compensate(
+                out_video, lse_video, q[:, :, :sv], key_summary, ~layout.block_map, layout.q_labels,
+                1.0 / math.sqrt(d) if scale is None else scale)
         if state is not None:
-            state.last_kernels["lse"] = lse_source
+            state.last_kernels["lse"] = plan.kernel
             state.last_kernels["compensation"] = comp_backend
-    elif variant.fuses_query_permutation:
-        # The kernel reads Q through q_perm and writes O in token order (permutation fused into it).
-        with sec("attention"):
-            out_video = variant.forward_token_order(q[:, :, :sv], ks, vs, layout.q_perm, q_off, k_off, block_map,
-                                                    scale)
-    else:
-        with sec("permutation"):
-            qs = variant.gather_rows(q[:, :, :sv], layout.q_perm)
-        with sec("attention"):
-            out_sorted = variant.forward(qs, ks, vs, q_off, k_off, block_map, scale)
-        with sec("permutation"):
-            out_video = torch.empty_like(out_sorted)
-            out_video.scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_sorted)
     if t == 0:
-        return out_video, layout
+        return (out_video, lse_video, layout) if return_lse else (out_video, layout)
     with sec("attention"):
         out_text = dense_attention(q[:, :, sv:], k, v, num_text_tokens=t, text_mask=text_mask, scale=scale)
-    return torch.cat([out_video, out_text], dim=2), layout
+    out = torch.cat([out_video, out_text], dim=2)
+    if not return_lse:
+        return out, layout
+    lse = torch.cat([lse_video, _dense_lse(q[:, :, sv:], k, t, text_mask, scale)], dim=2)
+    return out, lse, layout
+
+
+def _dense_lse(q: torch.Tensor, k: torch.Tensor, num_text_tokens: int, text_mask: torch.Tensor | None,
+               scale: float | None) -> torch.Tensor:
+    """Log-sum-exp of dense scaled scores (B, H, Sq) float32 of a few query rows (the text queries) over every
+    real key. Materialises (B, H, Sq, S) float32 scores: Sq is the text length (hundreds)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    mask = _key_padding_mask(q.shape[0], k.shape[2], num_text_tokens, text_mask, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(scores, dim=-1)

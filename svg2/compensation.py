@@ -10,23 +10,16 @@ compensation", arXiv 2603.08982):
 
 It is computed as two normalised attentions merged through their log-sum-exps (natural log):
 
-* the sparse kernel's output and LSE over the selected keys (:func:`sparse_attention_with_lse`);
+* the sparse kernel's output and LSE over the selected keys: every attention kernel returns its LSE
+  (``AttentionPlan.run(..., return_lse=True)``), so ``svg2_attention`` asks for it when compensating and
+  records the kernel as the call's ``lse`` source;
 * *centroid attention* (:func:`centroid_attention`): q against the key centroids with a ``log n_j`` bias, only
   over the clusters its query cluster skips (empty clusters weigh 0), with its own output and LSE;
-* :func:`merge_attention` combines the two.
+* :func:`merge_attention` combines the two (:func:`compensate` runs both on a sparse result).
 
 The centroids must be those of the current keys and the means those of the current values: the caller passes
 k-means' last update (the means of exactly the returned clusters) or lets :func:`summarize_key_clusters`
 take segment means over the permuted, contiguous clusters.
-
-Where the sparse LSE comes from, per kernel variant (recorded as ``lse`` in the call's kernel record):
-
-* a variant whose ``forward`` (and ``forward_token_order``) accepts ``return_lse=True`` and then returns
-  ``(out, lse)``, lse (batch, heads, seqlen_q) float32 natural-log (-inf for rows that attend nothing), or that
-  sets ``returns_lse = True``: its LSE is used (recorded as the variant's name);
-* the ``torch`` variant: output and LSE in one masked-dense fp32 pass of our own (recorded ``torch``);
-* any other variant: the variant computes the output and a separate fp32 torch pass computes the LSE. That pass
-  costs about a dense attention (O(S^2)), so it is recorded as ``torch-fallback`` and warned about.
 
 Centroid attention backends (recorded as ``compensation``): ``torch`` (chunked fp32 matmuls, any device, the
 reference) and ``flex`` (FlexAttention with a ``score_mod`` carrying the bias and the skip mask: one fused GPU
@@ -36,9 +29,6 @@ kernel that never materialises the (Sq x Ck) scores). ``auto`` takes flex on CUD
 from __future__ import annotations
 
 import functools
-import inspect
-import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +42,6 @@ __all__ = [
     "centroid_attention",
     "merge_attention",
     "compensate",
-    "varblock_attention_lse_torch",
-    "variant_returns_lse",
-    "sparse_attention_with_lse",
     "COMPENSATION_BACKENDS",
 ]
 
@@ -337,122 +324,3 @@ def compensate(
     out_c, lse_c, used = centroid_attention(q, summary, skipped, q_labels, scale, backend=backend)
     merged, lse_m = merge_attention(out, lse, out_c, lse_c)
     return merged.to(out.dtype), lse_m, used
-
-
-# ---------------------------------------------------------------------------------- sparse LSE sources
-
-
-def varblock_attention_lse_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None,
-    q_offsets: torch.Tensor,
-    k_offsets: torch.Tensor,
-    block_map: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Variable-block sparse attention (the semantics of ``svg2_kernels.reference.varblock_attention_reference``)
-    that also returns the log-sum-exp. Masked dense in float32, chunked over query rows.
-
-    Args:
-        q: (B, H, Sq, D) sorted by query cluster; k, v: (B, H, Sk, D) sorted by key cluster (``v=None``: LSE only).
-        q_offsets (B, H, Cq+1), k_offsets (B, H, Ck+1): exclusive prefix sums; block_map (B, H, Cq, Ck) bool.
-        scale: softmax scale, default 1/sqrt(D).
-    Returns:
-        out (B, H, Sq, D) in q's dtype (None when v is None; rows that select nothing are 0) and
-        lse (B, H, Sq) float32 natural log (-inf for rows that select nothing).
-    """
-    b, h, sq, d = q.shape
-    sk = k.shape[2]
-    n = b * h
-    cq, ck = block_map.shape[-2:]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qid = segment_ids(q_offsets.reshape(n, cq + 1).long(), sq)
-    kid = segment_ids(k_offsets.reshape(n, ck + 1).long(), sk)
-    bm = torch.zeros(n, cq + 1, ck + 1, dtype=torch.bool, device=q.device)  # row/column "none" select nothing
-    bm[:, :cq, :ck] = block_map.reshape(n, cq, ck)
-    qf, kf = q.reshape(n, sq, d), k.reshape(n, sk, d).float()
-    vf = None if v is None else v.reshape(n, sk, d).float()
-    out = None if v is None else torch.zeros(n, sq, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n, sq, dtype=torch.float32, device=q.device)
-    rows = max(1, _chunk_elems(q.device) // max(1, n * sk))
-    for s0 in range(0, sq, rows):
-        s1 = min(sq, s0 + rows)
-        mask = torch.gather(bm, 1, qid[:, s0:s1, None].expand(n, s1 - s0, ck + 1))
-        mask = torch.gather(mask, 2, kid[:, None, :].expand(n, s1 - s0, sk))
-        scores = torch.matmul(qf[:, s0:s1].float(), kf.transpose(1, 2)).mul_(scale)
-        scores.masked_fill_(~mask, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)
-        lse[:, s0:s1] = row_lse
-        if vf is not None:
-            safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-            out[:, s0:s1] = torch.matmul(torch.exp(scores - safe[..., None]), vf)
-    lse = lse.reshape(b, h, sq)
-    return (None if out is None else out.reshape(b, h, sq, d).to(q.dtype)), lse
-
-
-def variant_returns_lse(variant) -> bool:
-    """Whether an attention kernel variant returns its LSE: it sets ``returns_lse = True`` or its ``forward``
-    takes ``return_lse`` (then ``forward(..., return_lse=True) -> (out, lse)``)."""
-    flag = getattr(variant, "returns_lse", None)
-    if flag is not None:
-        return bool(flag)
-    try:
-        return "return_lse" in inspect.signature(variant.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
-def _scatter_rows(x_sorted: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Sorted rows back to token order: out[..., perm[i], :] = x_sorted[..., i, :] (works for (B,H,S) too)."""
-    if x_sorted.dim() == perm.dim():
-        return torch.empty_like(x_sorted).scatter_(-1, perm, x_sorted)
-    return torch.empty_like(x_sorted).scatter_(2, perm.unsqueeze(-1).expand_as(x_sorted), x_sorted)
-
-
-_FALLBACK_WARNING = ("compensation needs the sparse kernel's log-sum-exp, which attention kernel {name!r} does not "
-                     "return: a separate fp32 torch pass computes it (about the cost of dense attention). The call "
-                     "records lse='torch-fallback'. Use attention_kernel='torch' on the CPU, or a kernel that "
-                     "returns its LSE.")
-
-
-def sparse_attention_with_lse(
-    variant,
-    q: torch.Tensor,
-    k_sorted: torch.Tensor,
-    v_sorted: torch.Tensor,
-    q_perm: torch.Tensor,
-    q_offsets: torch.Tensor,
-    k_offsets: torch.Tensor,
-    block_map: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The sparse kernel's output and LSE in token order (see the module docstring for the LSE sources).
-
-    Args:
-        variant: an attention kernel variant from ``svg2_kernels``' registry.
-        q: (B, H, Sq, D) queries in token order; q_perm (B, H, Sq): sorted position -> token index.
-        k_sorted, v_sorted, q_offsets, k_offsets, block_map: as ``variant.forward``.
-    Returns:
-        out (B, H, Sq, D), lse (B, H, Sq) float32, both in token order, and where the LSE came from.
-    """
-    if variant_returns_lse(variant):
-        if getattr(variant, "fuses_query_permutation", False):
-            out, lse = variant.forward_token_order(q, k_sorted, v_sorted, q_perm, q_offsets, k_offsets, block_map,
-                                                   scale, return_lse=True)
-            return out, lse.float(), variant.name
-        qs = variant.gather_rows(q, q_perm)
-        out_s, lse_s = variant.forward(qs, k_sorted, v_sorted, q_offsets, k_offsets, block_map, scale,
-                                       return_lse=True)
-        return _scatter_rows(out_s, q_perm), _scatter_rows(lse_s.float(), q_perm), variant.name
-    qs = variant.gather_rows(q, q_perm)
-    if variant.name == "torch":
-        out_s, lse_s = varblock_attention_lse_torch(qs, k_sorted, v_sorted, q_offsets, k_offsets, block_map, scale)
-        return _scatter_rows(out_s, q_perm), _scatter_rows(lse_s, q_perm), "torch"
-    warnings.warn(_FALLBACK_WARNING.format(name=variant.name), RuntimeWarning, stacklevel=3)
-    if getattr(variant, "fuses_query_permutation", False):
-        out = variant.forward_token_order(q, k_sorted, v_sorted, q_perm, q_offsets, k_offsets, block_map, scale)
-    else:
-        out = _scatter_rows(variant.forward(qs, k_sorted, v_sorted, q_offsets, k_offsets, block_map, scale), q_perm)
-    _, lse_s = varblock_attention_lse_torch(qs, k_sorted, None, q_offsets, k_offsets, block_map, scale)
-    return out, _scatter_rows(lse_s, q_perm), "torch-fallback"

@@ -6,7 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SVG2Config"]
+from svg2_kernels.plan import TileConfig
+
+__all__ = ["SVG2Config", "KERNEL_FIELDS"]
+
+# Set by the harness's `kernel` config group only (one place per knob).
+KERNEL_FIELDS = ("attention_kernel", "kmeans_kernel", "attention_tiles")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -53,7 +58,11 @@ class SVG2Config:
             call per denoising step) and reuse that layout in between; values, keys and the compensation
             terms still come from the current call. 1 = a fresh layout at every step.
     Kernels:
-        attention_kernel / kmeans_kernel: variant name or "auto" (fastest supported one; choice recorded).
+        attention_kernel / kmeans_kernel: kernel name (``svg2_kernels.available_attention_variants()``:
+            triton_tma, triton_chunks, flex, torch; k-means: triton, flash_kmeans, torch) or "auto" (the
+            fastest that accepts the inputs; the kernel that ran is recorded).
+        attention_tiles: tile overrides of the Triton attention kernels (``svg2_kernels.TileConfig`` or a
+            mapping of its fields); None or unset fields: the kernel's measured defaults.
     seed: seeds k-means initialisation (deterministic under a seed).
     """
 
@@ -72,9 +81,16 @@ class SVG2Config:
     layout_every: int = 1
     attention_kernel: str = "auto"
     kmeans_kernel: str = "auto"
+    attention_tiles: TileConfig | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.attention_tiles is not None and not isinstance(self.attention_tiles, TileConfig):
+            try:  # a mapping (Hydra node, to_dict() output): coerce; the dataclass stays frozen and hashable
+                object.__setattr__(self, "attention_tiles", TileConfig.coerce(self.attention_tiles))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise TypeError(f"SVG2Config.attention_tiles must be a TileConfig or a mapping of its fields: {e}") \
+                    from e
         _check_int("num_q_centroids", self.num_q_centroids, 1)
         _check_int("num_k_centroids", self.num_k_centroids, 1)
         _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)

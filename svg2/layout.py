@@ -7,8 +7,10 @@ tested against (``to_dense()``), and validates its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from svg2_kernels.plan import AttentionPlan, TileConfig, build_plan
 
 __all__ = ["ClusterLayout"]
 
@@ -126,6 +128,40 @@ class ClusterLayout:
     def k_offsets(self) -> torch.Tensor:
         """(B, H, Ck + 1) int64."""
         return _exclusive_cumsum(self.k_sizes)
+
+    # ------------------------------------------------------------------------------------ kernel plan
+    def plan(
+        self,
+        kernel: str = "auto",
+        *,
+        head_dim: int,
+        dtype: torch.dtype,
+        tiles: TileConfig | dict[str, Any] | None = None,
+    ) -> AttentionPlan:
+        """The kernel plan of this layout (built once, on the layout's device, no host sync; reuse it).
+
+        Covers the video queries (cluster-sorted, Sq rows) against the cluster-sorted video keys followed by
+        the text keys, real ones first: the text keys form one extra key cluster that every query cluster
+        selects, and padded text keys lie past its end, so they are never attended.
+
+        Args:
+            kernel: attention kernel name or "auto" (``plan.kernel`` says which one will run).
+            head_dim, dtype: of the Q/K/V the plan will run on (the kernel choice depends on them).
+            tiles: Triton tile overrides (``svg2_kernels.TileConfig`` or a mapping of its fields).
+        """
+        q_off, k_off, bm = self.q_offsets, self.k_offsets, self.block_map
+        sv = self.k_labels.shape[-1]
+        t = self.num_text_tokens
+        if t > 0:
+            b, h = bm.shape[:2]
+            if self.text_mask is not None:
+                real = self.text_mask.sum(-1)[:, None].expand(b, h)
+            else:
+                real = torch.full((b, h), t, dtype=torch.long, device=bm.device)
+            k_off = torch.cat([k_off, (sv + real).unsqueeze(-1)], dim=-1)
+            bm = torch.cat([bm, torch.ones(*bm.shape[:-1], 1, dtype=torch.bool, device=bm.device)], dim=-1)
+        return build_plan(q_off, k_off, bm, self.q_labels.shape[-1], sv + t, head_dim=head_dim, dtype=dtype,
+                          kernel=kernel, tiles=tiles)
 
     # --------------------------------------------------------------------------------------- queries
     def pair_counts(self) -> torch.Tensor:

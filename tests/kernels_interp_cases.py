@@ -42,9 +42,11 @@ def random_offsets(n: int, length: int, clusters: int, g: torch.Generator) -> to
     return torch.stack(out)
 
 
-def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3, tail_k=4, seed=0):
+def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, kernel, tiles, tail_q=3, tail_k=4, seed=0):
+    """One kernel on a random layout, outputs and log-sum-exp against the fp32 reference (FlashAttention's
+    rule: at most twice the error of the same-precision torch path, plus a small floor)."""
+    from svg2_kernels.plan import TileConfig, build_plan
     from svg2_kernels.reference import varblock_attention_reference as ref
-    from svg2_kernels.varblock_attention import VarBlockConfig, _forward
 
     g = torch.Generator().manual_seed(seed)
     qo = random_offsets(b * h, sq - tail_q, cq, g).reshape(b, h, cq + 1)
@@ -54,56 +56,21 @@ def attention_case(name, dtype, b, h, sq, sk, d, cq, ck, density, cfg, tail_q=3,
     q = torch.randn(b, h, sq, d, generator=g).to(dtype)
     k = (torch.randn(b, h, sk, d, generator=g) * 1.5).to(dtype)
     v = torch.randn(b, h, sk, d, generator=g).to(dtype)
-    out = _forward(q, k, v, qo, ko, bm, None, VarBlockConfig(*cfg))
-    r32 = ref(q, k, v, qo, ko, bm)
-    rlow = ref(q, k, v, qo, ko, bm, compute_dtype=None)
+    plan = build_plan(qo, ko, bm, sq, sk, head_dim=d, dtype=dtype, kernel=kernel, tiles=TileConfig(**tiles))
+    out, lse = plan.run(q, k, v, return_lse=True)
+    r32, l32 = ref(q, k, v, qo, ko, bm, return_lse=True)
+    rlow, llow = ref(q, k, v, qo, ko, bm, compute_dtype=None, return_lse=True)
     err = (out.float() - r32.float()).abs().max().item()
     base = (rlow.float() - r32.float()).abs().max().item()
     floor = 1e-5 if dtype == torch.float32 else 1e-3
-    ok = bool(torch.isfinite(out).all()) and err <= 2 * base + floor
-    return name, ok, f"err {err:.3g} vs same-precision torch {base:.3g} (floor {floor})"
-
-
-def attention_8bit_case(name, qk, dtype, b, h, sq, sk, d, cq, ck, density, cfg=None, k_offset=0.0, seed=0,
-                        token_order=False, v_transposed=False):
-    """The 8-bit kernel (INT8 or FP8 QK^T, FP8 PV) against fp32: its error at most twice that of a torch path
-    that quantizes the same operands the same way (the FlashAttention rule at the kernel's precision)."""
-    from svg2_kernels.reference import varblock_attention_fp8_reference as ref8
-    from svg2_kernels.reference import varblock_attention_reference as ref
-    from svg2_kernels.varblock_attention import VarBlockConfig
-    from svg2_kernels.varblock_fp8 import _forward_fp8
-
-    g = torch.Generator().manual_seed(seed)
-    qo = random_offsets(b * h, sq - 3, cq, g).reshape(b, h, cq + 1)
-    ko = random_offsets(b * h, sk - 4, ck, g).reshape(b, h, ck + 1)
-    bm = torch.rand(b, h, cq, ck, generator=g) < density
-    bm[0, 0, 0] = False  # a query cluster that selects nothing
-    q = torch.randn(b, h, sq, d, generator=g).to(dtype)
-    k = (torch.randn(b, h, sk, d, generator=g) * 1.5 + k_offset).to(dtype)  # an offset: K's centring is exact
-    k[..., 1] = 0.5  # a constant channel (scale 0 -> 1)
-    v = torch.randn(b, h, sk, d, generator=g).to(dtype)
-    config = VarBlockConfig(*cfg) if cfg else None
-    out = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config,
-                       v_transposed=v_transposed)
-    r32, r8 = ref(q, k, v, qo, ko, bm).float(), ref8(q, k, v, qo, ko, bm, qk=qk).float()
-    err = (out.float() - r32).abs().max().item()
-    base = (r8 - r32).abs().max().item()
-    ok = bool(torch.isfinite(out).all()) and err <= 2 * base + 1e-3
-    # rows past q_offsets[-1] and the query cluster that selects nothing are zero
-    empty = out[0, 0, int(qo[0, 0, 0]):int(qo[0, 0, 1])]
-    ok = ok and bool((out[..., sq - 3:, :] == 0).all()) and bool((empty == 0).all())
-    detail = f"err {err:.3g} vs 8-bit torch path {base:.3g}"
-    if token_order:  # q_perm: Q gathered and O scattered by the kernel
-        perm = torch.stack([torch.randperm(sq, generator=g) for _ in range(b * h)]).reshape(b, h, sq)
-        idx = perm[..., None].expand(-1, -1, -1, d)
-        got = _forward_fp8(q, k, v, qo, ko, bm, 1.0 / d**0.5, q_perm=perm, qk=qk, config=config,
-                       v_transposed=v_transposed)
-        sorted_out = _forward_fp8(q.gather(2, idx), k, v, qo, ko, bm, 1.0 / d**0.5, qk=qk, config=config,
-                       v_transposed=v_transposed)
-        same = torch.equal(got, torch.empty_like(sorted_out).scatter_(2, idx, sorted_out))
-        ok = ok and same
-        detail += f", token order equal {same}"
-    return name, ok, detail
+    fin = torch.isfinite(l32)
+    same_inf = torch.equal(torch.isfinite(lse), fin)  # -inf exactly where no key is kept
+    lerr = (lse[fin] - l32[fin]).abs().max().item()
+    lbase = (llow.float()[fin] - l32[fin]).abs().max().item()
+    ok = (plan.kernel == kernel and bool(torch.isfinite(out).all()) and err <= 2 * base + floor
+          and same_inf and lerr <= 2 * lbase + floor and lse.dtype == torch.float32)
+    return name, ok, (f"{plan.kernel}: err {err:.3g} vs same-precision torch {base:.3g}; lse err {lerr:.3g} vs "
+                      f"{lbase:.3g}, -inf rows match {same_inf} (floor {floor})")
 
 
 def kmeans_case(name, dtype, n, s, d, c, iters, tiles=None, sort_x=False, seed=0):
@@ -137,9 +104,8 @@ def kmeans_case(name, dtype, n, s, d, c, iters, tiles=None, sort_x=False, seed=0
 
 
 def gather_q_case():
-    """q_perm fuses the query gather and the output scatter: same result in token order."""
-    from svg2_kernels.varblock_attention import VarBlockConfig, build_varblock_metadata
-    from svg2_kernels.varblock_attention import varblock_attention_with_metadata as run
+    """q_perm fuses the query gather and the output scatter: same outputs and lse, in token order."""
+    from svg2_kernels.plan import TileConfig, build_plan
 
     g = torch.Generator().manual_seed(2)
     b, h, s, d, cq, ck = 1, 2, 50, 16, 4, 6
@@ -148,20 +114,19 @@ def gather_q_case():
     bm = torch.rand(b, h, cq, ck, generator=g) < 0.5
     q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=torch.float16) for _ in range(3))
     perm = torch.stack([torch.randperm(s, generator=g) for _ in range(b * h)]).reshape(b, h, s)
-    cfg = VarBlockConfig(32, 16, 4, 4, 1, 16)
-    meta = build_varblock_metadata(qo, ko, bm, s, s, cfg)
-    sorted_out = run(q.gather(2, perm[..., None].expand(-1, -1, -1, d)), k, v, meta)
-    want = torch.empty_like(sorted_out).scatter_(2, perm[..., None].expand(-1, -1, -1, d), sorted_out)
-    got = run(q, k, v, meta, q_perm=perm)
-    ok = torch.equal(got, want)
-    # the same through the TMA-tile kernel (v5)
-    meta = build_varblock_metadata(qo, ko, bm, s, s, VarBlockConfig(32, 16, 4, 4, 1, 16, key_layout="tma"))
-    sorted_out = run(q.gather(2, perm[..., None].expand(-1, -1, -1, d)), k, v, meta)
-    want_t = torch.empty_like(sorted_out).scatter_(2, perm[..., None].expand(-1, -1, -1, d), sorted_out)
-    got_t = run(q, k, v, meta, q_perm=perm)
-    ok = ok and torch.equal(got_t, want_t)
-    return "gather_q", ok, f"max diff {(got.float() - want.float()).abs().max().item():.3g} (window), " \
-        f"{(got_t.float() - want_t.float()).abs().max().item():.3g} (tma)"
+    idx = perm[..., None].expand(-1, -1, -1, d)
+    ok, details = True, []
+    for kernel in ("triton_tma", "triton_chunks", "torch"):
+        plan = build_plan(qo, ko, bm, s, s, head_dim=d, dtype=q.dtype, kernel=kernel,
+                          tiles=TileConfig(block_m=32, block_n=16, block_m_small=16))
+        out_s, lse_s = plan.run(q.gather(2, idx), k, v, return_lse=True)
+        got, lse = plan.run(q, k, v, q_perm=perm, return_lse=True)
+        want = torch.empty_like(out_s).scatter_(2, idx, out_s)
+        want_l = torch.empty_like(lse_s).scatter_(2, perm, lse_s)
+        same = torch.equal(got, want) and torch.equal(lse, want_l)
+        ok = ok and same
+        details.append(f"{kernel} equal {same}")
+    return "gather_q", ok, ", ".join(details)
 
 
 def chunk_table_case():
@@ -199,6 +164,7 @@ def chain_order_case():
 def schedule_case():
     """The two-launch Triton schedule builder equals the torch one (both tiers, with and without LPT)."""
     from svg2_kernels import varblock_attention as va
+    from svg2_kernels.plan import TileConfig
     from svg2_kernels.varblock_schedule import build_work_items_triton
 
     g = torch.Generator().manual_seed(5)
@@ -211,10 +177,10 @@ def schedule_case():
         qo = torch.cat([torch.zeros(n, 1, dtype=torch.long), sz.cumsum(-1)], -1).clamp(max=s - 3).to(torch.int32)
         nt = torch.randint(0, 5, (n, cq + 1), generator=g).to(torch.int32)
         nt[:, -1] = 0
-        cfg = va.VarBlockConfig(block_m=bm, block_n=16, win=4, block_m_small=bs, lpt=lpt, lpt_global=glob)
+        tiles = TileConfig(bm, 16, 4, 1, bs, 4, 16, lpt, glob, False)
         q_bounds = torch.cat([qo, torch.full((n, 1), s, dtype=torch.int32)], dim=1)
-        ref = va._with_query_tiles_torch(qo, q_bounds, s, n, cq, cfg, num_tiles=nt, run_vstart=nt, run_delta=nt,
-                                         run_vend=nt)
+        ref = va._with_query_tiles_torch(qo, q_bounds, s, n, cq, tiles, num_tiles=nt, chunk_table=nt,
+                                         chunk_count=nt)
         w, nw, ws, nws = build_work_items_triton(qo, nt, s, bm, bs, lpt, glob)
         k, ks = int(ref.num_work), int(ref.num_work_small)
         ok &= (int(nw) == k and int(nws) == ks and w.shape == ref.work.shape and ws.shape == ref.work_small.shape
@@ -235,30 +201,21 @@ def permute_case():
 
 
 def opcheck_more_case():
-    """Schema and fake-tensor checks of the token-order attention, k-means and permutation custom ops."""
+    """Schema and fake-tensor checks of the k-means and permutation custom ops."""
     from svg2_kernels.kmeans import _kmeans_op
     from svg2_kernels.permute import _permute_rows_op
-    from svg2_kernels.varblock_attention import _varblock_attention_token_order_op
 
     g = torch.Generator().manual_seed(4)
-    qo = random_offsets(2, 30, 3, g).reshape(1, 2, 4)
-    ko = random_offsets(2, 30, 5, g).reshape(1, 2, 6)
-    bm = torch.rand(1, 2, 3, 5, generator=g) < 0.5
-    q, k, v = (torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float16) for _ in range(3))
+    q = torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float16)
     perm = torch.stack([torch.randperm(30, generator=g) for _ in range(2)]).reshape(1, 2, 30)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(_varblock_attention_token_order_op, (q, k, v, perm, qo, ko, bm, 0.25), test_utils=checks)
     x = torch.randn(2, 40, 16, generator=g)
     c = x[:, :5].clone()
     for iters in (0, 2):  # iters=0 returns the input centroids: must not alias them
         for sort_x in (False, True):
             torch.library.opcheck(_kmeans_op, (x, c, iters, sort_x), test_utils=checks)
     torch.library.opcheck(_permute_rows_op, (q, perm), test_utils=checks)
-    from svg2_kernels.varblock_fp8 import _varblock_attention_fp8_op
-
-    for p_, qk in ((perm, "int8"), (None, "fp8")):
-        torch.library.opcheck(_varblock_attention_fp8_op, (q, k, v, p_, qo, ko, bm, 0.25, qk), test_utils=checks)
-    return "opcheck_more", True, "token-order attention, 8-bit attention, kmeans, permute_rows"
+    return "opcheck_more", True, "kmeans, permute_rows"
 
 
 def svg2_end_to_end_case():
@@ -277,7 +234,7 @@ def svg2_end_to_end_case():
     tm = torch.ones(b, t, dtype=torch.bool)
     tm[1, 3:] = False
     cfg = SVG2Config(num_q_centroids=6, num_k_centroids=9, top_p=0.8, kmeans_iters_init=4,
-                     attention_kernel="triton", kmeans_kernel="triton")
+                     attention_kernel="auto", kmeans_kernel="triton")
     state = ClusterState()
     ok, details = True, []
     # Cold call, then a warm one: the warm call's keys in cluster order come from k-means' last update.
@@ -291,22 +248,28 @@ def svg2_end_to_end_case():
             _, ks = _build_layout(q, k, cfg, probe, num_text_tokens=t, text_mask=tm, scale=None, timer=None,
                                   sort_k=True)
             ok = ok and ks is not None
-        out, layout = svg2_attention(q, k, v, cfg, state, num_text_tokens=t, text_mask=tm)
+        out, lse, layout = svg2_attention(q, k, v, cfg, state, num_text_tokens=t, text_mask=tm, return_lse=True)
+        ok = ok and state.last_kernels["attention"] == "triton_tma"  # auto picks the kernel GPUs run
         sorted_q = torch.gather(layout.q_labels, 2, layout.q_perm)
         perm_ok = bool((sorted_q.diff(dim=-1) >= 0).all())
         mask = layout.to_dense()
         qd, kd, vd = q.double(), k.double(), v.double()
         s = (qd @ kd.transpose(-1, -2)) / d**0.5
         ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vd
+        ref_lse = torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1)
+        lerr = (lse.double() - ref_lse).abs().max().item()
+        ok = ok and lerr < 1e-4
         same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         err = (out.double() - ref).abs().max().item()
         err_torch = (same.double() - ref).abs().max().item()
         ok = ok and perm_ok and err <= 2 * err_torch + 1e-4 and layout.density() < 1
-        details.append(f"{call}: err {err:.3g} vs torch {err_torch:.3g}, perm sorted {perm_ok}")
+        details.append(f"{call}: err {err:.3g} vs torch {err_torch:.3g}, lse err {lerr:.3g}, perm sorted {perm_ok}")
     return "svg2_end_to_end", ok, "; ".join(details)
 
 
 def opcheck_case():
+    """Schema and fake-tensor checks of the attention op on a plan's tensors, with and without the lse."""
+    from svg2_kernels.plan import build_plan
     from svg2_kernels.varblock_attention import _varblock_attention_op
 
     g = torch.Generator().manual_seed(1)
@@ -315,50 +278,43 @@ def opcheck_case():
     bm = torch.rand(1, 2, 3, 5, generator=g) < 0.5
     q = torch.randn(1, 2, 32, 16, generator=g, dtype=torch.float16)
     k = torch.randn(1, 2, 44, 16, generator=g, dtype=torch.float16)
-    args = (q, k, k.clone(), qo, ko, bm, 0.25)
-    torch.library.opcheck(_varblock_attention_op, args, test_utils=("test_schema", "test_faketensor"))
-    return "opcheck", True, "schema and fake tensor ok"
+    perm = torch.stack([torch.randperm(32, generator=g) for _ in range(2)]).reshape(1, 2, 32)
+    for kernel in ("triton_tma", "triton_chunks"):
+        plan = build_plan(qo, ko, bm, 32, 44, head_dim=16, dtype=q.dtype, kernel=kernel)
+        m = plan.data
+        for q_perm, lse in ((None, False), (perm, True)):
+            args = (q, k, k.clone(), q_perm, m.work, m.num_work, m.work_small, m.num_work_small, m.q_bounds,
+                    m.num_tiles, m.chunk_table, m.chunk_count, kernel, plan.tiles.as_list(), 0.25, lse)
+            torch.library.opcheck(_varblock_attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    return "opcheck", True, "schema and fake tensor ok (both kernels, token order, lse)"
 
 
+_T16 = dict(block_m=16, block_n=16, num_stages=1)
 CASES = [
-    ("attn_fp16_basic", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1)),
-    ("attn_fp32_basic", torch.float32, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1)),
-    ("attn_fp16_win2_pad", torch.float16, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1)),
-    ("attn_fp32_bm32_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1)),
-    ("attn_fp16_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1)),
-    ("attn_fp16_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 16, 8, 4, 1)),
-    ("attn_fp16_two_tier", torch.float16, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16)),
-    # (block_m, block_n, win, warps, stages, block_m_small, warps_small, tile_table)
-    ("attn_fp16_tile_table", torch.float16, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16, 4, True)),
-    ("attn_fp32_tile_table_win2", torch.float32, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1, 0, 4, True)),
-    # v4 key layout: tiles of contiguous chunks (..., key_layout, chunk)
-    ("attn_fp16_chunks8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1, 0, 4, False, "chunks", 8)),
-    ("attn_fp32_chunks4_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5,
-     (32, 16, 4, 4, 1, 16, 4, False, "chunks", 4)),
-    ("attn_fp16_chunks_box", torch.float16, 1, 3, 50, 61, 32, 4, 17, 0.6, (16, 16, 2, 4, 1, 0, 4, False, "chunks", 16)),
-    ("attn_fp16_chunks_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15,
-     (16, 32, 8, 4, 1, 0, 4, False, "chunks", 8)),
-    ("attn_fp16_chunks_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01,
-     (16, 32, 4, 4, 1, 0, 4, False, "chunks", 16)),
-    # v5 key layout: tiles are whole boxes of one run, tensor-descriptor loads (..., key_layout)
-    ("attn_fp16_tma", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, (16, 16, 8, 4, 1, 0, 4, False, "tma")),
-    ("attn_fp32_tma_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5, (32, 16, 4, 4, 1, 16, 4, False, "tma")),
-    ("attn_fp16_tma_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
-    ("attn_fp16_tma_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, (16, 32, 4, 4, 1, 0, 4, False, "tma")),
-    ("attn_fp32_tma_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, (32, 16, 4, 4, 1, 0, 4, False, "tma")),
-    # longest-first work order inside each head (..., chunk, lpt)
-    ("attn_fp16_tma_lpt_two_tier", torch.float16, 2, 3, 90, 70, 32, 4, 9, 0.5,
-     (32, 16, 4, 4, 1, 16, 4, False, "tma", 16, True)),
-]
-CASES_8BIT = [
-    ("attn8_int8_basic", "int8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0),
-    ("attn8_fp8_basic", "fp8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0),
-    ("attn8_int8_two_tier_fp32", "int8", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5,
-     (32, 16, 4, 4, 1, 16, 4, False, "tma")),
-    ("attn8_fp8_sparse", "fp8", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, (16, 32, 8, 4, 1, 0, 4, False, "tma")),
-    ("attn8_int8_d48_token_order", "int8", torch.float16, 2, 1, 70, 33, 48, 3, 6, 0.7, None, 0.0, 0, True),
-    ("attn8_fp8_dense_all_token_order", "fp8", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, None, 1.0, 0, True),
-    ("attn8_int8_v_transposed", "int8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, None, 3.0, 1, True, True),
+    # name, dtype, b, h, sq, sk, d, cq, ck, density, kernel, TileConfig fields
+    ("attn_fp16_tma", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, "triton_tma", _T16),
+    ("attn_fp32_tma", torch.float32, 2, 2, 37, 45, 32, 5, 9, 0.5, "triton_tma", _T16),
+    ("attn_fp32_tma_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5, "triton_tma",
+     dict(block_m=32, block_n=16, block_m_small=16)),
+    ("attn_fp16_tma_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, "triton_tma",
+     dict(block_m=16, block_n=32)),
+    ("attn_fp16_tma_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, "triton_tma",
+     dict(block_m=16, block_n=32)),
+    ("attn_fp32_tma_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, "triton_tma", dict(block_m=32, block_n=16)),
+    ("attn_fp16_tma_lpt_two_tier", torch.float16, 2, 3, 90, 70, 32, 4, 9, 0.5, "triton_tma",
+     dict(block_m=32, block_n=16, block_m_small=16, lpt=True)),
+    ("attn_fp16_tma_lpt_global", torch.float16, 2, 3, 90, 70, 32, 4, 9, 0.5, "triton_tma",
+     dict(block_m=32, block_n=16, block_m_small=16, lpt=True, lpt_global=True)),
+    ("attn_fp16_chunks8", torch.float16, 2, 2, 37, 45, 32, 5, 9, 0.5, "triton_chunks", dict(_T16, chunk=8)),
+    ("attn_fp32_chunks4_two_tier", torch.float32, 2, 2, 90, 70, 32, 4, 9, 0.5, "triton_chunks",
+     dict(block_m=32, block_n=16, block_m_small=16, chunk=4)),
+    ("attn_fp16_chunks_box", torch.float16, 1, 3, 50, 61, 32, 4, 17, 0.6, "triton_chunks", dict(_T16, chunk=16)),
+    ("attn_fp16_chunks_sparse", torch.float16, 2, 2, 33, 65, 16, 6, 12, 0.15, "triton_chunks",
+     dict(block_m=16, block_n=32, chunk=8)),
+    ("attn_fp16_chunks_dense_all", torch.float16, 1, 2, 40, 40, 16, 3, 4, 1.01, "triton_chunks",
+     dict(block_m=16, block_n=32, chunk=16)),
+    ("attn_fp32_chunks_d48", torch.float32, 2, 1, 70, 33, 48, 3, 6, 0.7, "triton_chunks",
+     dict(block_m=32, block_n=16, chunk=8)),
 ]
 
 KM_CASES = [
@@ -366,10 +322,10 @@ KM_CASES = [
     ("kmeans_fp32_iters3", torch.float32, 3, 75, 32, 7, 3),
     ("kmeans_fp16_iters2", torch.float16, 2, 50, 16, 9, 2),
     # KMeansTiles(block_m, block_c, warps, stages, sort_block, update_split[, update_rows, rank_by_sort])
-    ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, 0)),
+    ("kmeans_fp16_sort_block", torch.float16, 2, 75, 16, 9, 2, (32, 16, 4, 1, 16, 0, 0, False)),
     ("kmeans_fp16_rank_by_sort", torch.float16, 2, 75, 16, 9, 2, (64, 16, 4, 1, 16, 0, 0, True)),
     ("kmeans_fp16_rank_by_sort_one_point", torch.float16, 2, 1, 16, 2, 2, (32, 16, 4, 1, 16, 0, 0, True)),
-    ("kmeans_fp32_centroid_tiles", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, 0)),
+    ("kmeans_fp32_centroid_tiles", torch.float32, 3, 75, 32, 37, 2, (16, 16, 4, 1, 0, 0, 0, False)),
     ("kmeans_fp32_split_sort_x", torch.float32, 2, 90, 32, 4, 2, (16, 16, 4, 1, 0, 4), True),
     ("kmeans_fp16_sort_x_iters0", torch.float16, 2, 37, 16, 5, 0, None, True),
     ("kmeans_fp16_sort_block_split", torch.float16, 2, 90, 16, 9, 2, (64, 16, 4, 1, 16, 2, 8), True),
@@ -381,7 +337,6 @@ def main() -> None:
     _import_svg2_kernels()
     results = {}
     jobs = [lambda c=c: attention_case(*c) for c in CASES]
-    jobs += [lambda c=c: attention_8bit_case(*c) for c in CASES_8BIT]
     jobs += [lambda c=c: kmeans_case(*c) for c in KM_CASES]
     jobs.append(gather_q_case)
     jobs.append(permute_case)

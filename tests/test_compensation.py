@@ -13,8 +13,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from svg2_kernels import get_attention_variant
-from svg2_kernels.reference import varblock_attention_reference
 
 import svg2.attention as attention_mod
 from svg2 import ClusterLayout, ClusterState, SVG2Config, dense_attention, svg2_attention
@@ -26,10 +24,7 @@ from svg2.compensation import (
     compensation_bias,
     merge_attention,
     segment_means,
-    sparse_attention_with_lse,
     summarize_key_clusters,
-    varblock_attention_lse_torch,
-    variant_returns_lse,
 )
 from tests.helpers import clustered_qkv, compensated_reference
 
@@ -89,21 +84,6 @@ def test_kmeans_centroids_are_the_means_of_the_current_keys():
                                           text_mask=None, scale=None, timer=None)
     ks = torch.gather(k, 2, built.layout.k_perm[..., None].expand(-1, -1, -1, 32))
     torch.testing.assert_close(built.k_centroids, segment_means(ks, built.layout.k_sizes), rtol=1e-5, atol=1e-5)
-
-
-def test_varblock_attention_lse_torch_matches_reference_and_logsumexp():
-    q, k, v = clustered_qkv(b=2, h=2, s=97, d=32)
-    lay = svg2_attention(q, k, v, SVG2Config(top_p=0.6, **SMALL))[1]
-    qs = torch.gather(q, 2, lay.q_perm[..., None].expand(-1, -1, -1, 32))
-    ks = torch.gather(k, 2, lay.k_perm[..., None].expand(-1, -1, -1, 32))
-    vs = torch.gather(v, 2, lay.k_perm[..., None].expand(-1, -1, -1, 32))
-    out, lse = varblock_attention_lse_torch(qs, ks, vs, lay.q_offsets, lay.k_offsets, lay.block_map)
-    ref = varblock_attention_reference(qs, ks, vs, lay.q_offsets, lay.k_offsets, lay.block_map)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    mask = lay.to_dense()
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(32)).masked_fill(~mask, float("-inf"))
-    lse_tok = torch.empty_like(lse).scatter_(-1, lay.q_perm, lse)
-    torch.testing.assert_close(lse_tok, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
 
 
 def _summary_and_inputs(seed=0, sq=40, cq=3, ck=6, d=16, empty=(2,)):
@@ -274,63 +254,25 @@ def test_given_key_summary_is_used():
     assert not torch.allclose(out3, out)
 
 
-# --------------------------------------------------------------------------------------------- LSE sources
-
-
-class _NoLSE:
-    """A kernel variant without LSE (like today's Triton kernel): the reference forward under another name."""
-
-    name = "stub"
-    fuses_query_permutation = False
-
-    def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None):
-        return varblock_attention_reference(q, k, v, q_offsets, k_offsets, block_map, scale)
-
-    def gather_rows(self, x, perm):
-        return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
-
-
-class _WithLSE(_NoLSE):
-    name = "stub_lse"
-
-    def __init__(self):
-        self.calls = 0
-
-    def forward(self, q, k, v, q_offsets, k_offsets, block_map, scale=None, return_lse=False):
-        self.calls += 1
-        out, lse = varblock_attention_lse_torch(q, k, v, q_offsets, k_offsets, block_map, scale)
-        return (out, lse) if return_lse else out
-
-
-def test_lse_sources_kernel_torch_and_recorded_fallback():
-    q, k, v = clustered_qkv(b=1, h=2, s=120, d=32)
-    lay = svg2_attention(q, k, v, SVG2Config(top_p=0.5, **SMALL))[1]
-    ks = torch.gather(k, 2, lay.k_perm[..., None].expand(-1, -1, -1, 32))
-    vs = torch.gather(v, 2, lay.k_perm[..., None].expand(-1, -1, -1, 32))
-    args = (q, ks, vs, lay.q_perm, lay.q_offsets, lay.k_offsets, lay.block_map, 32**-0.5)
-    torch_variant = get_attention_variant("torch")
-    assert not variant_returns_lse(torch_variant) and not variant_returns_lse(_NoLSE())
-    assert variant_returns_lse(_WithLSE())
-    out_t, lse_t, src_t = sparse_attention_with_lse(torch_variant, *args)
-    assert src_t == "torch"
-    with pytest.warns(RuntimeWarning, match="torch-fallback"):
-        out_f, lse_f, src_f = sparse_attention_with_lse(_NoLSE(), *args)
-    assert src_f == "torch-fallback"
-    stub = _WithLSE()
-    out_k, lse_k, src_k = sparse_attention_with_lse(stub, *args)
-    assert src_k == "stub_lse" and stub.calls == 1  # one kernel call gave both
-    for out, lse in ((out_f, lse_f), (out_k, lse_k)):  # the reference divides after P @ V: fp32 rounding
-        torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, lse_t, rtol=1e-6, atol=1e-6)
-
-
-def test_fallback_is_recorded_on_the_state(monkeypatch):
-    q, k, v = clustered_qkv(b=1, h=2, s=80, d=32)
-    monkeypatch.setattr(attention_mod, "select_attention_variant", lambda name, inputs: _NoLSE())
+def test_compensated_lse_is_the_augmented_logsumexp_and_comes_from_the_kernel():
+    t = 4
+    q, k, v = clustered_qkv(b=1, h=2, s=96 + t, d=32, seed=7)
     st = ClusterState()
-    with pytest.warns(RuntimeWarning, match="does not return"):
-        out, lay = svg2_attention(q, k, v, SVG2Config(top_p=0.5, compensate=True, **SMALL), st)
-    assert st.last_kernels["lse"] == "torch-fallback" and st.last_kernels["attention"] == "stub"
+    out, lse, lay = svg2_attention(q, k, v, SVG2Config(top_p=0.5, compensate=True, **SMALL), st,
+                                   num_text_tokens=t, return_lse=True)
+    assert st.last_kernels["lse"] == st.last_kernels["attention"] == "torch"  # the kernel's own LSE
+    b, h, s, d = q.shape
+    sv, ck = s - t, lay.num_k_clusters
+    onehot = F.one_hot(lay.k_labels, ck).double()
+    n = onehot.sum(2)
+    cent = onehot.transpose(-1, -2) @ k[:, :, :sv].double() / n.clamp_min(1)[..., None]
+    s_tok = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(d)).masked_fill(~lay.to_dense(), float("-inf"))
+    skipped = ~torch.gather(lay.block_map, 2, lay.q_labels[..., None].expand(b, h, sv, ck)) & (n > 0)[:, :, None]
+    s_cen = (q[:, :, :sv].double() @ cent.transpose(-1, -2) / math.sqrt(d) + n.log()[:, :, None]).masked_fill(
+        ~skipped, float("-inf"))
+    s_cen = torch.cat([s_cen, torch.full((b, h, t, ck), float("-inf"), dtype=torch.float64)], 2)
+    ref = torch.logsumexp(torch.cat([s_tok, s_cen], -1), -1)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), compensated_reference(q, k, v, lay), rtol=2e-5, atol=2e-5)
 
 
@@ -437,10 +379,8 @@ def test_compensated_call_on_gpu_within_twice_the_torch_error(kernel):
     st = ClusterState()
     cfg = SVG2Config(num_q_centroids=32, num_k_centroids=64, target_density=0.2, compensate=True,
                      attention_kernel=kernel)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the LSE fallback of a kernel without LSE output
-        out, lay = svg2_attention(q, k, v, cfg, st)
-    assert st.last_kernels["compensation"] == "flex"
+    out, lay = svg2_attention(q, k, v, cfg, st)
+    assert st.last_kernels["compensation"] == "flex" and st.last_kernels["lse"] == st.last_kernels["attention"]
     ref = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"))
     same = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"), dtype=torch.bfloat16)
     err = (out.cpu().double() - ref).abs().max().item()

@@ -84,6 +84,21 @@ def _mini_set() -> dict[str, list[str]]:
     return out
 
 
+def _testbed_set() -> dict[str, list[str]]:
+    """Held-out captions of the project's testbed model (svg2/testbed): world clips it was never trained on,
+    drawn with a seed no training stretch uses; grouped by the number of objects they name."""
+    import torch
+
+    from svg2.testbed.data import captions, sample_scenes
+
+    scene = sample_scenes(32, torch.Generator().manual_seed(2_000_000_029), train=False)
+    out: dict[str, list[str]] = {}
+    for c in captions(scene):
+        n = c.split(" over ")[0].count(" and ") + 1
+        out.setdefault(f"testbed_{n}_objects", []).append(c)
+    return out
+
+
 def synthetic_image(text: str, size: tuple[int, int] = (832, 480)) -> Path:
     """A deterministic synthetic conditioning image for ``text`` (gradient background and a few shapes whose
     colours and places derive from the text's hash), cached as PNG under ``$SVG2_CACHE_DIR/prompt_images``.
@@ -116,7 +131,7 @@ def synthetic_image(text: str, size: tuple[int, int] = (832, 480)) -> Path:
 BUILTIN_SETS: dict[str, dict[str, list[str]]] = {"smoke": _SMOKE}
 # Built-in image-to-video smoke set: the first smoke prompt of every dimension with a synthetic image.
 _IMAGE_SETS = {"smoke_i2v": lambda: {d: ts[:1] for d, ts in _SMOKE.items()}}
-_LAZY_SETS = {"mini": _mini_set}  # built on first use (they import optional parts of svg2)
+_LAZY_SETS = {"mini": _mini_set, "testbed": _testbed_set}  # built on first use (they import optional parts of svg2)
 
 _TEXT_KEYS = ("prompt_en", "prompt", "caption", "text")
 _IMAGE_KEYS = ("image", "image_path", "image_name", "file_name", "img")

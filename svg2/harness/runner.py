@@ -68,8 +68,9 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
     def _set(node: Any) -> dict[str, Any]:  # None means "not set" in the typed overlays
         return {k: v for k, v in (_plain(node) or {}).items() if v is not None}
 
+    tiles = _set(cfg.kernel.get("tiles"))
     merged = {**_set(cfg.model.svg2), **_set(m.cfg), "attention_kernel": cfg.kernel.attention,
-              "kmeans_kernel": cfg.kernel.kmeans}
+              "kmeans_kernel": cfg.kernel.kmeans, "attention_tiles": tiles or None}
     try:
         full = SVG2Config.from_dict(merged)
     except (KeyError, TypeError, ValueError) as e:
@@ -88,6 +89,8 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
         v = getattr(full, f)
         if v is not None:
             shared[f] = v
+    if "attention_kernel" in shared and full.attention_tiles is not None:  # the tiles go with the kernel
+        shared["attention_tiles"] = full.attention_tiles.overrides()
     return MethodSpec(m.name, label, False, None, {**shared, **kwargs})
 
 

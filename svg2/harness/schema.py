@@ -17,20 +17,24 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+from svg2_kernels.plan import TileConfig
 
-from svg2.config import SVG2Config
+from svg2.config import KERNEL_FIELDS, SVG2Config
 
 __all__ = ["SVG2Overrides", "ModelConfig", "MethodConfig", "KernelConfig", "PromptsConfig", "MetricsConfig",
            "LoggerConfig",
            "LatencyConfig", "StoreConfig", "CacheConfig", "RunConfig", "register_configs"]
 
 
-def _optional_overrides(cls: type) -> type:
-    """A dataclass with every field of ``cls``, each Optional and None by default (None = not set). As a Hydra
-    node it accepts ``method.cfg.top_p=0.8`` and rejects typos and wrong types at composition time."""
+def _optional_overrides(cls: type, exclude: tuple[str, ...] = ()) -> type:
+    """A dataclass with every field of ``cls`` but ``exclude``, each Optional and None by default (None = not
+    set). As a Hydra node it accepts ``method.cfg.top_p=0.8`` and rejects typos and wrong types at composition
+    time."""
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         t = hints[f.name]
         if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
             t = next(a for a in typing.get_args(t) if a is not type(None))
@@ -38,7 +42,9 @@ def _optional_overrides(cls: type) -> type:
     return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
 
 
-SVG2Overrides = _optional_overrides(SVG2Config)
+# The kernel knobs are set by the `kernel` group only (one place per knob): model.svg2.attention_kernel=... and
+# method.cfg.attention_kernel=... fail at composition time.
+SVG2Overrides = _optional_overrides(SVG2Config, exclude=KERNEL_FIELDS)
 
 
 @dataclass
@@ -90,8 +96,11 @@ class MethodConfig:
 
 @dataclass
 class KernelConfig:
+    """The one place that chooses kernels: names (or "auto") and Triton tile overrides (None: measured)."""
+
     attention: str = "auto"
     kmeans: str = "auto"
+    tiles: TileConfig = field(default_factory=TileConfig)
 
 
 @dataclass

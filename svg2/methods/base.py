@@ -22,6 +22,7 @@ class MethodState:
 
     def __init__(self, timer: ComponentTimer | None = None) -> None:
         self._clusters: dict[tuple[Any, ...], ClusterState] = {}
+        self._cache: dict[tuple[Any, ...], Any] = {}
         self.records: list[dict[str, Any]] = []
         self.timer = timer
 
@@ -30,12 +31,20 @@ class MethodState:
             self._clusters[key] = ClusterState()
         return self._clusters[key]
 
+    def cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` for this pipeline (static masks on the device, their kernel plans);
+        kept until ``reset()``. The value is shared: never modify it in place."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def record(self, **row: Any) -> None:
         self.records.append(row)
 
     def reset(self) -> None:
         """Forget centroids and records (call between videos)."""
         self._clusters.clear()
+        self._cache.clear()
         self.records.clear()
         if self.timer is not None:
             self.timer.reset()

@@ -13,7 +13,6 @@ then columns), followed by ``ctx.num_text_tokens`` joint text tokens.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -51,17 +50,14 @@ def video_shape(ctx: AttentionContext, num_video_tokens: int, method: str) -> tu
     return t, h, w
 
 
-@functools.lru_cache(maxsize=128)
-def _on_device(fn: Callable[..., tuple[torch.Tensor, ...]], args: tuple, device: str) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device) for t in fn(*args))
-
-
-def on_device(fn: Callable[..., tuple[torch.Tensor, ...]], *args, device: torch.device | str
-              ) -> tuple[torch.Tensor, ...]:
+def on_device(ctx: AttentionContext, fn: Callable[..., tuple[torch.Tensor, ...]], *args,
+              device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """``fn(*args)`` (a pure function of hashable arguments returning CPU tensors, e.g. a static mask),
-    computed once and kept on ``device``: later calls cost no host work and no host-to-device copy.
-    The returned tensors are shared: never modify them in place."""
-    return _on_device(fn, tuple(args), str(device))
+    computed once per pipeline (kept in ``ctx.state``, dropped by its ``reset()``) and kept on ``device``:
+    later calls cost no host work and no host-to-device copy. The returned tensors are shared: never modify
+    them in place."""
+    return ctx.state.cached(("on_device", fn, tuple(args), str(device)),
+                            lambda: tuple(t.to(device) for t in fn(*args)))
 
 
 def block_sizes(labels: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -125,7 +121,8 @@ class LayoutMethod(AttentionMethod):
     static_mask: bool = False
 
     def __init__(self, *, dense_steps_frac: float = 0.2, dense_layers: int = 1,
-                 attention_kernel: str = "auto", compensate: bool = False, layout_every: int = 1) -> None:
+                 attention_kernel: str = "auto", attention_tiles: Any = None, compensate: bool = False,
+                 layout_every: int = 1) -> None:
         if not 0.0 <= dense_steps_frac <= 1.0:
             raise ValueError(f"dense_steps_frac={dense_steps_frac} must be in [0, 1]")
         if dense_layers < 0:
@@ -139,8 +136,9 @@ class LayoutMethod(AttentionMethod):
         self.attention_kernel = attention_kernel
         # Only the kernel choice and the issue-17 options of this config are used (the layout is precomputed);
         # it also validates them (compensate a bool, layout_every an int >= 1).
-        self._kernel_cfg = SVG2Config(attention_kernel=attention_kernel, compensate=compensate,
-                                      layout_every=layout_every)
+        self._kernel_cfg = SVG2Config(attention_kernel=attention_kernel, attention_tiles=attention_tiles,
+                                      compensate=compensate, layout_every=layout_every)
+        self.attention_tiles = self._kernel_cfg.attention_tiles
         self.compensate = self._kernel_cfg.compensate
         self.layout_every = self._kernel_cfg.layout_every
 
@@ -155,6 +153,29 @@ class LayoutMethod(AttentionMethod):
         """The layout plus method-specific values for this call's stats record (e.g. SVG1's share of
         temporal heads). Default: no extra values."""
         return self.layout(q, k, v, ctx), {}
+
+    def static_key(self, q: torch.Tensor, ctx: AttentionContext) -> tuple[Any, ...] | None:
+        """A key under which this call's layout and kernel plan are the same as every other call's with the
+        same key (a static mask), or None (the layout depends on Q/K). Static layouts and their plans are
+        built once per pipeline and kept in ``ctx.state``."""
+        return None
+
+    def _layout_and_plan(self, q, k, v, ctx: AttentionContext):
+        """(layout, plan or None, info): a static layout with its plan from the pipeline's cache."""
+        key = self.static_key(q, ctx)
+        if key is None or ctx.text_mask is not None:  # a text mask changes per prompt: plan per call
+            layout, info = self.layout_and_info(q, k, v, ctx)
+            return layout, None, info
+
+        def build():
+            layout, info = self.layout_and_info(q, k, v, ctx)
+            plan = layout.plan(self._kernel_cfg.attention_kernel, head_dim=q.shape[-1], dtype=q.dtype,
+                               tiles=self._kernel_cfg.attention_tiles)
+            return layout, plan, info
+
+        full_key = ("static_plan", self.name, id(self), key, tuple(q.shape), q.dtype, str(q.device),
+                    ctx.num_text_tokens)
+        return ctx.state.cached(full_key, build)
 
     # ------------------------------------------------------------------------------------- shared
     def is_dense_call(self, ctx: AttentionContext) -> bool:
@@ -172,16 +193,17 @@ class LayoutMethod(AttentionMethod):
         site = ctx.state.cluster_state("layout", self.name, *ctx.site()) if self.layout_every > 1 else None
         layout = None if site is None else site.reusable_layout(self.layout_every, q, ctx.num_text_tokens,
                                                                 ctx.text_mask)
-        info: dict[str, Any] = {}
-        reused = layout is not None
-        if layout is None:
+        reused, plan, info = layout is not None, None, {}
+        if not reused:
             with (timer.section("selection", q.device) if timer is not None else nullcontext()):
-                layout, info = self.layout_and_info(q, k, v, ctx)
+                layout, plan, info = self._layout_and_plan(q, k, v, ctx)
             if site is not None:
                 site.keep_layout(layout, self.layout_every)
-        probe = ClusterState()  # learns which kernel variant (and LSE source) ran
+        if site is not None and plan is None:  # a kept layout keeps its kernel plan too
+            plan = site.layout_plan(layout, self._kernel_cfg.attention_kernel, self.attention_tiles, q)
+        probe = ClusterState()  # learns which kernel ran (and which compensation backend)
         out, layout = svg2_attention(q, k, v, self._kernel_cfg, probe, num_text_tokens=ctx.num_text_tokens,
-                                     text_mask=ctx.text_mask, scale=ctx.scale, layout=layout,
+                                     text_mask=ctx.text_mask, scale=ctx.scale, layout=layout, plan=plan,
                                      check_finite=ctx.check_finite, timer=timer)
         probe.last_layout_reused = reused
         ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,

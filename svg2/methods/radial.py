@@ -155,9 +155,12 @@ class RadialMethod(LayoutMethod):
         t, hh, ww = video_shape(ctx, sv, self.name)
         tpf = hh * ww
         df = self.resolved_decay_factor(t, tpf)
-        labels, bm = on_device(_radial_static, t, tpf, self.block_size, df, self.model_type, device=q.device)
+        labels, bm = on_device(ctx, _radial_static, t, tpf, self.block_size, df, self.model_type, device=q.device)
         return static_layout(labels, labels, bm, b, h, num_text_tokens=ctx.num_text_tokens,
                              text_mask=ctx.text_mask)
+
+    def static_key(self, q: torch.Tensor, ctx: AttentionContext) -> tuple[Any, ...] | None:
+        return (tuple(ctx.extra.get("video_shape") or ()),)  # the mask depends on the video shape only
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_size": self.block_size, "decay_factor": self.decay_factor,

@@ -112,9 +112,12 @@ class SlidingTileMethod(LayoutMethod):
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
         b, h, s, _ = q.shape
         shape = video_shape(ctx, s - ctx.num_text_tokens, self.name)
-        labels, bm = on_device(_sta_static, shape, self.tile_size, self.resolved_window(shape), device=q.device)
+        labels, bm = on_device(ctx, _sta_static, shape, self.tile_size, self.resolved_window(shape), device=q.device)
         return static_layout(labels, labels, bm, b, h, num_text_tokens=ctx.num_text_tokens,
                              text_mask=ctx.text_mask)
+
+    def static_key(self, q: torch.Tensor, ctx: AttentionContext) -> tuple[Any, ...] | None:
+        return (tuple(ctx.extra.get("video_shape") or ()),)  # the mask depends on the video shape only
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tile_size": list(self.tile_size), "window": list(self.window),

@@ -103,7 +103,7 @@ class SVG1Method(LayoutMethod):
         """Block labels (S,) of the spatial and temporal orders and the band block map, on q's device."""
         sv = q.shape[2] - ctx.num_text_tokens
         t, h, w = video_shape(ctx, sv, self.name)
-        return on_device(_svg1_static, t, h * w, self.block_size, self.density, self.attention_sink,
+        return on_device(ctx, _svg1_static, t, h * w, self.block_size, self.density, self.attention_sink,
                          device=q.device)
 
     def _sample_rows(self, num_video: int, ctx: AttentionContext, device) -> torch.Tensor:

@@ -164,10 +164,6 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
     shape = torch.randint(len(SHAPES), (B, K), generator=g)
     motion = torch.randint(len(MOTIONS), (B, K), generator=g)
     motion = torch.where(torch.rand((B, K), generator=g) < 0.25, torch.randint(0, 4, (B, K), generator=g), motion)
-    if train:
-        is_dir = motion < 4
-        bad = is_dir & _held_mask()[color, shape, motion.clamp(max=3)]
-        color = torch.where(bad, (color + 1) % len(_OBJ_NAMES), color)
     out["color"], out["shape"], out["motion"] = color, shape, motion
     size_class = torch.randint(len(SIZES), (B, K), generator=g)
     lo = torch.tensor([a for a, _ in SIZE_RADIUS])[size_class]
@@ -200,6 +196,10 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
                 "tex_mix"):
         out[key][:, 1] = torch.where(dup, out[key][:, 0], out[key][:, 1])
     out["x0"][:, 1] = torch.where(dup, (out["x0"][:, 0] + 0.5 * aspect) % aspect, out["x0"][:, 1])
+    if train:  # after the duplicates, which copy a look onto another slot's motion
+        m = out["motion"]
+        bad = (m < 4) & _held_mask()[out["color"], out["shape"], m.clamp(max=3)]
+        out["color"] = torch.where(bad, (out["color"] + 1) % len(_OBJ_NAMES), out["color"])
     return out
 
 
