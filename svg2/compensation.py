@@ -23,12 +23,14 @@ take segment means over the permuted, contiguous clusters.
 
 Centroid attention backends (recorded as ``compensation``): ``torch`` (chunked fp32 matmuls, any device, the
 reference) and ``flex`` (FlexAttention with a ``score_mod`` carrying the bias and the skip mask: one fused GPU
-kernel that never materialises the (Sq x Ck) scores). ``auto`` takes flex on CUDA when it is available.
+kernel that never materialises the (Sq x Ck) scores). ``auto`` takes flex on CUDA when it is available; should
+it fail there, auto warns, runs torch and records ``torch (flex failed)``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -265,14 +267,23 @@ def centroid_attention(
         raise ValueError(f"compensation backend {backend!r} is unknown; choose one of {COMPENSATION_BACKENDS}")
     _check_comp_inputs(q, summary, skipped, q_labels)
     bias = compensation_bias(summary.sizes, skipped)
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = "torch" if _flex_unsupported(q) else "flex"
     elif backend == "flex" and _flex_unsupported(q):
         raise NotImplementedError(f"flex compensation cannot run here: {'; '.join(_flex_unsupported(q))}. "
                                   "Use backend='torch' or 'auto'.")
     if backend == "flex":
-        out, lse = _centroid_attention_flex(q, summary, bias, q_labels, scale)
-        return out, lse, "flex"
+        try:
+            out, lse = _centroid_attention_flex(q, summary, bias, q_labels, scale)
+            return out, lse, "flex"
+        except Exception as e:  # noqa: BLE001 - auto keeps a run going on the reference path, and says so
+            if not auto:
+                raise
+            warnings.warn(f"flex compensation failed ({type(e).__name__}: {e}); the torch backend ran instead "
+                          "(recorded as compensation='torch (flex failed)')", RuntimeWarning, stacklevel=2)
+            out, lse = _centroid_attention_torch(q, summary, bias, q_labels, scale)
+            return out, lse, "torch (flex failed)"
     out, lse = _centroid_attention_torch(q, summary, bias, q_labels, scale)
     return out, lse, "torch"
 

@@ -132,6 +132,25 @@ def test_centroid_attention_flex_score_mod_matches_torch():
     torch.testing.assert_close(out_f.float(), out_t, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_falls_back_to_torch_when_flex_fails_and_says_so(monkeypatch):
+    import svg2.compensation as comp
+
+    q, summ, skipped, labels = _summary_and_inputs()
+    monkeypatch.setattr(comp, "_flex_unsupported", lambda q: [])  # pretend flex could run here
+
+    def broken(*a, **kw):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(comp, "_centroid_attention_flex", broken)
+    with pytest.warns(RuntimeWarning, match="no kernel for you"):
+        out, lse, used = centroid_attention(q, summ, skipped, labels, 0.25)
+    assert used == "torch (flex failed)"
+    ref, ref_lse, _ = centroid_attention(q, summ, skipped, labels, 0.25, backend="torch")
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    with pytest.raises(RuntimeError, match="no kernel"):  # named explicitly: no fallback
+        centroid_attention(q, summ, skipped, labels, 0.25, backend="flex")
+
+
 def test_centroid_attention_refusals():
     q, summ, skipped, labels = _summary_and_inputs()
     with pytest.raises(ValueError, match="backend"):
