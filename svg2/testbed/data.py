@@ -221,7 +221,8 @@ def sample_scenes(batch_size: int, generator: torch.Generator, *, aspect: float 
 
 def scenes_from_spec(specs: list[dict], generator: torch.Generator, *, aspect: float = 1.0) -> WorldScene:
     """Scenes with chosen content: one dict per scene with ``objects`` (list of dicts with ``color``,
-    ``shape``, ``motion``, optional ``size``), ``bg_color``, optional ``pan``; the rest (positions, speeds,
+    ``shape``, ``motion``, optional ``size``), ``bg_color``, optional ``pan`` and ``zoom`` (default: a still
+    camera); the rest (positions, speeds,
     textures, occluders) is drawn from ``generator``."""
     scene = sample_scenes(len(specs), generator, aspect=aspect, train=False)
     for b, spec in enumerate(specs):
@@ -244,6 +245,7 @@ def scenes_from_spec(specs: list[dict], generator: torch.Generator, *, aspect: f
             scene.radius[b, k] = min(max(float(scene.radius[b, k]), lo), hi)
         scene.bg_color[b] = _BG_NAMES.index(spec["bg_color"])
         scene.pan[b] = PANS.index(spec.get("pan", ""))
+        scene.zoom[b] = float(spec.get("zoom", 1.0))
     return scene
 
 
