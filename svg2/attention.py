@@ -12,12 +12,14 @@ import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from svg2_kernels.plan import AttentionPlan
 
 from svg2.clustering import kmeans
+from svg2.compensation import KeySummary, compensate, summarize_key_clusters
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
@@ -35,18 +37,59 @@ class ClusterState:
     ``svg2_attention`` reads the cached centroids (warm start with ``kmeans_iters_step`` iterations) and
     writes the new ones. A cache whose shape no longer matches the input (other batch size, head count or
     sequence length) is ignored and replaced by a cold start.
+
+    With ``layout_every > 1`` it also keeps the last layout and how many calls it has served; the layout is
+    reused until it has served ``layout_every`` calls (one call per denoising step at a call site).
     """
 
     q_centroids: torch.Tensor | None = None
     k_centroids: torch.Tensor | None = None
     calls: int = 0
     last_kernels: dict[str, str] = field(default_factory=dict)
+    layout: ClusterLayout | None = None
+    layout_uses: int = 0
+    last_layout_reused: bool = False
+    plan: AttentionPlan | None = None  # the kernel plan of ``plan_layout`` (a kept layout), built once
+    plan_layout: ClusterLayout | None = None
 
     def reset(self) -> None:
         self.q_centroids = None
         self.k_centroids = None
         self.calls = 0
         self.last_kernels = {}
+        self.layout = None
+        self.layout_uses = 0
+        self.last_layout_reused = False
+        self.plan = None
+        self.plan_layout = None
+
+    def reusable_layout(self, layout_every: int, q: torch.Tensor, num_text_tokens: int = 0,
+                        text_mask: torch.Tensor | None = None) -> ClusterLayout | None:
+        """The kept layout when it may serve this call (it has served fewer than ``layout_every`` calls and
+        fits q's batch, heads, video tokens and device), with this call's text mask; else None."""
+        lay = self.layout
+        if layout_every <= 1 or lay is None or self.layout_uses >= layout_every:
+            return None
+        b, h, s, _ = q.shape
+        if (tuple(lay.q_labels.shape) != (b, h, s - num_text_tokens) or lay.num_text_tokens != num_text_tokens
+                or lay.block_map.device != q.device):
+            return None
+        self.layout_uses += 1
+        return lay if lay.text_mask is text_mask else dataclasses.replace(lay, text_mask=text_mask)
+
+    def layout_plan(self, layout: ClusterLayout, kernel: str, tiles, q: torch.Tensor) -> AttentionPlan:
+        """The kernel plan of a kept layout, built at its first call and reused with it (a reused layout skips
+        the kernel metadata too). Rebuilt when the layout object, q's dtype or head dim differ."""
+        p = self.plan
+        if p is None or self.plan_layout is not layout or p.inputs.dtype != q.dtype or p.inputs.head_dim != q.shape[-1]:
+            p = layout.plan(kernel, head_dim=q.shape[-1], dtype=q.dtype, tiles=tiles)
+            self.plan, self.plan_layout = p, layout
+        return p
+
+    def keep_layout(self, layout: ClusterLayout, layout_every: int) -> None:
+        """Remember a freshly built layout (it has served one call) when layouts are reused."""
+        if layout_every > 1:
+            self.layout, self.layout_uses = layout, 1
 
 
 def validate_qkv(
@@ -151,14 +194,32 @@ def build_layout(
 
     Updates ``state`` (warm-start centroids) in place when given. Shapes (batch, heads, seqlen, headdim).
     """
-    return _build_layout(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
-                         timer=timer)[0]
+    return _build_clusters(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
+                           timer=timer).layout
+
+
+class _Built(NamedTuple):
+    """What one clustering + selection produced. ``k_sorted``: the video keys in ``k_perm`` order (B, H, Sv, D)
+    when the k-means kernel wrote them on its last pass, else None. ``q_centroids`` / ``k_centroids``
+    (B, H, C, D) float32: the means of exactly the returned clusters (None after a 0-iteration warm start,
+    which only assigns). Only for this call's Q/K: a layout may be reused, these may not."""
+
+    layout: ClusterLayout
+    k_sorted: torch.Tensor | None
+    q_centroids: torch.Tensor | None
+    k_centroids: torch.Tensor | None
 
 
 def _build_layout(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer, sort_k=False):
-    """build_layout, plus (with ``sort_k``) the video keys in ``k_perm`` order (B, H, Sv, D) when the k-means
-    kernel wrote them on its last pass, else None. Only for this call's K: a layout may be reused, these rows
-    may not."""
+    """build_layout, plus (with ``sort_k``) the video keys in ``k_perm`` order (B, H, Sv, D) or None."""
+    built = _build_clusters(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
+                            timer=timer, sort_k=sort_k)
+    return built.layout, built.k_sorted
+
+
+def _build_clusters(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer,
+                    sort_k=False) -> _Built:
+    """build_layout, plus what a compensated or re-routed call needs from the clustering (see ``_Built``)."""
     b, h, s, d = q.shape
     sv = s - num_text_tokens
     n = b * h
@@ -194,7 +255,9 @@ def _build_layout(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, s
             q_perm=None if rq.perm is None else rq.perm.view(b, h, sv),
             k_perm=None if rk.perm is None else rk.perm.view(b, h, sv),
         )
-    return layout, None if rk.x_sorted is None else rk.x_sorted.view(b, h, sv, d)
+    means = iters >= 1  # a 0-iteration warm start returns the old centroids, not the means of the new clusters
+    return _Built(layout, None if rk.x_sorted is None else rk.x_sorted.view(b, h, sv, d),
+                  rq.centroids.view(b, h, cq, d) if means else None, rk.centroids.view(b, h, ck, d) if means else None)
 
 
 def svg2_attention(
@@ -212,6 +275,7 @@ def svg2_attention(
     check_finite: bool = True,
     timer: ComponentTimer | None = None,
     return_lse: bool = False,
+    key_summary: KeySummary | None = None,
 ) -> tuple[torch.Tensor, ClusterLayout] | tuple[torch.Tensor, torch.Tensor, ClusterLayout]:
     """Sparse VideoGen2 attention.
 
@@ -227,8 +291,17 @@ def svg2_attention(
         layout: reuse a precomputed layout (skips clustering and selection).
         plan: reuse the kernel plan of ``layout`` (``layout.plan(...)``; needs ``layout``): skips the metadata.
         check_finite: raise on NaN/Inf inputs (one host sync; disable for CUDA-graph capture).
-        timer: optional ComponentTimer for the kmeans/selection/permutation/metadata/attention breakdown.
-        return_lse: also return the log-sum-exp of every query's kept scaled scores.
+        timer: optional ComponentTimer for the kmeans/selection/permutation/metadata/attention/compensation
+            breakdown.
+        return_lse: also return the log-sum-exp of every query's kept scaled scores (with ``cfg.compensate``:
+            of the compensated softmax, the skipped clusters' centroid terms included).
+        key_summary: with ``cfg.compensate``, the key clusters' centroids and mean values of *these* K and V
+            when the caller already has them; None computes them (k-means' last update for the centroids of a
+            fresh layout, segment means over the permuted clusters otherwise).
+    With ``cfg.compensate`` every skipped video key cluster contributes through its centroid and mean value,
+    merged with the kernel's output through the kernel's LSE (``svg2.compensation``); text stays exact. With
+    ``cfg.layout_every > 1`` and a ``state``, the layout (and its kernel plan) built at one call serves the next
+    ``layout_every - 1`` calls too (``state.last_layout_reused`` says which kind this call was).
     Returns:
         out: (batch, heads, seqlen, headdim) in q's dtype and token order.
         lse: only with ``return_lse``: (batch, heads, seqlen) float32, natural log, token order like ``out``
@@ -243,14 +316,26 @@ def svg2_attention(
     b, h, s, d = q.shape
     t = num_text_tokens
     sv = s - t
-    k_sorted = None
+    k_sorted = k_centroids = None
+    reused = False
+    if layout is None and state is not None:
+        layout = state.reusable_layout(cfg.layout_every, q, t, text_mask)
+        reused = layout is not None
     if layout is None:
-        layout, k_sorted = _build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale,
-                                         timer=timer, sort_k=True)
+        built = _build_clusters(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale, timer=timer,
+                                sort_k=True)
+        layout, k_sorted, k_centroids = built.layout, built.k_sorted, built.k_centroids
+        if state is not None:
+            state.keep_layout(layout, cfg.layout_every)
+    if state is not None:
+        state.last_layout_reused = reused
     sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
     if plan is None:
         with sec("metadata"):
-            plan = layout.plan(cfg.attention_kernel, head_dim=d, dtype=q.dtype, tiles=cfg.attention_tiles)
+            if state is not None and cfg.layout_every > 1 and (reused or layout is state.layout):
+                plan = state.layout_plan(layout, cfg.attention_kernel, cfg.attention_tiles, q)  # kept with it
+            else:
+                plan = layout.plan(cfg.attention_kernel, head_dim=d, dtype=q.dtype, tiles=cfg.attention_tiles)
     if state is not None:
         state.last_kernels["attention"] = plan.kernel
     gather = plan.variant.gather_rows
@@ -269,21 +354,33 @@ def svg2_attention(
                 kt, vt = gather(kt, tperm), gather(vt, tperm)
             ks = torch.cat([ks, kt], dim=2)
             vs = torch.cat([vs, vt], dim=2)
+    want_lse = return_lse or cfg.compensate  # compensation merges through the kernel's LSE
     if plan.variant.fuses_query_permutation:
         # The kernel reads Q through q_perm and writes O in token order (permutation fused into it).
         with sec("attention"):
-            res = plan.run(q[:, :, :sv], ks, vs, scale=scale, q_perm=layout.q_perm, return_lse=return_lse)
+            res = plan.run(q[:, :, :sv], ks, vs, scale=scale, q_perm=layout.q_perm, return_lse=want_lse)
     else:
         with sec("permutation"):
             qs = gather(q[:, :, :sv], layout.q_perm)
         with sec("attention"):
-            res_s = plan.run(qs, ks, vs, scale=scale, return_lse=return_lse)
+            res_s = plan.run(qs, ks, vs, scale=scale, return_lse=want_lse)
         with sec("permutation"):
-            out_s, lse_s = res_s if return_lse else (res_s, None)
+            out_s, lse_s = res_s if want_lse else (res_s, None)
             out_v = torch.empty_like(out_s).scatter_(2, layout.q_perm.unsqueeze(-1).expand(b, h, sv, d), out_s)
             lse_v = None if lse_s is None else torch.empty_like(lse_s).scatter_(2, layout.q_perm, lse_s)
-            res = (out_v, lse_v) if return_lse else out_v
-    out_video, lse_video = res if return_lse else (res, None)
+            res = (out_v, lse_v) if want_lse else out_v
+    out_video, lse_video = res if want_lse else (res, None)
+    if cfg.compensate:
+        with sec("compensation"):
+            if key_summary is None:
+                key_summary = summarize_key_clusters(ks[:, :, :sv], vs[:, :, :sv], layout.k_sizes, k_centroids)
+            # Text keys (the plan's extra key cluster) are always computed: only skipped video clusters add terms.
+            out_video, lse_video, comp_backend = compensate(
+                out_video, lse_video, q[:, :, :sv], key_summary, ~layout.block_map, layout.q_labels,
+                1.0 / math.sqrt(d) if scale is None else scale)
+        if state is not None:
+            state.last_kernels["lse"] = plan.kernel
+            state.last_kernels["compensation"] = comp_backend
     if t == 0:
         return (out_video, lse_video, layout) if return_lse else (out_video, layout)
     with sec("attention"):

@@ -50,6 +50,13 @@ class SVG2Config:
         dense_steps_frac: the first floor(dense_steps_frac * num_steps) denoising steps run dense.
         dense_layers: the first dense_layers transformer blocks always run dense.
         seed_centroids_in_warmup: run k-means in the last dense step so the first sparse step is warm.
+    Beyond dropping (issue 17):
+        compensate: skipped key clusters still contribute through their centroid and mean value
+            (``n_j * exp(q . c_j * scale)`` in the softmax denominator, times ``mean(v_j)`` in the numerator),
+            merged with the sparse result through its log-sum-exp (see ``svg2.compensation``).
+        layout_every: cluster and select at every N-th sparse call of a call site (layer x CFG branch, one
+            call per denoising step) and reuse that layout in between; values, keys and the compensation
+            terms still come from the current call. 1 = a fresh layout at every step.
     Kernels:
         attention_kernel / kmeans_kernel: kernel name (``svg2_kernels.available_attention_variants()``:
             triton_tma, triton_chunks, flex, torch; k-means: triton, flash_kmeans, torch) or "auto" (the
@@ -70,6 +77,8 @@ class SVG2Config:
     dense_steps_frac: float = 0.2
     dense_layers: int = 1
     seed_centroids_in_warmup: bool = False
+    compensate: bool = False
+    layout_every: int = 1
     attention_kernel: str = "auto"
     kmeans_kernel: str = "auto"
     attention_tiles: TileConfig | None = None
@@ -93,7 +102,11 @@ class SVG2Config:
         _check_range("dense_steps_frac", self.dense_steps_frac, 0.0, 1.0)
         _check_int("dense_layers", self.dense_layers, 0)
         _check_int("seed", self.seed, 0)
-        for name in ("seed_centroids_in_warmup", "order_key_clusters"):
+        if isinstance(self.layout_every, int) and not isinstance(self.layout_every, bool) and self.layout_every < 1:
+            raise ValueError(f"SVG2Config.layout_every={self.layout_every} must be >= 1: it is the number of denoising "
+                             "steps one layout serves (1 = recompute the layout at every step)")
+        _check_int("layout_every", self.layout_every, 1)
+        for name in ("seed_centroids_in_warmup", "order_key_clusters", "compensate"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SVG2Config.{name} must be a bool")
         for name in ("attention_kernel", "kmeans_kernel"):

@@ -41,3 +41,36 @@ def assert_fa_rule(out, q, k, v, mask, scale=None, floor=1e-6):
     err_torch = (same.double() - ref).abs().max().item()
     assert err <= 2 * err_torch + floor, f"error {err:.3g} > 2 x same-precision torch error {err_torch:.3g}"
     return err, err_torch
+
+
+def compensated_reference(q, k, v, layout, scale=None, text_mask=None, dtype=torch.float64):
+    """The compensated output of a ClusterLayout computed directly from the formula (one softmax over the selected
+    token keys plus one pseudo-key per skipped non-empty key cluster: logit ``q . c_j * scale + log n_j``, value
+    ``mean(v_j)``, centroids and means of these K and V), in ``dtype`` (float64: the reference; the
+    inputs' dtype: the same-precision torch path of the FlashAttention error rule)."""
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    b, h, s, d = q.shape
+    t = layout.num_text_tokens
+    sv = s - t
+    scale = d**-0.5 if scale is None else scale
+    ck = layout.num_k_clusters
+    onehot = torch.nn.functional.one_hot(layout.k_labels, ck).to(dtype)  # (B, H, Sv, Ck)
+    n = onehot.sum(2)  # (B, H, Ck)
+    cent = onehot.transpose(-1, -2) @ kd[:, :, :sv] / n.clamp_min(1)[..., None]
+    vbar = onehot.transpose(-1, -2) @ vd[:, :, :sv] / n.clamp_min(1)[..., None]
+    mask = layout.to_dense() if t == 0 else _dense_mask_with_text(layout, text_mask)
+    s_tok = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    skipped = ~torch.gather(layout.block_map, 2, layout.q_labels[..., None].expand(b, h, sv, ck))
+    s_cen = qd[:, :, :sv] @ cent.transpose(-1, -2) * scale + torch.log(n)[:, :, None, :]
+    s_cen = s_cen.masked_fill(~(skipped & (n > 0)[:, :, None, :]), float("-inf"))
+    s_cen = torch.cat([s_cen, torch.full((b, h, t, ck), float("-inf"), dtype=dtype)], 2)  # text rows: none
+    p = torch.softmax(torch.cat([s_tok, s_cen], -1), -1)
+    return p[..., :s] @ vd + p[..., s:] @ vbar
+
+
+def _dense_mask_with_text(layout, text_mask):
+    m = layout.to_dense()
+    if text_mask is not None:
+        m = m.clone()
+        m[:, :, :, -layout.num_text_tokens:] &= text_mask[:, None, None, :]
+    return m

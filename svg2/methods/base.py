@@ -13,7 +13,7 @@ from svg2.attention import ClusterState
 from svg2.timing import ComponentTimer
 
 __all__ = ["AttentionContext", "AttentionMethod", "MethodState", "register_method", "build_method",
-           "available_methods"]
+           "available_methods", "compensation_record"]
 
 
 class MethodState:
@@ -90,6 +90,18 @@ class AttentionMethod:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name}
+
+
+def compensation_record(cfg: Any, state: ClusterState) -> dict[str, Any]:
+    """The per-call record fields of the issue-17 options: where the sparse LSE came from and which
+    compensation backend ran (when compensating), and whether the layout was reused (when reusing)."""
+    row: dict[str, Any] = {}
+    if getattr(cfg, "compensate", False):
+        row["lse"] = state.last_kernels.get("lse")
+        row["compensation"] = state.last_kernels.get("compensation")
+    if getattr(cfg, "layout_every", 1) > 1:
+        row["layout_reused"] = state.last_layout_reused
+    return row
 
 
 def dense_schedule(dense_steps_frac: float, dense_layers: int, ctx: AttentionContext) -> bool:

@@ -23,10 +23,10 @@ import torch
 from svg2.attention import ClusterState, dense_attention, svg2_attention
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, AttentionMethod, dense_schedule
+from svg2.methods.base import AttentionContext, AttentionMethod, compensation_record, dense_schedule
 
 __all__ = ["VIDEO_SHAPE_KEY", "LayoutMethod", "video_shape", "block_sizes", "static_layout", "layout_mask_rows",
-           "static_density", "on_device"]
+           "static_density", "on_device", "refuse_single_token_compensation"]
 
 VIDEO_SHAPE_KEY = "video_shape"
 
@@ -111,20 +111,36 @@ class LayoutMethod(AttentionMethod):
 
     ``__call__`` applies the shared dense warm-up schedule (``dense_steps_frac``, ``dense_layers``), runs
     the layout through ``svg2_attention`` on ``attention_kernel`` and records the density like SVG2 does.
+
+    Issue-17 options shared by every block method: ``compensate`` (skipped key blocks contribute through their
+    mean key and mean value, from the current K/V) and ``layout_every`` (a call site's layout serves that many
+    sparse steps). A subclass whose mask depends only on the video geometry sets ``static_mask = True``: layout
+    reuse has nothing to save there and is refused.
     """
 
+    static_mask: bool = False
+
     def __init__(self, *, dense_steps_frac: float = 0.2, dense_layers: int = 1,
-                 attention_kernel: str = "auto", attention_tiles: Any = None) -> None:
+                 attention_kernel: str = "auto", attention_tiles: Any = None, compensate: bool = False,
+                 layout_every: int = 1) -> None:
         if not 0.0 <= dense_steps_frac <= 1.0:
             raise ValueError(f"dense_steps_frac={dense_steps_frac} must be in [0, 1]")
         if dense_layers < 0:
             raise ValueError(f"dense_layers={dense_layers} must be >= 0")
+        if self.static_mask and layout_every != 1:
+            raise ValueError(f"layout_every={layout_every} makes no sense for {self.name!r}: its mask depends only on "
+                             "the video geometry, so it is already the same at every step and there is nothing to "
+                             "reuse. Leave layout_every=1")
         self.dense_steps_frac = float(dense_steps_frac)
         self.dense_layers = int(dense_layers)
         self.attention_kernel = attention_kernel
-        # Only the kernel choice of this config is used (the layout is precomputed).
-        self._kernel_cfg = SVG2Config(attention_kernel=attention_kernel, attention_tiles=attention_tiles)
+        # Only the kernel choice and the issue-17 options of this config are used (the layout is precomputed);
+        # it also validates them (compensate a bool, layout_every an int >= 1).
+        self._kernel_cfg = SVG2Config(attention_kernel=attention_kernel, attention_tiles=attention_tiles,
+                                      compensate=compensate, layout_every=layout_every)
         self.attention_tiles = self._kernel_cfg.attention_tiles
+        self.compensate = self._kernel_cfg.compensate
+        self.layout_every = self._kernel_cfg.layout_every
 
     # ------------------------------------------------------------------------------- to implement
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
@@ -173,19 +189,40 @@ class LayoutMethod(AttentionMethod):
             ctx.state.record(**base, density=1.0, dense=True)
             return out
         timer = ctx.state.timer
-        with (timer.section("selection", q.device) if timer is not None else nullcontext()):
-            layout, plan, info = self._layout_and_plan(q, k, v, ctx)
-        probe = ClusterState()  # only to learn which kernel ran
+        # The site's layout cache (layout_every > 1) lives in the caller's MethodState, one per method and site.
+        site = ctx.state.cluster_state("layout", self.name, *ctx.site()) if self.layout_every > 1 else None
+        layout = None if site is None else site.reusable_layout(self.layout_every, q, ctx.num_text_tokens,
+                                                                ctx.text_mask)
+        reused, plan, info = layout is not None, None, {}
+        if not reused:
+            with (timer.section("selection", q.device) if timer is not None else nullcontext()):
+                layout, plan, info = self._layout_and_plan(q, k, v, ctx)
+            if site is not None:
+                site.keep_layout(layout, self.layout_every)
+        if site is not None and plan is None:  # a kept layout keeps its kernel plan too
+            plan = site.layout_plan(layout, self._kernel_cfg.attention_kernel, self.attention_tiles, q)
+        probe = ClusterState()  # learns which kernel ran (and which compensation backend)
         out, layout = svg2_attention(q, k, v, self._kernel_cfg, probe, num_text_tokens=ctx.num_text_tokens,
                                      text_mask=ctx.text_mask, scale=ctx.scale, layout=layout, plan=plan,
                                      check_finite=ctx.check_finite, timer=timer)
+        probe.last_layout_reused = reused
         ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,
-                         kernel=probe.last_kernels.get("attention"), **info)
+                         kernel=probe.last_kernels.get("attention"), **compensation_record(self._kernel_cfg, probe),
+                         **info)
         return out
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "dense_steps_frac": self.dense_steps_frac,
-                "dense_layers": self.dense_layers, "attention_kernel": self.attention_kernel}
+                "dense_layers": self.dense_layers, "attention_kernel": self.attention_kernel,
+                "compensate": self.compensate, "layout_every": self.layout_every}
+
+
+def refuse_single_token_compensation(method: str, block_size: int, compensate: bool) -> None:
+    """Compensating one-token blocks is dense attention at more than dense cost: refuse it with the reason."""
+    if compensate and block_size == 1:
+        raise ValueError(f"{method}: compensate=True with block_size=1 makes every skipped key an exact term (a "
+                         "one-token block's mean key and value are the token's own), so the result is dense "
+                         "attention at more than dense cost. Use method=dense, or a block_size > 1")
 
 
 def softmax_scale(q: torch.Tensor, scale: float | None) -> float:

@@ -23,7 +23,7 @@ from svg2.attention import build_layout
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, softmax_scale, static_layout
+from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
 from svg2.selection import select_target_density, select_top_p
 
 __all__ = ["OracleMethod", "exact_block_mass"]
@@ -67,6 +67,8 @@ class OracleMethod(LayoutMethod):
             raise ValueError(f"partition={partition!r} must be one of {_PARTITIONS}")
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
+        if partition == "raster":
+            refuse_single_token_compensation(self.name, block_size, self.compensate)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         if target_density is not None and not 0.0 < target_density <= 1.0:

@@ -15,7 +15,7 @@ import torch
 
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, softmax_scale, static_layout
+from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
 
 __all__ = ["PositionalMethod", "block_means"]
@@ -48,6 +48,7 @@ class PositionalMethod(LayoutMethod):
         super().__init__(**schedule)
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
+        refuse_single_token_compensation(self.name, block_size, self.compensate)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         if target_density is not None and not 0.0 < target_density <= 1.0:

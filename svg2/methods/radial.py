@@ -126,6 +126,8 @@ def _radial_static(frames: int, tpf: int, block_size: int, decay_factor: float, 
 class RadialMethod(LayoutMethod):
     """Static radial mask: temporal-distance bands with spatial windows that shrink as 1/distance."""
 
+    static_mask = True  # depends only on the video geometry: layout_every is refused
+
     def __init__(self, block_size: int = 128, decay_factor: float = 1.0, model_type: str = "wan",
                  target_density: float | None = None, **schedule: Any) -> None:
         super().__init__(**schedule)

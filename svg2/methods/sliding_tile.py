@@ -91,6 +91,8 @@ def _sta_static(shape: tuple[int, int, int], tile: tuple[int, int, int], window:
 class SlidingTileMethod(LayoutMethod):
     """3D tiles with a clamped sliding window of tiles (static)."""
 
+    static_mask = True  # depends only on the video geometry: layout_every is refused
+
     def __init__(self, tile_size=(6, 8, 8), window=(3, 3, 3), target_density: float | None = None,
                  **schedule: Any) -> None:
         super().__init__(**schedule)

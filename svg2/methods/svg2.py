@@ -6,12 +6,15 @@ import torch
 
 from svg2.attention import build_layout, dense_attention, svg2_attention
 from svg2.config import SVG2Config
-from svg2.methods.base import AttentionContext, AttentionMethod, dense_schedule, register_method
+from svg2.methods.base import AttentionContext, AttentionMethod, compensation_record, dense_schedule, register_method
 
 
 @register_method("svg2")
 class SVG2Method(AttentionMethod):
-    """Sparse VideoGen2 with its dense warm-up schedule (steps and layers) and per-site warm starts."""
+    """Sparse VideoGen2 with its dense warm-up schedule (steps and layers) and per-site warm starts.
+
+    ``cfg.compensate`` adds the skipped clusters' centroid terms; ``cfg.layout_every`` reuses a site's layout
+    for that many sparse steps (both handled by ``svg2_attention`` on the site's ClusterState)."""
 
     def __init__(self, cfg: SVG2Config | None = None, **overrides: Any) -> None:
         cfg = cfg or SVG2Config()
@@ -43,7 +46,8 @@ class SVG2Method(AttentionMethod):
                                      timer=ctx.state.timer)
         # Density stays a tensor here (no host sync); MethodState.resolved_records() turns it into a float.
         ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,
-                         kernel=state.last_kernels.get("attention"), kmeans_kernel=state.last_kernels.get("kmeans"))
+                         kernel=state.last_kernels.get("attention"), kmeans_kernel=state.last_kernels.get("kmeans"),
+                         **compensation_record(self.cfg, state))
         return out
 
     def describe(self) -> dict[str, Any]:

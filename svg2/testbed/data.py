@@ -164,10 +164,6 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
     shape = torch.randint(len(SHAPES), (B, K), generator=g)
     motion = torch.randint(len(MOTIONS), (B, K), generator=g)
     motion = torch.where(torch.rand((B, K), generator=g) < 0.25, torch.randint(0, 4, (B, K), generator=g), motion)
-    if train:
-        is_dir = motion < 4
-        bad = is_dir & _held_mask()[color, shape, motion.clamp(max=3)]
-        color = torch.where(bad, (color + 1) % len(_OBJ_NAMES), color)
     out["color"], out["shape"], out["motion"] = color, shape, motion
     size_class = torch.randint(len(SIZES), (B, K), generator=g)
     lo = torch.tensor([a for a, _ in SIZE_RADIUS])[size_class]
@@ -200,6 +196,10 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
                 "tex_mix"):
         out[key][:, 1] = torch.where(dup, out[key][:, 0], out[key][:, 1])
     out["x0"][:, 1] = torch.where(dup, (out["x0"][:, 0] + 0.5 * aspect) % aspect, out["x0"][:, 1])
+    if train:  # after the duplicates, which copy a look onto another slot's motion
+        m = out["motion"]
+        bad = (m < 4) & _held_mask()[out["color"], out["shape"], m.clamp(max=3)]
+        out["color"] = torch.where(bad, (out["color"] + 1) % len(_OBJ_NAMES), out["color"])
     return out
 
 
@@ -221,7 +221,8 @@ def sample_scenes(batch_size: int, generator: torch.Generator, *, aspect: float 
 
 def scenes_from_spec(specs: list[dict], generator: torch.Generator, *, aspect: float = 1.0) -> WorldScene:
     """Scenes with chosen content: one dict per scene with ``objects`` (list of dicts with ``color``,
-    ``shape``, ``motion``, optional ``size``), ``bg_color``, optional ``pan``; the rest (positions, speeds,
+    ``shape``, ``motion``, optional ``size``), ``bg_color``, optional ``pan`` and ``zoom`` (default: a still
+    camera); the rest (positions, speeds,
     textures, occluders) is drawn from ``generator``."""
     scene = sample_scenes(len(specs), generator, aspect=aspect, train=False)
     for b, spec in enumerate(specs):
@@ -244,6 +245,7 @@ def scenes_from_spec(specs: list[dict], generator: torch.Generator, *, aspect: f
             scene.radius[b, k] = min(max(float(scene.radius[b, k]), lo), hi)
         scene.bg_color[b] = _BG_NAMES.index(spec["bg_color"])
         scene.pan[b] = PANS.index(spec.get("pan", ""))
+        scene.zoom[b] = float(spec.get("zoom", 1.0))
     return scene
 
 

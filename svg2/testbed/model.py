@@ -37,6 +37,7 @@ __all__ = [
     "save_testbed",
     "load_testbed_pipeline",
     "default_testbed_path",
+    "caption_tokenizer",
 ]
 
 TESTBED_TRANSFORMER_CONFIG: dict = {
@@ -225,5 +226,6 @@ def load_testbed_pipeline(variant: str = "eval", device: torch.device | str = "c
     return pipe.to(device, dtype)
 
 
-def testbed_tokenizer(max_len: int = TESTBED_TEXT_ENCODER_CONFIG["max_len"]) -> CaptionTokenizer:
+def caption_tokenizer(max_len: int = TESTBED_TEXT_ENCODER_CONFIG["max_len"]) -> CaptionTokenizer:
+    """The whitespace tokenizer over the world-clip caption vocabulary."""
     return CaptionTokenizer(caption_vocabulary(), max_len=max_len)

@@ -30,12 +30,12 @@ from svg2.testbed.model import (
     TESTBED_TEXT_ENCODER_CONFIG,
     TESTBED_TRANSFORMER_CONFIG,
     build_testbed,
+    caption_tokenizer,
     load_testbed_state,
     save_testbed,
-    testbed_tokenizer,
 )
 
-__all__ = ["TrainConfig", "BUCKETS", "train"]
+__all__ = ["TrainConfig", "BUCKETS", "train", "plot_loss", "read_log"]
 
 # (height, width, frames, weight): the eval point (8,192 tokens) dominates; the long point (16,384), shorter
 # clips and the CPU-sized quick point keep the other sizes in distribution.
@@ -98,7 +98,7 @@ class EMA:
         return {k[len(pre):]: v for k, v in self.shadow.items() if k.startswith(pre)}
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with gzip.open(path, "rt") as f:
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
         tf_cfg.update(num_layers=2, num_attention_heads=2, ffn_dim=128, text_dim=64)
         te_cfg.update(dim=64, num_layers=1, num_heads=2, ffn_dim=128)
         buckets = TINY_BUCKETS
-    tok = testbed_tokenizer(te_cfg["max_len"])
+    tok = caption_tokenizer(te_cfg["max_len"])
     torch.manual_seed(cfg.seed)
     transformer = build_testbed(**tf_cfg).to(dev).train()
     text_encoder = MiniTextEncoder(len(tok), **te_cfg).to(dev).train()
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         meta_file = Path(cfg.init_from) / "training_meta.json"
         meta_prev = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         step = int(meta_prev.get("steps", 0))
-        log = _read_log(Path(cfg.init_from) / LOG_NAME)
+        log = read_log(Path(cfg.init_from) / LOG_NAME)
         ema = EMA(modules, cfg.ema_decay, n=step)
         origin = f"weights {cfg.init_from} (step {step})"
     else:
@@ -230,3 +230,28 @@ def _save_ckpt(path: Path, modules, opt, ema: EMA, step: int, log: list[dict]) -
     torch.save({"model": {n: m.state_dict() for n, m in modules.items()}, "opt": opt.state_dict(),
                 "ema": ema.shadow, "ema_n": ema.n, "step": step, "log": log}, tmp)
     tmp.replace(path)
+
+
+def plot_loss(log: list[dict], path: str | Path) -> Path:
+    """Per-step loss and its moving mean (log scale) over the whole accumulated log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = np.array([r["step"] for r in log])
+    loss = np.array([r["loss"] for r in log])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, lw=0.4, alpha=0.35, label="per step")
+    w = max(1, len(loss) // 50)
+    if len(loss) >= w:
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5, label=f"moving mean ({w})")
+    ax.set(yscale="log", xlabel="step", ylabel="flow-matching MSE", title="testbed training loss")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

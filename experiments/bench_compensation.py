@@ -1,0 +1,259 @@
+"""GPU cost of compensating skipped clusters, of SVG-EAR and of layout reuse, at Wan 2.1 14B 720p (issue 17).
+
+    python experiments/bench_compensation.py --out bench_compensation.json          # H100/H200, ~5 minutes
+    python experiments/bench_compensation.py --tiny --out /tmp/b.json               # CPU smoke (tests)
+
+Per (Cq, Ck) configuration, in one process and on the same clustered synthetic Q/K/V (``analysis.synthetic``:
+spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16), at target density 0.25:
+
+* ``dense``: cuDNN SDPA (the fastest dense kernel; the backend that ran is recorded);
+* ``svg2``: the public call ``svg2_attention`` on a warm state (2 k-means iterations), compensate off;
+* ``svg2+lse``: the same call returning the kernel's LSE (what compensation needs from the kernel);
+* ``svg2+comp``: the same call with ``compensate=True`` (the kernel's LSE; the compensation backend recorded);
+* ``comp (flex)`` / ``comp (torch)``: the compensation step alone (key-cluster summaries from the permuted K/V,
+  centroid attention, LSE merge) given the sparse output and LSE. Target (issue 17): at most 5% of the
+  ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
+* ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
+  metadata);
+* ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
+  and ``ear probe+routing`` alone.
+
+Times: medians of ``triton.testing.do_bench`` (a call slower than 1 s: median of 3 timed calls instead); on the
+CPU (``--tiny``) medians of ``time.perf_counter``. Prints a Markdown table (ms, ratio to dense, compensation
+overhead in % of the sparse call) and writes everything to ``--out`` as JSON. Imports only library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_importable() -> None:
+    """Run from a plain checkout too: the repository on sys.path and ``kernels/`` as ``svg2_kernels``."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("svg2_kernels") is None:
+        spec = importlib.util.spec_from_file_location("svg2_kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["svg2_kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_make_importable()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from analysis.synthetic import synthetic_qkv  # noqa: E402
+from svg2 import ClusterState, SVG2Config, svg2_attention  # noqa: E402
+from svg2.compensation import compensate, segment_means, summarize_key_clusters  # noqa: E402
+from svg2.methods import AttentionContext, MethodState, build_method  # noqa: E402
+
+WAN14B = dict(heads=40, video=(21, 45, 80), head_dim=128, dtype="bfloat16")  # 720p, 81 frames: S = 75600
+TINY = dict(heads=3, video=(2, 4, 6), head_dim=32, dtype="float32")
+KINDS = ("spatial", "temporal", "semantic")
+
+
+def make_qkv(shape: dict, device: torch.device, seed: int = 0):
+    """Clustered synthetic Q/K/V (1, H, S, D), built one head at a time on the CPU (memory) and moved over."""
+    dtype = getattr(torch, shape["dtype"])
+    heads = []
+    for h in range(shape["heads"]):
+        q, k, v = synthetic_qkv(shape["video"], (KINDS[h % len(KINDS)],), head_dim=shape["head_dim"], seed=seed + h)
+        heads.append(tuple(x.to(device=device, dtype=dtype) for x in (q, k, v)))
+    return tuple(torch.cat([hd[i] for hd in heads], dim=1).contiguous() for i in range(3))
+
+
+def timer(device: torch.device, warmup: int, rep: int):
+    """A function returning the median time in ms of ``fn()``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def cuda_ms(fn) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            if time.perf_counter() - t0 > 1.0:  # slow path (e.g. the torch LSE fallback): a few plain timings
+                times = []
+                for _ in range(3):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                return statistics.median(times)
+            return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+        return cuda_ms
+
+    def cpu_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu_ms
+
+
+def dense_fn(q, k, v):
+    """cuDNN SDPA when the device has it, else torch's default SDPA choice. Returns (fn, backend name)."""
+    if q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v)
+
+            def run():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            return run, "cudnn"
+        except RuntimeError:
+            pass
+    return (lambda: F.scaled_dot_product_attention(q, k, v)), "sdpa-default"
+
+
+def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str]) -> dict:
+    """Every row of one (Cq, Ck) configuration: {row name: {"ms": ..., details}}."""
+    cfg = SVG2Config(num_q_centroids=cq, num_k_centroids=ck, target_density=density, dense_steps_frac=0.0,
+                     dense_layers=0)
+    rows: dict[str, dict] = {}
+    dense, dense_backend = dense_fn(q, k, v)
+    rows["dense"] = {"ms": ms(dense), "kernel": dense_backend}
+
+    # -- the sparse call, warm (the first call of a state is the cold start with 50 k-means iterations) --
+    st = ClusterState()
+    _, layout = svg2_attention(q, k, v, cfg, st, check_finite=False)
+    rows["svg2"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg, st, check_finite=False)),
+                    "density": layout.density(), "kernel": st.last_kernels.get("attention"),
+                    "kmeans_kernel": st.last_kernels.get("kmeans")}
+    rows["svg2+lse"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg, st, check_finite=False, return_lse=True))}
+    cfg_c = cfg.replace(compensate=True)
+    st_c = ClusterState()
+    svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)
+    rows["svg2+comp"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)),
+                         "lse": st_c.last_kernels.get("lse"), "compensation": st_c.last_kernels.get("compensation")}
+    st_r = ClusterState()
+    cfg_r = cfg.replace(layout_every=1_000_000)
+    svg2_attention(q, k, v, cfg_r, st_r, check_finite=False)  # builds the layout (and plan); later calls reuse it
+    rows["svg2 layout reuse"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg_r, st_r, check_finite=False))}
+
+    # -- the compensation step alone, given the sparse output and its LSE on one layout --
+    out_s, lse, _ = svg2_attention(q, k, v, cfg, layout=layout, check_finite=False, return_lse=True)
+    gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))  # noqa: E731
+    ks, vs = gather(k, layout.k_perm), gather(v, layout.k_perm)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    # A fresh layout's centroids come from k-means' last update (free); take this layout's exact ones.
+    centroids = segment_means(ks, layout.k_sizes)
+    outs = {}
+    for backend in comp_backends:
+        def step(backend=backend):
+            summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
+            return compensate(out_s, lse, q, summary, ~layout.block_map, layout.q_labels, scale, backend=backend)
+
+        try:
+            out_c, _, used = step()
+            outs[backend] = out_c
+            rows[f"comp ({backend})"] = {"ms": ms(step), "compensation": used}
+        except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
+            rows[f"comp ({backend})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
+    # Correctness of the timed steps: against the compensated public call and against each other.
+    call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
+    for backend, out_c in outs.items():
+        rows[f"comp ({backend})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
+        if backend != "torch" and "torch" in outs:
+            rows[f"comp ({backend})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"]).abs().max())
+
+    # -- SVG-EAR (a warm sparse call of the method at the same density) --
+    ear = build_method("svg_ear", cfg=cfg_c)
+    state = MethodState()
+    ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
+    ear(q, k, v, ctx)  # the cold start
+    rows["svg_ear"] = {"ms": ms(lambda: ear(q, k, v, ctx)), "density": state.resolved_records()[-1]["density"],
+                       "compensation": state.resolved_records()[-1].get("compensation")}
+    site = state.cluster_state(*ctx.site())
+    rows["ear probe+routing"] = {"ms": ms(lambda: ear.route(q, k, v, ctx, site)), "note": "incl. k-means"}
+    return rows
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| (Cq, Ck) | row | ms | ratio to dense | % of the svg2 call | notes |", "|---|---|---|---|---|---|"]
+    for res in results:
+        rows = res["rows"]
+        dense, sparse = rows["dense"]["ms"], rows["svg2"]["ms"]
+        for name, row in rows.items():
+            t = row.get("ms")
+            notes = ", ".join(f"{k}={v}" for k, v in row.items() if k != "ms" and v is not None)
+            if t is None:
+                lines.append(f"| {res['config']} | {name} | - | - | - | {notes} |")
+                continue
+            pct = f"{100 * t / sparse:.1f}%" if name.startswith(("comp", "ear probe")) else ""
+            lines.append(f"| {res['config']} | {name} | {t:.2f} | {t / dense:.3f} | {pct} | {notes} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--tiny", action="store_true", help="tiny CPU shape (smoke test)")
+    ap.add_argument("--configs", default=None, help="(Cq, Ck) pairs, e.g. 300x1000,100x500")
+    ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    shape = TINY if args.tiny else WAN14B
+    configs = args.configs or ("4x8,3x6" if args.tiny else "300x1000,100x500")
+    pairs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
+    comp_backends = ["torch"] if device.type == "cpu" else ["flex", "torch"]
+    ms = timer(device, args.warmup, args.rep)
+    q, k, v = make_qkv(shape, device)
+    results = []
+    with torch.no_grad():
+        for cq, ck in pairs:
+            rows = bench_config(q, k, v, cq, ck, args.density, ms, comp_backends)
+            results.append({"config": f"({cq}, {ck})", "cq": cq, "ck": ck, "rows": rows})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = {
+        "shape": {"batch": 1, "heads": shape["heads"], "video": list(shape["video"]),
+                  "seqlen": math.prod(shape["video"]), "head_dim": shape["head_dim"], "dtype": shape["dtype"]},
+        "density": args.density,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "results": results,
+    }
+    md = table(results)
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**report, "markdown": md}, indent=2, default=str))
+    return report
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return __import__(pkg).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

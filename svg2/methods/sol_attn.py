@@ -1,0 +1,97 @@
+"""A Sol-Attn-style baseline: positional blocks chosen by a threshold on block-mean scores, with every skipped block
+compensated by its mean key and mean value.
+
+NVlabs' Sol-Attn (in SGLang, LightX2V and TensorRT-LLM) stands summary K/V in for the unselected 64-token blocks.
+This is a baseline in that spirit, written from that one-line description (issue 17), not from Sol-Attn's code,
+which could not be read here: its exact selection rule and defaults are not verified.
+
+* Blocks: ``block_size`` (64) consecutive raster-order video tokens, as ``positional``.
+* Estimate: SVG2's centroid score on the mean-pooled Q and K of the blocks, ``P_ij`` (size-weighted softmax; rows
+  sum to 1).
+* Selection: query block i computes key block j exactly when ``P_ij * Ck >= threshold``, i.e. when the block's
+  estimated share is at least ``threshold`` times the uniform share (1.0: the above-average blocks), and never
+  fewer than ceil(min_kc_ratio * Ck) blocks, at least one (the best). ``target_density`` replaces the threshold with
+  SVG2's matched-density selection.
+* Every skipped block is compensated (``svg2.compensation``) with the mean key and mean value of its current
+  tokens: always on, that is what separates it from ``positional`` (whose ``compensate`` option, with top-p instead
+  of a threshold, is the other half of the positional-vs-clusters x drop-vs-compensate ablation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from svg2.layout import ClusterLayout
+from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
+from svg2.methods.positional import block_means
+from svg2.selection import centroid_scores, min_key_clusters, select_target_density
+
+__all__ = ["SolAttnMethod", "select_threshold"]
+
+
+def select_threshold(scores: torch.Tensor, k_sizes: torch.Tensor, threshold: float, min_kc_ratio: float
+                     ) -> torch.Tensor:
+    """Keep pair (i, j) when ``scores[i, j] * (non-empty key blocks) >= threshold``, and at least the
+    ``min_key_clusters(min_kc_ratio, Ck)`` best blocks of every row.
+
+    Args:
+        scores: (N, Cq, Ck) row-stochastic estimates; k_sizes: (N, Ck) tokens per key block.
+    Returns:
+        block_map (N, Cq, Ck) bool.
+    """
+    ck = scores.shape[-1]
+    live = (k_sizes > 0).sum(-1).clamp_min(1).to(scores.dtype)  # (N,): the uniform share is 1 / live
+    keep = scores * live[:, None, None] >= threshold
+    m = min_key_clusters(min_kc_ratio, ck)
+    top = scores.topk(min(m, ck), dim=-1).indices
+    return keep.scatter_(-1, top, True)
+
+
+@register_method("sol_attn")
+class SolAttnMethod(LayoutMethod):
+    """Raster blocks, threshold on block-mean scores, compensation of every skipped block (always on)."""
+
+    def __init__(self, block_size: int = 64, threshold: float = 1.0, min_kc_ratio: float = 0.0,
+                 target_density: float | None = None, **schedule: Any) -> None:
+        if schedule.pop("compensate", True) is not True:
+            raise ValueError("sol_attn always compensates its skipped blocks (that is the method); for dropping them "
+                             "use method=positional, whose compensate option is off by default")
+        super().__init__(compensate=True, **schedule)
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
+        refuse_single_token_compensation(self.name, block_size, True)
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"threshold={threshold} must be a finite number >= 0 (in units of the uniform share)")
+        if not 0.0 <= min_kc_ratio <= 1.0:
+            raise ValueError(f"min_kc_ratio={min_kc_ratio} must be in [0, 1]")
+        if target_density is not None and not 0.0 < target_density <= 1.0:
+            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+        self.block_size = int(block_size)
+        self.threshold = float(threshold)
+        self.min_kc_ratio = float(min_kc_ratio)
+        self.target_density = target_density
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
+        b, h, s, d = q.shape
+        sv = s - ctx.num_text_tokens
+        n = b * h
+        cq, q_sizes = block_means(q[:, :, :sv].reshape(n, sv, d), self.block_size)
+        ck, k_sizes = block_means(k[:, :, :sv].reshape(n, sv, d), self.block_size)
+        ks = k_sizes.expand(n, -1)
+        scores = centroid_scores(cq, ck, ks, softmax_scale(q, ctx.scale))
+        if self.target_density is not None:
+            block_map = select_target_density(scores, q_sizes.expand(n, -1), ks, self.target_density,
+                                              self.min_kc_ratio)
+        else:
+            block_map = select_threshold(scores, ks, self.threshold, self.min_kc_ratio)
+        labels = torch.arange(sv, device=q.device) // self.block_size
+        return static_layout(labels, labels, block_map.view(b, h, *block_map.shape[1:]), b, h,
+                             num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "block_size": self.block_size, "threshold": self.threshold,
+                "min_kc_ratio": self.min_kc_ratio, "target_density": self.target_density}

@@ -1,0 +1,24 @@
+"""experiments/bench_compensation.py runs on the CPU at its tiny shape and writes what the H200 run will."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.bench_compensation import main
+
+
+def test_tiny_benchmark_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = main(["--tiny", "--configs", "3x6", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["shape"]["seqlen"] == 48 and saved["density"] == 0.25
+    rows = saved["results"][0]["rows"]
+    expected = {"dense", "svg2", "svg2+lse", "svg2+comp", "svg2 layout reuse", "comp (torch)", "svg_ear",
+                "ear probe+routing"}
+    assert expected <= set(rows)
+    assert all(rows[name]["ms"] > 0 for name in expected)
+    assert rows["svg2+comp"]["lse"] == "torch" and rows["svg_ear"]["compensation"] == "torch"
+    assert rows["comp (torch)"]["max_abs_diff_vs_call"] < 1e-5  # the timed step is the compensated call's work
+    printed = capsys.readouterr().out
+    assert "| (3, 6) | comp (torch) |" in printed and "% of the svg2 call" in printed
+    assert report["results"][0]["cq"] == 3
