@@ -26,39 +26,20 @@ overhead in % of the sparse call) and writes everything to ``--out`` as JSON. Im
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+import torch.nn.functional as F
 
-
-def _make_importable() -> None:
-    """Run from a plain checkout too: the repository on sys.path and ``kernels/`` as ``svg2_kernels``."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("svg2_kernels") is None:
-        spec = importlib.util.spec_from_file_location("svg2_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["svg2_kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_make_importable()
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from analysis.synthetic import synthetic_qkv  # noqa: E402
-from svg2 import ClusterState, SVG2Config, svg2_attention  # noqa: E402
-from svg2.compensation import compensate, segment_means, summarize_key_clusters  # noqa: E402
-from svg2.methods import AttentionContext, MethodState, build_method  # noqa: E402
+from analysis.synthetic import synthetic_qkv
+from svg2 import ClusterState, SVG2Config, svg2_attention
+from svg2.compensation import compensate, segment_means, summarize_key_clusters
+from svg2.methods import AttentionContext, MethodState, build_method
 
 WAN14B = dict(heads=40, video=(21, 45, 80), head_dim=128, dtype="bfloat16")  # 720p, 81 frames: S = 75600
 TINY = dict(heads=3, video=(2, 4, 6), head_dim=32, dtype="float32")
