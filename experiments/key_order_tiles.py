@@ -2,12 +2,13 @@
 
     python experiments/key_order_tiles.py --shape wan14b --heads 2 --out results/kernels/key_order_tiles.md
 
-Builds the benchmark's synthetic Q/K (experiments/bench_kernels.py), clusters them with a plain Lloyd
-k-means (8 iterations), selects cluster pairs in target-density mode, and counts, per query cluster, the
-useful key rows against the key rows that the tiles load: 16-row chunks packed into 128-row tiles (v4),
-whole 128- and 64-row boxes of each run (v5). Orders: ``none`` (k-means labels), ``chain`` (the greedy
-nearest-neighbour chain of :func:`svg2_kernels.order.chain_order_torch`), ``pca`` (first principal
-component of the centroids), ``position`` (mean token index of the cluster).
+Builds the benchmark's synthetic Q/K (experiments/bench_kernels.py), clusters them with a plain Lloyd k-means
+(8 iterations), selects cluster pairs in target-density mode, and counts, per query cluster, the useful key
+rows against the key rows that the tiles load: 16-row chunks packed into 128-row tiles (the chunk table of
+``triton_chunks``), whole 128- and 64-row boxes of each run (the TMA boxes of ``triton_tma``). Orders:
+``none`` (k-means labels), ``chain`` (the greedy nearest-neighbour chain of
+:func:`svg2_kernels.order.chain_order_torch`), ``pca`` (first principal component of the centroids),
+``position`` (mean token index of the cluster).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def main() -> None:
     lines = [f"# Key-side tile use by key-cluster order ({args.shape}, {n} heads, S={s}, CPU)", "",
              "Command: `python experiments/key_order_tiles.py " + " ".join(sys.argv[1:]) + "`", "",
              "Key-side tile use = useful key rows / key rows loaded, summed over query clusters (weighted by "
-             "query rows). chunk16: v4 (16-row chunks in 128-row tiles); box128 / box64: v5 (whole boxes of a "
-             "run).", "",
+             "query rows). chunk16: 16-row chunks in 128-row tiles (triton_chunks); box128 / box64: "
+             "whole boxes of a run (triton_tma).", "",
              "| Cq/Ck | density | order | selected / query cluster | runs / query cluster | chunk16 | box128 | box64 |",
              "|---|---|---|---|---|---|---|---|"]
     for cq_n, ck_n in ((100, 500), (300, 1000)):

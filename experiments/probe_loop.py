@@ -4,11 +4,12 @@
     python experiments/probe_loop.py --variant desc --shape wan1.3b                    # one (in-process)
 
 Every variant computes full (non-causal) attention over one contiguous key range, so any gap to cuDNN is the
-loop's own: how K/V rows are addressed (TMA tensor descriptor, contiguous pointers, or the v4 chunk table),
-how padding is masked (none, ``tl.where`` as in v4, an additive bias), how the exp2 argument is formed
-(scale-then-subtract as in v4, or one FMA), and whether Triton's warp specialisation is asked for. Each
-variant runs in its own process (a compiler assertion aborts only that one) and appends one JSON line.
-Shapes round S up to a multiple of 128 so that no query tile is partial (the probe measures the loop).
+loop's own: how K/V rows are addressed (TMA tensor descriptor, contiguous pointers, or the chunk table of
+``triton_chunks``), how padding is masked (none, ``tl.where`` as in ``triton_chunks``, an additive bias), how
+the exp2 argument is formed (scale-then-subtract as in ``triton_chunks``, or one FMA), and whether Triton's
+warp specialisation is asked for. Each variant runs in its own process (a compiler assertion aborts only that
+one) and appends one JSON line. Shapes round S up to a multiple of 128 so that no query tile is partial (the
+probe measures the loop).
 """
 
 # ruff: noqa: B023  (the closure is timed inside the loop iteration that made it)
@@ -88,7 +89,7 @@ def _kernel():
                     qk = tl.where(n_valid[None, :], qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
                 p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            else:  # v4: scale, mask, subtract
+            else:  # as triton_chunks: scale, mask, subtract
                 qk = qk * qk_scale
                 if MASK != 0:
                     qk = tl.where(n_valid[None, :], qk, float("-inf"))

@@ -57,11 +57,11 @@ class KMeansTiles:
     rank_by_sort: the stable rank inside a sort tile from a sort of the tile's labels, instead of counting
         the earlier points with the same label (sort_block compares per point).
 
-    Measured and dropped (bench_kmeans_r11/r13/r14 on an H200): an elementwise running minimum over the
+    Measured and dropped (``experiments/bench_kmeans.py`` on an H200): an elementwise running minimum over the
     centroid tiles reduced once at the end (30-40% slower); the argmin as a second min over
     ``where(dist == min, c, big)`` (no faster than Triton's argmin); point and centroid tiles as
-    tensor-descriptor (TMA) loads (r14: 5.72 -> 6.84 ms Q + K at Wan 14B (100, 500), 8.63 -> 10.34 ms at
-    (300, 1000); faster without the sort bookkeeping, slower with it).
+    tensor-descriptor (TMA) loads (5.72 -> 6.84 ms Q + K at Wan 14B (100, 500), 8.63 -> 10.34 ms at
+    (300, 1000): faster without the sort bookkeeping, slower with it).
     """
 
     block_m: int = 256

@@ -5,7 +5,8 @@ clusters, each cut into whole ``BLOCK_N``-row tiles (the last one partial). A qu
 clusters whose centroids are close to its own, i.e. clusters that are close to each other; when those sit
 next to each other in the cluster order, runs get longer and fewer tiles are partial. On Wan 14B-shaped
 synthetic layouts at density 0.25 this raised the key-side tile use of 128-row tiles from 0.84 to 0.96
-(Ck = 500) and from 0.70 to 0.92 (Ck = 1000) (notes/kernels.md, v5). Attention results do not depend on the
+(Ck = 500) and from 0.70 to 0.92 (Ck = 1000) (whole-box tiles, as ``triton_tma`` loads them;
+notes/kernels.md). Attention results do not depend on the
 cluster order; only the tiling does.
 
 The chain starts at cluster 0 and repeatedly steps to the most cosine-similar unvisited centroid. It is

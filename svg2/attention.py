@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from svg2_kernels.plan import AttentionPlan
 
-from svg2.clustering import kmeans
+from svg2.clustering import HeadSlice, kmeans
 from svg2.compensation import KeySummary, compensate, summarize_key_clusters
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
@@ -189,13 +189,15 @@ def build_layout(
     text_mask: torch.Tensor | None = None,
     scale: float | None = None,
     timer: ComponentTimer | None = None,
+    heads: HeadSlice | None = None,
 ) -> ClusterLayout:
     """Cluster the video tokens of q and k, estimate centroid scores and select cluster pairs.
 
     Updates ``state`` (warm-start centroids) in place when given. Shapes (batch, heads, seqlen, headdim).
+    ``heads``: which of the model's heads q and k hold when they hold only some (see ``svg2_attention``).
     """
     return _build_clusters(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
-                           timer=timer).layout
+                           timer=timer, heads=heads).layout
 
 
 class _Built(NamedTuple):
@@ -210,15 +212,16 @@ class _Built(NamedTuple):
     k_centroids: torch.Tensor | None
 
 
-def _build_layout(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer, sort_k=False):
+def _build_layout(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer, sort_k=False,
+                  heads: HeadSlice | None = None):
     """build_layout, plus (with ``sort_k``) the video keys in ``k_perm`` order (B, H, Sv, D) or None."""
     built = _build_clusters(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
-                            timer=timer, sort_k=sort_k)
+                            timer=timer, sort_k=sort_k, heads=heads)
     return built.layout, built.k_sorted
 
 
 def _build_clusters(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask, scale, timer,
-                    sort_k=False) -> _Built:
+                    sort_k=False, heads: HeadSlice | None = None) -> _Built:
     """build_layout, plus what a compensated or re-routed call needs from the clustering (see ``_Built``)."""
     b, h, s, d = q.shape
     sv = s - num_text_tokens
@@ -232,9 +235,10 @@ def _build_clusters(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask,
     cold = _cold(state, n, cq, ck, d)
     iters = cfg.kmeans_iters_init if cold else cfg.kmeans_iters_step
     with sec("kmeans"):
-        rq = kmeans(qx, cq, iters, None if cold else state.q_centroids, seed=cfg.seed, kernel=cfg.kmeans_kernel)
+        rq = kmeans(qx, cq, iters, None if cold else state.q_centroids, seed=cfg.seed, kernel=cfg.kmeans_kernel,
+                    heads=heads)
         rk = kmeans(kx, ck, iters, None if cold else state.k_centroids, seed=cfg.seed + 1,
-                    kernel=cfg.kmeans_kernel, sort_points=sort_k)
+                    kernel=cfg.kmeans_kernel, sort_points=sort_k, heads=heads)
         if cold and cfg.order_key_clusters:
             rk = _chain_ordered(rk)
     if state is not None:
@@ -276,6 +280,7 @@ def svg2_attention(
     timer: ComponentTimer | None = None,
     return_lse: bool = False,
     key_summary: KeySummary | None = None,
+    heads: HeadSlice | None = None,
 ) -> tuple[torch.Tensor, ClusterLayout] | tuple[torch.Tensor, torch.Tensor, ClusterLayout]:
     """Sparse VideoGen2 attention.
 
@@ -298,6 +303,8 @@ def svg2_attention(
         key_summary: with ``cfg.compensate``, the key clusters' centroids and mean values of *these* K and V
             when the caller already has them; None computes them (k-means' last update for the centroids of a
             fresh layout, segment means over the permuted clusters otherwise).
+        heads: when q, k, v hold only some of the model's heads (a sequence-parallel rank's share), which ones:
+            cold k-means starts then draw what an all-heads call draws for them (None: all heads).
     With ``cfg.compensate`` every skipped video key cluster contributes through its centroid and mean value,
     merged with the kernel's output through the kernel's LSE (``svg2.compensation``); text stays exact. With
     ``cfg.layout_every > 1`` and a ``state``, the layout (and its kernel plan) built at one call serves the next
@@ -323,7 +330,7 @@ def svg2_attention(
         reused = layout is not None
     if layout is None:
         built = _build_clusters(q, k, cfg, state, num_text_tokens=t, text_mask=text_mask, scale=scale, timer=timer,
-                                sort_k=True)
+                                sort_k=True, heads=heads)
         layout, k_sorted, k_centroids = built.layout, built.k_sorted, built.k_centroids
         if state is not None:
             state.keep_layout(layout, cfg.layout_every)

@@ -7,29 +7,29 @@ does the work is chosen from ``svg2_kernels``' registry (``torch`` reference, ``
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from svg2_kernels import KMeansInputs, select_kmeans_variant
 
-__all__ = ["KMeansResult", "init_centroids", "kmeans", "head_shard"]
-
-# (first head, local heads, total heads) while a rank clusters a slice of the heads (svg2.parallel.ulysses).
-_HEAD_SHARD: ContextVar[tuple[int, int, int] | None] = ContextVar("svg2_head_shard", default=None)
+__all__ = ["HeadSlice", "KMeansResult", "init_centroids", "kmeans"]
 
 
-@contextlib.contextmanager
-def head_shard(first: int, num_local: int, total: int):
-    """Inside this block, k-means inputs of ``batch * num_local`` rows hold heads ``first .. first+num_local-1``
-    of ``total``: cold starts draw exactly the initial centroids that one process clustering all ``total`` heads
-    draws for those heads, so sequence-parallel ranks match a single GPU (per-head determinism)."""
-    token = _HEAD_SHARD.set((int(first), int(num_local), int(total)))
-    try:
-        yield
-    finally:
-        _HEAD_SHARD.reset(token)
+@dataclass(frozen=True)
+class HeadSlice:
+    """The heads an attention call holds when it sees only some of the model's heads: ``count`` heads from
+    ``first`` of ``total`` (a Ulysses rank's share, ``svg2.parallel.ulysses``). Cold k-means starts then draw
+    exactly the initial centroids one process clustering all ``total`` heads draws for these heads, so N ranks
+    reproduce a single GPU head for head."""
+
+    first: int
+    count: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.first and self.count >= 1 and self.first + self.count <= self.total):
+            raise ValueError(f"HeadSlice(first={self.first}, count={self.count}, total={self.total}): need "
+                             "0 <= first and count >= 1 and first + count <= total")
 
 
 @dataclass
@@ -49,10 +49,12 @@ class KMeansResult:
         return ((x.float() - c) ** 2).sum(dim=(1, 2))
 
 
-def init_centroids(x: torch.Tensor, num_clusters: int, seed: int) -> torch.Tensor:
+def init_centroids(x: torch.Tensor, num_clusters: int, seed: int, heads: HeadSlice | None = None) -> torch.Tensor:
     """Distinct random points of each batch as initial centroids (deterministic under ``seed``).
 
-    Returns (batch, num_clusters, dim) float32. ``num_clusters`` must be <= num_points.
+    ``heads``: the rows of ``x`` are (batch, head) pairs of ``heads.count`` heads out of ``heads.total``; each
+    row gets the draw of its head in an all-heads call. Returns (batch, num_clusters, dim) float32.
+    ``num_clusters`` must be <= num_points.
     """
     n, s, d = x.shape
     if num_clusters > s:
@@ -60,10 +62,12 @@ def init_centroids(x: torch.Tensor, num_clusters: int, seed: int) -> torch.Tenso
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # argsort of uniform noise = one random permutation per batch, drawn on the CPU so the result does
     # not depend on the device; the first C indices are distinct points.
-    shard = _HEAD_SHARD.get()
-    if shard is not None and n % shard[1] == 0:
-        first, local, total = shard  # draw the noise of all heads, keep this rank's rows
-        noise = torch.rand(n // local, total, s, generator=gen)[:, first:first + local].reshape(n, s)
+    if heads is not None:
+        if n % heads.count:
+            raise ValueError(f"k-means input has {n} rows, not a multiple of the {heads.count} heads of {heads}")
+        # draw the noise of all heads, keep this slice's rows
+        noise = torch.rand(n // heads.count, heads.total, s, generator=gen)
+        noise = noise[:, heads.first:heads.first + heads.count].reshape(n, s)
     else:
         noise = torch.rand(n, s, generator=gen)
     idx = noise.argsort(dim=-1)[:, :num_clusters].to(x.device)
@@ -79,6 +83,7 @@ def kmeans(
     seed: int = 0,
     kernel: str = "auto",
     sort_points: bool = False,
+    heads: HeadSlice | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means on every batch at once.
 
@@ -91,6 +96,7 @@ def kmeans(
         kernel: k-means kernel variant name or "auto".
         sort_points: also return ``x_sorted`` (x in cluster order) when the kernel can write it on the way
             (``sorts_points`` variants); otherwise ``x_sorted`` stays None.
+        heads: which heads of the model the rows hold, when a call sees only some (cold-start draws per head).
     Returns:
         KMeansResult; the centroids are the means of the returned clusters (empty ones keep the old one).
     """
@@ -99,7 +105,7 @@ def kmeans(
     n, s, d = x.shape
     c = min(num_clusters, s)
     if init is None:
-        init = init_centroids(x, c, seed)
+        init = init_centroids(x, c, seed, heads)
         if iters == 0:
             raise ValueError("a cold start (init=None) needs iters >= 1")
     elif init.shape != (n, c, d):

@@ -81,3 +81,26 @@ def test_inertia_close_to_sklearn(seed):
                         algorithm="lloyd").fit(x[0].double().numpy())
     assert float(ours.inertia(x)[0]) <= 1.05 * float(km.inertia_)
     assert np.isfinite(km.inertia_)
+
+
+def test_head_slice_draws_what_an_all_heads_call_draws():
+    """A call that holds heads 2..3 of 4 (a Ulysses rank) gets, head for head, the cold start and the layout of
+    one call over all heads: the slice is an explicit argument, not ambient state."""
+    from svg2 import SVG2Config, build_layout
+    from svg2.clustering import HeadSlice
+
+    q, k, _ = clustered_qkv(b=2, h=4, s=96, d=16)
+    full = init_centroids(q.reshape(8, 96, 16), 6, seed=0).view(2, 4, 6, 16)
+    part = init_centroids(q[:, 2:].reshape(4, 96, 16), 6, seed=0, heads=HeadSlice(2, 2, 4)).view(2, 2, 6, 16)
+    assert torch.equal(part, full[:, 2:])
+    assert not torch.equal(init_centroids(q[:, 2:].reshape(4, 96, 16), 6, seed=0).view(2, 2, 6, 16), full[:, 2:])
+
+    cfg = SVG2Config(num_q_centroids=6, num_k_centroids=8, kmeans_iters_init=3)
+    whole = build_layout(q, k, cfg)
+    sliced = build_layout(q[:, 2:], k[:, 2:], cfg, heads=HeadSlice(2, 2, 4))
+    assert torch.equal(sliced.q_labels, whole.q_labels[:, 2:]) and torch.equal(sliced.block_map, whole.block_map[:, 2:])
+
+    with pytest.raises(ValueError, match="first \\+ count <= total"):
+        HeadSlice(3, 2, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        init_centroids(q[:, :3].reshape(6, 96, 16), 6, seed=0, heads=HeadSlice(0, 4, 4))

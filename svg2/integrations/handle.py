@@ -106,14 +106,14 @@ class AttentionCore:
             if group is not None:
                 return ulysses_attention(self._run, q, k, v, group, num_text_tokens=num_text_tokens,
                                          text_mask=text_mask)
-        return self._run(q, k, v, num_text_tokens, text_mask)
+        return self._run(q, k, v, num_text_tokens, text_mask, None)
 
-    def _run_impl(self, q, k, v, num_text_tokens, text_mask):
+    def _run_impl(self, q, k, v, num_text_tokens, text_mask, heads):
         t = self.tracker
         ctx = AttentionContext(
             layer_index=self.layer_index, step_index=max(t.step_index, 0), num_steps=t.num_steps or 1,
             branch=t.branch, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=None, state=self.state,
-            check_finite=self.check_finite,
+            check_finite=self.check_finite, heads=heads,
             extra={} if t.video_shape is None else {"video_shape": t.video_shape},
         )
         out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from svg2.attention import ClusterState
+from svg2.clustering import HeadSlice
 from svg2.timing import ComponentTimer
 
 __all__ = ["AttentionContext", "AttentionMethod", "MethodState", "register_method", "build_method",
@@ -70,6 +71,9 @@ class AttentionContext:
     scale: float | None = None
     state: MethodState = field(default_factory=MethodState)
     check_finite: bool = True
+    # Which of the model's heads q, k, v hold when they hold only some (a Ulysses rank's share): cold k-means
+    # starts draw per head, so the split does not change the result. None: all heads.
+    heads: HeadSlice | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def site(self) -> tuple[Any, ...]:

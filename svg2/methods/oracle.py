@@ -92,7 +92,7 @@ class OracleMethod(LayoutMethod):
             return lab, lab, c, c
         state = ctx.state.cluster_state("oracle", *ctx.site())
         lay = build_layout(q, k, self.kmeans_cfg, state, num_text_tokens=ctx.num_text_tokens,
-                           text_mask=ctx.text_mask, scale=ctx.scale)
+                           text_mask=ctx.text_mask, scale=ctx.scale, heads=ctx.heads)
         return (lay.q_labels.reshape(b * h, sv), lay.k_labels.reshape(b * h, sv), lay.num_q_clusters,
                 lay.num_k_clusters)
 

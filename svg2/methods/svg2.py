@@ -36,14 +36,14 @@ class SVG2Method(AttentionMethod):
             if self.cfg.seed_centroids_in_warmup and self._is_last_dense_step(ctx):
                 # Seed the centroids so the first sparse step is already warm (result not used).
                 build_layout(q, k, self.cfg, state, num_text_tokens=ctx.num_text_tokens,
-                             text_mask=ctx.text_mask, scale=ctx.scale)
+                             text_mask=ctx.text_mask, scale=ctx.scale, heads=ctx.heads)
             out = dense_attention(q, k, v, num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask,
                                   scale=ctx.scale)
             ctx.state.record(**base, density=1.0, dense=True)
             return out
         out, layout = svg2_attention(q, k, v, self.cfg, state, num_text_tokens=ctx.num_text_tokens,
                                      text_mask=ctx.text_mask, scale=ctx.scale, check_finite=ctx.check_finite,
-                                     timer=ctx.state.timer)
+                                     timer=ctx.state.timer, heads=ctx.heads)
         # Density stays a tensor here (no host sync); MethodState.resolved_records() turns it into a float.
         ctx.state.record(**base, density=layout.density_per_head().mean(), dense=False,
                          kernel=state.last_kernels.get("attention"), kmeans_kernel=state.last_kernels.get("kmeans"),

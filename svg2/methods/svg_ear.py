@@ -218,7 +218,7 @@ class SVGEARMethod(AttentionMethod):
         scale = 1.0 / math.sqrt(d) if ctx.scale is None else ctx.scale
         timer = ctx.state.timer
         built = _build_clusters(q, k, cfg, state, num_text_tokens=t, text_mask=ctx.text_mask, scale=scale,
-                                timer=timer, sort_k=True)
+                                timer=timer, sort_k=True, heads=ctx.heads)
         lay = built.layout
         gather = select_attention_variant(cfg.attention_kernel, AttentionInputs.of(q, k)).gather_rows
         with (timer.section("selection", q.device) if timer is not None else nullcontext()):
@@ -247,7 +247,7 @@ class SVGEARMethod(AttentionMethod):
         if self.is_dense_call(ctx):
             n_dense = math.floor(cfg.dense_steps_frac * ctx.num_steps)
             if cfg.seed_centroids_in_warmup and ctx.step_index == n_dense - 1 and ctx.layer_index >= cfg.dense_layers:
-                build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=tm, scale=ctx.scale)
+                build_layout(q, k, cfg, state, num_text_tokens=t, text_mask=tm, scale=ctx.scale, heads=ctx.heads)
             out = dense_attention(q, k, v, num_text_tokens=t, text_mask=tm, scale=ctx.scale)
             ctx.state.record(**base, density=1.0, dense=True)
             return out

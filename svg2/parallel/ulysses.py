@@ -8,8 +8,8 @@ trades the output back. The all-to-all is diffusers' own helper on the Ulysses g
 that ``enable_parallelism`` hands to the attention processors (``processor._parallel_config``).
 
 Per rank, the method state (centroids per call site) holds only the local heads. Cold k-means starts draw
-the same initial centroids as one process over all heads (``svg2.clustering.head_shard``), so N ranks
-reproduce the single-GPU output head for head.
+the same initial centroids as one process over all heads (the call carries its ``svg2.clustering.HeadSlice``),
+so N ranks reproduce the single-GPU output head for head.
 
 Usage::
 
@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from svg2.clustering import head_shard
+from svg2.clustering import HeadSlice
 
 __all__ = ["UlyssesGroup", "ulysses_group", "ulysses_attention", "seq_to_heads", "heads_to_seq",
            "check_ulysses_support", "enable_ulysses", "gather_rank_records", "global_stats", "GlobalStatsView",
@@ -113,11 +113,11 @@ def ulysses_attention(
     num_text_tokens: int = 0,
     text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``run(q, k, v, num_text_tokens, text_mask)`` on this rank's heads over the full sequence.
+    """Run ``run(q, k, v, num_text_tokens, text_mask, heads)`` on this rank's heads over the full sequence.
 
     Args:
         run: the attention on full-sequence tensors (batch, seqlen, heads/N, headdim) -> same shape
-            (``AttentionCore``'s method call).
+            (``AttentionCore``'s method call); ``heads`` (a ``HeadSlice``) says which heads of the model they are.
         q, k, v: this rank's sequence shard, (batch, seqlen/N, heads, headdim), after QK-norm and RoPE.
         g: the Ulysses group (``ulysses_group(parallel_config)``).
     Returns:
@@ -141,8 +141,7 @@ def ulysses_attention(
     qkv = seq_to_heads(torch.cat([q, k, v], dim=0), g)
     ql, kl, vl = qkv.split(b, dim=0)
     local = h // g.size
-    with head_shard(g.rank * local, local, h):
-        out = run(ql, kl, vl, 0, None)
+    out = run(ql, kl, vl, 0, None, HeadSlice(g.rank * local, local, h))
     return heads_to_seq(out.contiguous(), g)
 
 
