@@ -40,6 +40,7 @@ cluster-sorted (B, H, S, D) tensor (the key centroids and value means the compen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,10 @@ from svg2_kernels.registry import CompensationInputs, CompensationVariant, regis
 __all__ = [
     "CompensationTiles",
     "default_compensation_tiles",
+    "autotune_configs",
     "compensation_attention",
+    "prepare_tables",
+    "last_tuned_config",
     "segment_means_triton",
     "TritonCompensation",
 ]
@@ -61,8 +65,9 @@ _LOG2E = 1.4426950408889634
 class CompensationTiles:
     """Launch parameters of the compensation kernel.
 
-    block_m: query rows per program; block_n: centroids per inner tile (both powers of two >= 16, tl.dot);
-    num_warps, num_stages: Triton launch options (stages software-pipeline the centroid/value-mean loads).
+    block_m: query rows per program; block_n: centroids per inner tile (both powers of two >= 16, tl.dot;
+    block_n <= 128, the padding of the centroid tables); num_warps, num_stages: Triton launch options (stages
+    software-pipeline the centroid / value-mean / skip loads of the inner loop).
     """
 
     block_m: int = 128
@@ -75,19 +80,40 @@ class CompensationTiles:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"CompensationTiles.{name} must be a power of two >= 16 (tl.dot), got {v}")
+        if self.block_n > _CK_ALIGN:
+            raise ValueError(f"CompensationTiles.block_n must be <= {_CK_ALIGN}, got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"CompensationTiles: num_warps {self.num_warps} must be a power of two <= 16 and "
                              f"num_stages {self.num_stages} >= 1")
 
 
-def default_compensation_tiles(head_dim: int, device_type: str) -> CompensationTiles:
-    """The default tiles: 16 x 16 under the interpreter (its cost is per element, not per op), else
-    BLOCK_M 128 / BLOCK_N 64 with 8 warps for head dims above 64 (FlashAttention's forward shape on Hopper:
-    a 128 x 64 fp32 score tile is 32 registers per thread at 8 warps, next to a 128 x D fp32 accumulator)
-    and 4 warps for smaller heads."""
+# Centroid tables are padded to a multiple of this many key clusters (padding: zero centroids / means, skip 0,
+# log2 n = -inf, so it weighs exactly 0): every inner tile is then whole, with no column masks, and every skip
+# row starts 16-byte aligned (vector loads of the gathered bytes). The largest block_n must divide it.
+_CK_ALIGN = 128
+
+
+def default_compensation_tiles(head_dim: int, device_type: str) -> CompensationTiles | None:
+    """Fixed tiles where no autotuning should run, else None (autotune over :func:`autotune_configs`).
+
+    Under the interpreter (or off CUDA): 16 x 16 (the interpreter's cost is per element, not per op)."""
     if device_type != "cuda" or interpreting():
         return CompensationTiles(16, 16, 4, 1)
-    return CompensationTiles(128, 64, 8 if head_dim > 64 else 4, 2)
+    return None
+
+
+def autotune_configs(head_dim: int) -> list[CompensationTiles]:
+    """The pruned autotuning list on CUDA, keyed per (head dim, padded Ck).
+
+    FlashAttention-forward-shaped tiles for Hopper: 128 query rows x 64 or 128 centroids with 8 warps (a 128 x
+    64 fp32 score tile is 32 registers a thread, next to the 128 x D fp32 accumulator: 64 registers at D=128),
+    2 or 3 pipeline stages; one 64-row tile with 4 warps for small grids. Head dims above 128 keep BLOCK_M 64
+    (a 128 x 256 fp32 accumulator would be 128 registers a thread and spill)."""
+    if head_dim > 128:
+        return [CompensationTiles(64, 64, 4, 2), CompensationTiles(64, 64, 8, 2), CompensationTiles(64, 32, 4, 3)]
+    warps = 8 if head_dim > 64 else 4
+    return [CompensationTiles(128, 64, warps, 2), CompensationTiles(128, 64, warps, 3),
+            CompensationTiles(128, 128, 8, 2), CompensationTiles(64, 64, 4, 3)]
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -103,48 +129,48 @@ if HAS_TRITON:
         s_pb, s_ph, s_ps,
         s_ob, s_oh, s_os, s_od,
         s_eb, s_eh, s_es,
-        H, S, CQ, CK,
+        H, S, CQ, CK_PAD,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PERMUTED: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
         bh64 = bh.to(tl.int64)  # (B*H*Ck*D) and (B*H*S*D) offsets may pass 2^31
         offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs < S
         if PERMUTED:  # cluster order: the tile's rows are perm[offs] (token positions)
-            rows = tl.load(PERM + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + offs * s_ps, mask=row_ok,
-                           other=0).to(tl.int64)
+            rows = tl.load(PERM + b * s_pb + h * s_ph + offs * s_ps, mask=row_ok, other=0).to(tl.int64)
         else:
             rows = offs.to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        lab = tl.load(LAB + b.to(tl.int64) * s_lb + h.to(tl.int64) * s_lh + rows * s_ls, mask=row_ok, other=0)
-        q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + rows[:, None] * s_qs + d[None, :] * s_qd
-        q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # Rows past S read label 0: a valid skip row, so the gather in the loop needs no mask (never stored).
+        lab = tl.load(LAB + b * s_lb + h * s_lh + rows * s_ls, mask=row_ok, other=0).to(tl.int64)
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qs + d[None, :] * s_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-        # Per head: centroids / value means (CK, HEAD_DIM) contiguous, log2 n (CK,), skip rows (CQ, CK) bytes.
-        kc_base = KC + bh64 * CK * HEAD_DIM
-        vm_base = VM + bh64 * CK * HEAD_DIM
-        logn_base = LOG2N + bh64 * CK
-        skip_rows = SKIP + bh64 * CQ * CK + lab.to(tl.int64)[:, None] * CK  # (BLOCK_M, 1) row starts
+        # Per head: centroids / value means (CK_PAD, BLOCK_D) and log2 n (CK_PAD,) contiguous, skip (CQ, CK_PAD)
+        # bytes; all padded (host side) so the loop below loads whole tiles without masks.
+        kc_base = KC + bh64 * CK_PAD * BLOCK_D
+        vm_base = VM + bh64 * CK_PAD * BLOCK_D
+        logn_base = LOG2N + bh64 * CK_PAD
+        skip_rows = SKIP + bh64 * CQ * CK_PAD + lab[:, None] * CK_PAD  # (BLOCK_M, 1) row starts
+        n_off = tl.arange(0, BLOCK_N)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, CK, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            c_ok = cols < CK
-            kc = tl.load(kc_base + cols[None, :] * HEAD_DIM + d[:, None], mask=c_ok[None, :] & d_ok[:, None],
-                         other=0.0)  # (BLOCK_D, BLOCK_N): C^T
+        for n0 in range(0, CK_PAD, BLOCK_N):
+            cols = n0 + n_off
+            kc = tl.load(kc_base + cols[None, :] * BLOCK_D + d[:, None])  # (BLOCK_D, BLOCK_N): C^T
             if IEEE:
                 s = tl.dot(q, kc, input_precision="ieee")
             else:
                 s = tl.dot(q, kc)
-            log2n = tl.load(logn_base + cols, mask=c_ok, other=float("-inf"))
-            skip = tl.load(skip_rows + cols[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
+            log2n = tl.load(logn_base + cols)
+            skip = tl.load(skip_rows + cols[None, :])  # (BLOCK_M, BLOCK_N) bytes, gathered by label
             # Base-2 logits: q.c*scale*log2(e) + log2(n_j) where the row's cluster skips j, else -inf
             # (selected, empty and padding columns all weigh exactly 0).
             s = tl.where(skip != 0, s * qk_scale + log2n[None, :], float("-inf"))
@@ -153,22 +179,19 @@ if HAS_TRITON:
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vm = tl.load(vm_base + cols[:, None] * HEAD_DIM + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                         other=0.0)  # (BLOCK_N, BLOCK_D)
+            vm = tl.load(vm_base + cols[:, None] * BLOCK_D + d[None, :])  # (BLOCK_N, BLOCK_D)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vm.dtype), vm, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vm.dtype), vm)
             m_i = m_new
 
-        o_ptr = OUT + bh64 * S * HEAD_DIM + rows[:, None] * HEAD_DIM + d[None, :]
         st_ok = row_ok[:, None] & d_ok[None, :]
-        l_ptr = LSE + bh64 * S + rows
         if MERGE:
-            e_ptr = L_IN + b.to(tl.int64) * s_eb + h.to(tl.int64) * s_eh + rows * s_es
-            lse_a = tl.load(e_ptr, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-            oa_ptr = O_IN + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + rows[:, None] * s_os + d[None, :] * s_od
-            out_a = tl.load(oa_ptr, mask=st_ok, other=0.0).to(tl.float32)
+            lse_a = tl.load(L_IN + b * s_eb + h * s_eh + rows * s_es, mask=row_ok, other=float("-inf"))
+            lse_a = lse_a * 1.4426950408889634
+            out_a = tl.load(O_IN + b * s_ob + h * s_oh + rows[:, None] * s_os + d[None, :] * s_od, mask=st_ok,
+                            other=0.0).to(tl.float32)
             # Reference point M = max(lse_a, m_i): then w_a, w_b <= 1 and, as l_i >= 1 wherever m_i is finite,
             # denom >= 1 for every row with any key (no overflow, no underflow to 0).
             mx = tl.maximum(lse_a, m_i)
@@ -178,15 +201,16 @@ if HAS_TRITON:
             denom = w_a + w_b * l_i
             # An empty sparse set (lse_a = -inf) weighs 0 whatever its output holds; both empty: out 0, lse -inf.
             num = tl.where(w_a[:, None] > 0, out_a * w_a[:, None], 0.0) + acc * w_b[:, None]
-            out = num / tl.where(denom > 0, denom, 1.0)[:, None]
-            lse = tl.where(denom > 0, (mx_safe + tl.log2(tl.where(denom > 0, denom, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
+            den_safe = tl.where(denom > 0, denom, 1.0)
+            out = num / den_safe[:, None]
+            lse = tl.where(denom > 0, (mx_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
         else:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=st_ok)
-        tl.store(l_ptr, lse, mask=row_ok)
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(OUT + bh64 * S * HEAD_DIM + rows[:, None] * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=st_ok)
+        tl.store(LSE + bh64 * S + rows, lse, mask=row_ok)
 
     @triton.jit
     def _segment_mean_kernel(
@@ -213,10 +237,32 @@ if HAS_TRITON:
         cnt = tl.maximum(end - start, 1).to(tl.float32)
         tl.store(OUT + (bh.to(tl.int64) * C + c) * HEAD_DIM + d, tl.sum(acc, 0) / cnt, mask=d_ok)
 
+    @functools.cache
+    def _tuned_kernel(head_dim: int):
+        """The kernel autotuned over :func:`autotune_configs` (key: head dim and padded Ck). Safe to re-run
+        while tuning: the kernel only writes its outputs, never accumulates into them."""
+        configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                                 num_stages=t.num_stages) for t in autotune_configs(head_dim)]
+        return triton.autotune(configs=configs, key=["HEAD_DIM", "CK_PAD"])(_compensation_kernel)
 
-def _launch(q, centroids, value_means, skip, log2n, q_labels, q_perm, out_in, lse_in, scale, tiles):
+
+def last_tuned_config(head_dim: int) -> str | None:
+    """The configuration the autotuner picked for ``head_dim`` (the last tuned key), for benchmark records."""
+    if not HAS_TRITON or _tuned_kernel.cache_info().currsize == 0:
+        return None
+    cfg = getattr(_tuned_kernel(head_dim), "best_config", None)
+    return None if cfg is None else str(cfg)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    """Pad the last two dims of x up to (rows, cols) with ``value`` (a fresh contiguous tensor)."""
+    return torch.nn.functional.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]), value=value).contiguous()
+
+
+def _launch(q, kc, vm, skip, log2n, q_labels, q_perm, out_in, lse_in, scale, tiles):
+    """kc / vm (B, H, CK_PAD, BLOCK_D), skip (B, H, Cq, CK_PAD) uint8, log2n (B, H, CK_PAD): padded, contiguous."""
     b, h, s, d = q.shape
-    cq, ck = skip.shape[-2:]
+    cq, ck_pad = skip.shape[-2:]
     out = torch.empty((b, h, s, d), dtype=q.dtype if out_in is None else out_in.dtype, device=q.device)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     if s == 0 or b * h == 0:
@@ -225,20 +271,24 @@ def _launch(q, centroids, value_means, skip, log2n, q_labels, q_perm, out_in, ls
     oi = out_in if merge else out  # placeholders: never read without MERGE / PERMUTED
     li = lse_in if merge else lse
     pm = q_perm if q_perm is not None else q_labels
-    grid = (triton.cdiv(s, tiles.block_m), b * h)
-    _compensation_kernel[grid](
-        q, centroids, value_means, skip, log2n, q_labels, pm, oi, li, out, lse,
+    args = (
+        q, kc, vm, skip, log2n, q_labels, pm, oi, li, out, lse,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         q_labels.stride(0), q_labels.stride(1), q_labels.stride(2),
         pm.stride(0), pm.stride(1), pm.stride(2),
         oi.stride(0), oi.stride(1), oi.stride(2), oi.stride(3),
         li.stride(0), li.stride(1), li.stride(2),
-        h, s, cq, ck,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        PERMUTED=q_perm is not None, MERGE=merge, IEEE=q.dtype == torch.float32,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        h, s, cq, ck_pad,
     )
+    flags = dict(HEAD_DIM=d, BLOCK_D=kc.shape[-1], PERMUTED=q_perm is not None, MERGE=merge,
+                 IEEE=q.dtype == torch.float32)
+    if tiles is None:
+        _tuned_kernel(d)[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * h)](*args, **flags)
+    else:
+        _compensation_kernel[(triton.cdiv(s, tiles.block_m), b * h)](
+            *args, **flags, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -256,15 +306,31 @@ def _compensation_op(
     scale: float,
     tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prepared tensors in (see :func:`compensation_attention`), ``(out, lse)`` out."""
+    """Prepared (padded) tensors in (see :func:`compensation_attention`), ``(out, lse)`` out; ``tiles`` empty:
+    autotuned."""
     return _launch(q, centroids, value_means, skip, log2n, q_labels, q_perm, out, lse, scale,
-                   CompensationTiles(*tiles))
+                   CompensationTiles(*tiles) if tiles else None)
 
 
 @_compensation_op.register_fake
 def _(q, centroids, value_means, skip, log2n, q_labels, q_perm, out, lse, scale, tiles):
     dtype = q.dtype if out is None else out.dtype
     return q.new_empty(q.shape, dtype=dtype), q.new_empty(tuple(q.shape[:3]), dtype=torch.float32)
+
+
+def prepare_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: torch.Tensor, skipped: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's padded per-head tables: centroids and value means (B, H, CK_PAD, BLOCK_D) in ``dtype``,
+    skip (B, H, Cq, CK_PAD) uint8 and log2 n (B, H, CK_PAD) fp32 (-inf: empty or padding). CK_PAD is Ck rounded
+    up to 128, BLOCK_D the head dim rounded up to a power of two >= 16. A few MB at Wan 14B: a copy each."""
+    ck, d = centroids.shape[-2:]
+    ck_pad = -(-ck // _CK_ALIGN) * _CK_ALIGN
+    bd = max(16, 1 << (d - 1).bit_length())
+    kc = _pad_rows(centroids.to(dtype), ck_pad, bd)
+    vm = _pad_rows(value_means.to(dtype), ck_pad, bd)
+    log2n = torch.nn.functional.pad(torch.log2(sizes.float()), (0, ck_pad - ck), value=float("-inf")).contiguous()
+    skip = torch.nn.functional.pad(skipped.view(torch.uint8), (0, ck_pad - ck)).contiguous()
+    return kc, vm, skip, log2n
 
 
 def compensation_attention(
@@ -295,7 +361,7 @@ def compensation_attention(
             key) in the same row order as q; given, the result is the merge (the compensated attention).
         q_perm: (B, H, Sq) optional row order of the walk (cluster order, ``layout.q_perm``); results are
             always written in token order. Same numbers either way.
-        tiles: launch parameters (default :func:`default_compensation_tiles`).
+        tiles: launch parameters; None: :func:`default_compensation_tiles` (autotuned on CUDA).
     Returns:
         out (B, H, Sq, D) in ``out``'s dtype (q's without it) and lse (B, H, Sq) fp32, natural log. Without
         ``out``: rows that skip nothing get out 0 and lse -inf. With it: rows that skip nothing get ``out``
@@ -305,18 +371,17 @@ def compensation_attention(
         raise ValueError("pass both the sparse out and its lse (to merge) or neither")
     b, h, sq, d = q.shape
     ck = sizes.shape[-1]
-    tiles = tiles or default_compensation_tiles(d, q.device.type)
-    # Small per-head tables (Ck x D, Ck, Cq x Ck bytes), made contiguous so the kernel indexes them directly.
-    kc = centroids.to(q.dtype).contiguous()
-    vm = value_means.to(q.dtype).contiguous()
-    log2n = torch.log2(sizes.float()).contiguous()  # log2 0 = -inf: empty clusters weigh 0
-    skip = skipped.contiguous().view(torch.uint8)
-    if tuple(kc.shape) != (b, h, ck, d) or tuple(skip.shape[:2]) != (b, h) or skip.shape[-1] != ck:
-        raise ValueError(f"centroids {tuple(centroids.shape)} / skipped {tuple(skipped.shape)} do not match q "
+    if (tuple(centroids.shape) != (b, h, ck, d) or tuple(value_means.shape) != (b, h, ck, d)
+            or skipped.dim() != 4 or tuple(skipped.shape[:2]) != (b, h) or skipped.shape[-1] != ck
+            or tuple(q_labels.shape) != (b, h, sq)):
+        raise ValueError(f"centroids {tuple(centroids.shape)} / value means {tuple(value_means.shape)} / skipped "
+                         f"{tuple(skipped.shape)} / q_labels {tuple(q_labels.shape)} do not match q "
                          f"{tuple(q.shape)} and sizes {tuple(sizes.shape)}")
     if out is not None and (tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (b, h, sq)):
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} must match q {tuple(q.shape)}")
-    tile_list = [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages]
+    tiles = tiles or default_compensation_tiles(d, q.device.type)
+    kc, vm, skip, log2n = prepare_tables(centroids, value_means, sizes, skipped, q.dtype)
+    tile_list = [] if tiles is None else [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages]
     return _compensation_op(q, kc, vm, skip, log2n, q_labels, q_perm, out,
                             None if lse is None else lse.float(), float(scale), tile_list)
 

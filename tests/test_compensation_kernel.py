@@ -225,14 +225,13 @@ def end_to_end_text_case():
 
 def opcheck_case():
     """Schema and fake-tensor checks of the custom op (merged and centroid-only, token and cluster order)."""
-    from svg2_kernels.compensation import _compensation_op
+    from svg2_kernels.compensation import _compensation_op, prepare_tables
 
     q, k, v, layout = make_case(sv=40, d=16, ck=7, cq=4, dtype=torch.float16, seed=6)
     summ = summary_of(k, v, layout)
     out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
-    skip = (~layout.block_map).contiguous().view(torch.uint8)
-    log2n = torch.log2(summ.sizes.float())
-    base = (q, summ.centroids.half(), summ.value_means.half(), skip, log2n, layout.q_labels)
+    tables = prepare_tables(summ.centroids, summ.value_means, summ.sizes, ~layout.block_map, q.dtype)
+    base = (q, *tables, layout.q_labels)
     for perm, o, lo in ((None, None, None), (layout.q_perm, out_s, lse_s)):
         torch.library.opcheck(_compensation_op, (*base, perm, o, lo, 0.25, [16, 16, 4, 1]),
                               test_utils=("test_schema", "test_faketensor"))
@@ -343,13 +342,36 @@ def test_auto_falls_back_when_triton_fails_and_says_so(monkeypatch):
 
 
 def test_tiles_validation():
-    from svg2_kernels.compensation import CompensationTiles, default_compensation_tiles
+    from svg2_kernels.compensation import CompensationTiles, autotune_configs, default_compensation_tiles
 
     with pytest.raises(ValueError, match="block_m"):
         CompensationTiles(block_m=96)
     with pytest.raises(ValueError, match="block_n"):
         CompensationTiles(block_n=8)
-    assert default_compensation_tiles(128, "cuda") == CompensationTiles(128, 64, 8, 2)
+    with pytest.raises(ValueError, match="block_n must be <= 128"):
+        CompensationTiles(block_n=256)
+    assert default_compensation_tiles(128, "cuda") is None  # autotuned on the GPU
+    assert default_compensation_tiles(128, "cpu") == CompensationTiles(16, 16, 4, 1)
+    for d in (64, 128, 256):
+        configs = autotune_configs(d)
+        assert 2 <= len(configs) <= 4 and all(128 % t.block_n == 0 for t in configs)
+        assert d <= 128 or all(t.block_m == 64 for t in configs)
+
+
+def test_prepare_tables_pads_with_zero_weight():
+    from svg2_kernels.compensation import prepare_tables
+
+    g = torch.Generator().manual_seed(0)
+    cent, vm = torch.randn(1, 2, 5, 24, generator=g), torch.randn(1, 2, 5, 24, generator=g)
+    sizes = torch.tensor([3, 0, 1, 2, 7]).expand(1, 2, 5)
+    skipped = torch.rand(1, 2, 3, 5, generator=g) < 0.5
+    kc, vmp, skip, log2n = prepare_tables(cent, vm, sizes, skipped, torch.float16)
+    assert kc.shape == vmp.shape == (1, 2, 128, 32) and kc.dtype == torch.float16 and kc.is_contiguous()
+    assert skip.shape == (1, 2, 3, 128) and skip.dtype == torch.uint8
+    assert torch.equal(skip[..., :5].bool(), skipped) and not skip[..., 5:].any()
+    assert torch.isneginf(log2n[..., 5:]).all() and torch.isneginf(log2n[..., 1]).all()
+    torch.testing.assert_close(log2n[..., 4], torch.full((1, 2), math.log2(7)))
+    assert not kc[..., 5:, :].any() and not kc[..., 24:].any()
 
 
 # ------------------------------------------------------------------------------------------------ GPU tests
