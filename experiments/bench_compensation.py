@@ -10,9 +10,13 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
 * ``svg2``: the public call ``svg2_attention`` on a warm state (2 k-means iterations), compensate off;
 * ``svg2+lse``: the same call returning the kernel's LSE (what compensation needs from the kernel);
 * ``svg2+comp``: the same call with ``compensate=True`` (the kernel's LSE; the compensation backend recorded);
-* ``comp (flex)`` / ``comp (torch)``: the compensation step alone (key-cluster summaries from the permuted K/V,
-  centroid attention, LSE merge) given the sparse output and LSE. Target (issue 17): at most 5% of the
-  ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
+* ``comp (triton)`` / ``comp (triton, cluster order)`` / ``comp (flex)`` / ``comp (torch)``: the compensation
+  step alone (key-cluster summaries from the permuted K/V, centroid attention, LSE merge) given the sparse
+  output and LSE; ``triton`` is the fused kernel (merge in its epilogue, autotuned: the chosen tiles are
+  recorded), walking query tiles in token order, or in cluster order through ``q_perm``. Target (issue 17):
+  at most 5% of the ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE
+  output included;
+* ``comp summaries``: the key-cluster summaries alone (the value means; the centroids come from k-means);
 * ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
   metadata);
 * ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from svg2_kernels.compensation import last_tuned_config
 
 from analysis.synthetic import synthetic_qkv
 from svg2 import ClusterState, SVG2Config, svg2_attention
@@ -143,24 +148,32 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
     scale = 1.0 / math.sqrt(q.shape[-1])
     # A fresh layout's centroids come from k-means' last update (free); take this layout's exact ones.
     centroids = segment_means(ks, layout.k_sizes)
+    rows["comp summaries"] = {"ms": ms(lambda: summarize_key_clusters(ks, vs, layout.k_sizes, centroids))}
     outs = {}
     for backend in comp_backends:
-        def step(backend=backend):
+        name, q_perm = backend, None
+        if backend == "triton (cluster order)":
+            backend, q_perm = "triton", layout.q_perm
+
+        def step(backend=backend, q_perm=q_perm):
             summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
-            return compensate(out_s, lse, q, summary, ~layout.block_map, layout.q_labels, scale, backend=backend)
+            return compensate(out_s, lse, q, summary, ~layout.block_map, layout.q_labels, scale, backend=backend,
+                              q_perm=q_perm)
 
         try:
             out_c, _, used = step()
-            outs[backend] = out_c
-            rows[f"comp ({backend})"] = {"ms": ms(step), "compensation": used}
+            outs[name] = out_c
+            rows[f"comp ({name})"] = {"ms": ms(step), "compensation": used}
+            if backend == "triton":
+                rows[f"comp ({name})"]["tiles"] = last_tuned_config(q.shape[-1])
         except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
-            rows[f"comp ({backend})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
-    # Correctness of the timed steps: against the compensated public call and against each other.
+            rows[f"comp ({name})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
+    # Correctness of the timed steps: against the compensated public call and against the torch backend.
     call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
-    for backend, out_c in outs.items():
-        rows[f"comp ({backend})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
-        if backend != "torch" and "torch" in outs:
-            rows[f"comp ({backend})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"]).abs().max())
+    for name, out_c in outs.items():
+        rows[f"comp ({name})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
+        if name != "torch" and "torch" in outs:
+            rows[f"comp ({name})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"].float()).abs().max())
 
     # -- SVG-EAR (a warm sparse call of the method at the same density) --
     ear = build_method("svg_ear", cfg=cfg_c)
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = TINY if args.tiny else WAN14B
     configs = args.configs or ("4x8,3x6" if args.tiny else "300x1000,100x500")
     pairs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
-    comp_backends = ["torch"] if device.type == "cpu" else ["flex", "torch"]
+    comp_backends = ["torch"] if device.type == "cpu" else ["triton", "triton (cluster order)", "flex", "torch"]
     ms = timer(device, args.warmup, args.rep)
     q, k, v = make_qkv(shape, device)
     results = []

@@ -37,7 +37,8 @@ def _launch(x: torch.Tensor, perm: torch.Tensor, scatter: bool, out: torch.Tenso
     x3 = x.reshape(-1, s, d)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    p = perm.reshape(-1, s)
+    # the kernel indexes PERM + n * S: an expanded (stride-0) permutation must be materialised
+    p = perm.reshape(-1, s).contiguous()
     if out is None:
         out = torch.empty_like(x3)
     o3 = out.reshape(-1, s, d)

@@ -1,12 +1,13 @@
 """Kernel registry, in the manner of xformers' operator dispatch.
 
 Every entry is one concrete kernel (attention: ``triton_tma``, ``triton_chunks``, ``flex``, ``torch``;
-k-means: ``triton``, ``flash_kmeans``, ``torch``). Each declares what it supports (devices, dtypes, head dims,
-optional packages) and answers ``not_supported_reasons(inputs)``. ``select_*("auto", inputs)`` walks them in
-priority order (fastest first) and returns the first that accepts the inputs; the ones it skipped come back
-with their reasons (``with_skipped=True``); when none accepts, the error lists every kernel and why it
-refused. A named kernel that refuses is an error, never a silent fallback. Callers record the name of the
-kernel that ran (``AttentionPlan.kernel``).
+k-means: ``triton``, ``flash_kmeans``, ``torch``; compensation of skipped clusters: ``triton``, with the
+``flex`` and ``torch`` backends living in ``svg2.compensation``). Each declares what it supports (devices,
+dtypes, head dims, optional packages) and answers ``not_supported_reasons(inputs)``.
+``select_*("auto", inputs)`` walks them in priority order (fastest first) and returns the first that accepts
+the inputs; the ones it skipped come back with their reasons (``with_skipped=True``); when none accepts, the
+error lists every kernel and why it refused. A named kernel that refuses is an error, never a silent
+fallback. Callers record the name of the kernel that ran (``AttentionPlan.kernel``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,22 @@ from svg2_kernels.plan import AttentionPlan, TileConfig
 __all__ = [
     "AttentionInputs",
     "KMeansInputs",
+    "CompensationInputs",
     "AttentionVariant",
     "KMeansVariant",
+    "CompensationVariant",
     "register_attention_variant",
     "register_kmeans_variant",
+    "register_compensation_variant",
     "get_attention_variant",
     "get_kmeans_variant",
+    "get_compensation_variant",
     "select_attention_variant",
     "select_kmeans_variant",
+    "select_compensation_variant",
     "available_attention_variants",
     "available_kmeans_variants",
+    "available_compensation_variants",
 ]
 
 
@@ -62,6 +69,23 @@ class KMeansInputs:
     @classmethod
     def of(cls, x: torch.Tensor, num_clusters: int) -> KMeansInputs:
         return cls(x.device.type, x.dtype, x.shape[-1], x.shape[-2], num_clusters)
+
+
+@dataclass(frozen=True)
+class CompensationInputs:
+    """What a compensation kernel needs to know: the queries' device, dtype and head dim, the cluster counts."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    seqlen_q: int
+    num_q_clusters: int
+    num_k_clusters: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor, skipped: torch.Tensor) -> CompensationInputs:
+        """q (B, H, Sq, D), skipped (B, H, Cq, Ck)."""
+        return cls(q.device.type, q.dtype, q.shape[-1], q.shape[-2], skipped.shape[-2], skipped.shape[-1])
 
 
 class AttentionVariant:
@@ -139,6 +163,38 @@ class KMeansVariant:
         return f"{type(self).__name__}(name={self.name!r}, priority={self.priority})"
 
 
+class CompensationVariant:
+    """Base class of a compensation kernel: centroid attention over the skipped key clusters, merged with the
+    sparse result when ``out`` / ``lse`` are given.
+
+    ``run(q, centroids, value_means, sizes, skipped, q_labels, scale, out=None, lse=None, q_perm=None)
+    -> (out (B, H, Sq, D), lse (B, H, Sq) float32)`` with the semantics of
+    :func:`svg2_kernels.compensation.compensation_attention` (``svg2.compensation`` documents the formula).
+    """
+
+    name: str = "base"
+    priority: int = 0
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    requires: tuple[str, ...] = ()
+    fuses_merge: bool = False  # merges with the sparse out / lse in its epilogue
+
+    def not_supported_reasons(self, inputs: CompensationInputs) -> list[str]:
+        reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
+        if inputs.device_type not in self.devices:
+            reasons.append(f"device '{inputs.device_type}' not in {self.devices}")
+        if inputs.dtype not in self.dtypes:
+            reasons.append(f"dtype {inputs.dtype} not in {self.dtypes}")
+        return reasons
+
+    def run(self, q, centroids, value_means, sizes, skipped, q_labels, scale, out=None, lse=None,
+            q_perm=None):  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, priority={self.priority})"
+
+
 def triton_interpreting() -> bool:
     """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``, the tests)."""
     return interpreting()
@@ -184,7 +240,9 @@ class TorchKMeans(KMeansVariant):
 
 _ATTENTION: dict[str, AttentionVariant] = {}
 _KMEANS: dict[str, KMeansVariant] = {}
-_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.kmeans", "svg2_kernels.flex")
+_COMPENSATION: dict[str, CompensationVariant] = {}
+_LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.kmeans", "svg2_kernels.flex",
+                 "svg2_kernels.compensation")
 _lazy_loaded = False
 
 
@@ -195,6 +253,11 @@ def register_attention_variant(variant: AttentionVariant) -> AttentionVariant:
 
 def register_kmeans_variant(variant: KMeansVariant) -> KMeansVariant:
     _KMEANS[variant.name] = variant
+    return variant
+
+
+def register_compensation_variant(variant: CompensationVariant) -> CompensationVariant:
+    _COMPENSATION[variant.name] = variant
     return variant
 
 
@@ -223,6 +286,13 @@ def available_kmeans_variants() -> list[str]:
     return sorted(_KMEANS, key=lambda n: -_KMEANS[n].priority)
 
 
+def available_compensation_variants() -> list[str]:
+    """The registered compensation kernels, fastest first (``svg2.compensation`` adds ``flex`` and ``torch``
+    after them)."""
+    _load_optional_variants()
+    return sorted(_COMPENSATION, key=lambda n: -_COMPENSATION[n].priority)
+
+
 def _get(table: dict, name: str, kind: str):
     _load_optional_variants()
     if name not in table:
@@ -238,6 +308,10 @@ def get_attention_variant(name: str) -> AttentionVariant:
 
 def get_kmeans_variant(name: str) -> KMeansVariant:
     return _get(_KMEANS, name, "k-means")
+
+
+def get_compensation_variant(name: str) -> CompensationVariant:
+    return _get(_COMPENSATION, name, "compensation")
 
 
 def _select(table: dict, name: str, inputs, kind: str, order: Callable[[], list[str]]):
@@ -270,4 +344,10 @@ def select_attention_variant(name: str, inputs: AttentionInputs, *, with_skipped
 def select_kmeans_variant(name: str, inputs: KMeansInputs, *, with_skipped: bool = False):
     """Like :func:`select_attention_variant`, for k-means."""
     variant, skipped = _select(_KMEANS, name, inputs, "k-means", available_kmeans_variants)
+    return (variant, skipped) if with_skipped else variant
+
+
+def select_compensation_variant(name: str, inputs: CompensationInputs, *, with_skipped: bool = False):
+    """Like :func:`select_attention_variant`, for the compensation kernels registered here."""
+    variant, skipped = _select(_COMPENSATION, name, inputs, "compensation", available_compensation_variants)
     return (variant, skipped) if with_skipped else variant

@@ -21,10 +21,18 @@ The centroids must be those of the current keys and the means those of the curre
 k-means' last update (the means of exactly the returned clusters) or lets :func:`summarize_key_clusters`
 take segment means over the permuted, contiguous clusters.
 
-Centroid attention backends (recorded as ``compensation``): ``torch`` (chunked fp32 matmuls, any device, the
-reference) and ``flex`` (FlexAttention with a ``score_mod`` carrying the bias and the skip mask: one fused GPU
-kernel that never materialises the (Sq x Ck) scores). ``auto`` takes flex on CUDA when it is available; should
-it fail there, auto warns, runs torch and records ``torch (flex failed)``.
+Centroid attention backends (recorded as ``compensation``), in ``auto``'s order of preference:
+
+* ``triton`` (:mod:`svg2_kernels.compensation`, CUDA; CPU only under the Triton interpreter): one fused kernel
+  that walks all key centroids per tile of query rows with an online softmax and merges with the sparse
+  output and LSE in its epilogue, so :func:`compensate` needs no separate merge pass;
+* ``flex`` (FlexAttention with a ``score_mod`` carrying the bias and the skip mask: one fused GPU kernel that
+  never materialises the (Sq x Ck) scores; the merge runs in torch);
+* ``torch`` (chunked fp32 matmuls, any device: the reference).
+
+``auto`` takes the first that accepts the inputs (each answers with its reasons, in the manner of
+``svg2_kernels.registry``); should a GPU backend fail at run time, auto warns, runs the next one and records
+e.g. ``torch (flex failed)``. A backend named explicitly that refuses raises with its reasons.
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ __all__ = [
     "COMPENSATION_BACKENDS",
 ]
 
-COMPENSATION_BACKENDS = ("auto", "torch", "flex")
+COMPENSATION_BACKENDS = ("auto", "triton", "flex", "torch")
+_AUTO_ORDER = ("triton", "flex", "torch")  # fastest first; torch accepts everything
 # Elements of a (rows x keys) fp32 score block materialised at once by the torch paths: 256 MiB on the CPU,
 # 1 GiB on a GPU (fewer, larger matmuls for the O(S^2) LSE fallback).
 _CHUNK_ELEMS = 1 << 26
@@ -97,9 +106,13 @@ def segment_means(x_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
             offsets the exclusive prefix sums of ``sizes``; rows past the last cluster are ignored.
         sizes: (B, H, C) int.
     Returns:
-        (B, H, C, D) float32; empty clusters get zeros. Summed in fp32 per cluster (a few dozen rows each),
-        chunked over (batch x head) so the fp32 copy stays small.
+        (B, H, C, D) float32; empty clusters get zeros. Summed in fp32 per cluster: on CUDA by the Triton
+        segment reduction (:func:`svg2_kernels.compensation.segment_means_triton`), elsewhere by a
+        ``scatter_add`` chunked over (batch x head) so the fp32 copy stays small.
     """
+    if x_sorted.device.type == "cuda" and _triton_kernels() is not None:
+        # One program per (head, cluster) reading its contiguous rows: no atomics, one pass over x.
+        return _triton_kernels().segment_means_triton(x_sorted, sizes)
     b, h, s, d = x_sorted.shape
     c = sizes.shape[-1]
     n = b * h
@@ -207,6 +220,77 @@ def _flex_unsupported(q: torch.Tensor) -> list[str]:
     return reasons
 
 
+@functools.cache
+def _triton_kernels():
+    """:mod:`svg2_kernels.compensation` when Triton is importable, else None."""
+    from svg2_kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        return None
+    import svg2_kernels.compensation as kc
+
+    return kc
+
+
+def _triton_unsupported(q: torch.Tensor, skipped: torch.Tensor) -> list[str]:
+    """The Triton kernel's refusals, from its registry entry (device, dtype, head dim, Triton installed)."""
+    from svg2_kernels._triton import TRITON_MISSING
+
+    if _triton_kernels() is None:
+        return [TRITON_MISSING]
+    from svg2_kernels.registry import CompensationInputs, get_compensation_variant
+
+    return get_compensation_variant("triton").not_supported_reasons(CompensationInputs.of(q, skipped))
+
+
+def _unsupported(backend: str, q: torch.Tensor, skipped: torch.Tensor) -> list[str]:
+    if backend == "triton":
+        return _triton_unsupported(q, skipped)
+    if backend == "flex":
+        return _flex_unsupported(q)
+    return []
+
+
+def _candidates(backend: str, q: torch.Tensor, skipped: torch.Tensor) -> list[str]:
+    """Backends to try, in order: the named one (raising with its reasons if it refuses), or for ``auto``
+    every backend of :data:`_AUTO_ORDER` that accepts the inputs (torch always does)."""
+    if backend not in COMPENSATION_BACKENDS:
+        raise ValueError(f"compensation backend {backend!r} is unknown; choose one of {COMPENSATION_BACKENDS}")
+    if backend != "auto":
+        reasons = _unsupported(backend, q, skipped)
+        if reasons:
+            raise NotImplementedError(f"{backend} compensation cannot run here: {'; '.join(reasons)}. "
+                                      "Use backend='torch' or 'auto'.")
+        return [backend]
+    return [b for b in _AUTO_ORDER if not _unsupported(b, q, skipped)]
+
+
+def _run_first(candidates: list[str], auto: bool, fns: dict):
+    """Run the first candidate; under ``auto`` a GPU backend that raises is reported (RuntimeWarning) and the
+    next one runs, recorded as e.g. ``"torch (flex failed)"``. -> (result, recorded backend name)."""
+    failed: list[str] = []
+    for name in candidates:
+        try:
+            res = fns[name]()
+        except Exception as e:  # noqa: BLE001 - auto keeps a run going on the next backend, and says so
+            if not auto or name == candidates[-1]:
+                raise
+            nxt = candidates[candidates.index(name) + 1]
+            warnings.warn(f"{name} compensation failed ({type(e).__name__}: {e}); the {nxt} backend ran instead "
+                          f"(recorded as compensation='{nxt} ({name} failed)')", RuntimeWarning, stacklevel=3)
+            failed.append(name)
+            continue
+        return res, (name if not failed else f"{name} ({', '.join(failed)} failed)")
+    raise AssertionError("no compensation backend to run")  # pragma: no cover - torch is always a candidate
+
+
+def _centroid_attention_triton(q, summary: KeySummary, skipped, q_labels, scale, out=None, lse=None,
+                               q_perm=None):
+    """The fused Triton kernel; with ``out`` / ``lse`` it returns the merged (compensated) result."""
+    return _triton_kernels().compensation_attention(q, summary.centroids, summary.value_means, summary.sizes,
+                                                    skipped, q_labels, scale, out, lse, q_perm=q_perm)
+
+
 def _centroid_attention_flex(q, summary: KeySummary, bias, q_labels, scale, compiled: bool = True):
     """FlexAttention over the centroids: score_mod adds the (query cluster, key cluster) bias. ``compiled=False``
     runs FlexAttention's unfused eager path (CPU tests of the score_mod)."""
@@ -258,34 +342,21 @@ def centroid_attention(
         skipped: (B, H, Cq, Ck) bool: query cluster i does not compute key cluster j exactly.
         q_labels: (B, H, Sq) int: query cluster of every row of q.
         scale: softmax scale.
-        backend: "auto" | "torch" | "flex".
+        backend: "auto" | "triton" | "flex" | "torch".
     Returns:
-        out (B, H, Sq, D) (float32 on torch, q's dtype on flex; zeros for rows that skip nothing),
+        out (B, H, Sq, D) (float32 on torch, q's dtype on triton / flex; zeros for rows that skip nothing),
         lse (B, H, Sq) float32 natural log (-inf for rows that skip nothing), and the backend that ran.
     """
-    if backend not in COMPENSATION_BACKENDS:
-        raise ValueError(f"compensation backend {backend!r} is unknown; choose one of {COMPENSATION_BACKENDS}")
     _check_comp_inputs(q, summary, skipped, q_labels)
-    bias = compensation_bias(summary.sizes, skipped)
-    auto = backend == "auto"
-    if auto:
-        backend = "torch" if _flex_unsupported(q) else "flex"
-    elif backend == "flex" and _flex_unsupported(q):
-        raise NotImplementedError(f"flex compensation cannot run here: {'; '.join(_flex_unsupported(q))}. "
-                                  "Use backend='torch' or 'auto'.")
-    if backend == "flex":
-        try:
-            out, lse = _centroid_attention_flex(q, summary, bias, q_labels, scale)
-            return out, lse, "flex"
-        except Exception as e:  # noqa: BLE001 - auto keeps a run going on the reference path, and says so
-            if not auto:
-                raise
-            warnings.warn(f"flex compensation failed ({type(e).__name__}: {e}); the torch backend ran instead "
-                          "(recorded as compensation='torch (flex failed)')", RuntimeWarning, stacklevel=2)
-            out, lse = _centroid_attention_torch(q, summary, bias, q_labels, scale)
-            return out, lse, "torch (flex failed)"
-    out, lse = _centroid_attention_torch(q, summary, bias, q_labels, scale)
-    return out, lse, "torch"
+    candidates = _candidates(backend, q, skipped)
+    bias = functools.cache(lambda: compensation_bias(summary.sizes, skipped))  # the (Cq, Ck) table: flex, torch
+    fns = {
+        "triton": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale),
+        "flex": lambda: _centroid_attention_flex(q, summary, bias(), q_labels, scale),
+        "torch": lambda: _centroid_attention_torch(q, summary, bias(), q_labels, scale),
+    }
+    (out, lse), used = _run_first(candidates, backend == "auto", fns)
+    return out, lse, used
 
 
 def merge_attention(
@@ -318,6 +389,7 @@ def compensate(
     scale: float,
     *,
     backend: str = "auto",
+    q_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Add the skipped clusters' centroid terms to a sparse attention result (see the module docstring).
 
@@ -326,12 +398,28 @@ def compensate(
         lse: (B, H, Sq) float32 natural-log LSE of the sparse scores (-inf for rows that attended nothing).
         q: (B, H, Sq, D) the same query rows, in the same order as ``out``.
         summary, skipped, q_labels, scale, backend: as :func:`centroid_attention`.
+        q_perm: (B, H, Sq) optional cluster order of the rows (``layout.q_perm``): the triton kernel then walks
+            its query tiles in that order (tiles within one or two query clusters; same results, token-order
+            outputs). Ignored by the other backends.
     Returns:
         out (B, H, Sq, D) in ``out``'s dtype, lse (B, H, Sq) float32 of the compensated softmax, backend name.
     """
     if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != tuple(q.shape[:3]):
         raise ValueError(f"out {tuple(out.shape)} and lse {tuple(lse.shape)} must match q {tuple(q.shape)} "
                          "and its first three dims")
-    out_c, lse_c, used = centroid_attention(q, summary, skipped, q_labels, scale, backend=backend)
-    merged, lse_m = merge_attention(out, lse, out_c, lse_c)
-    return merged.to(out.dtype), lse_m, used
+    _check_comp_inputs(q, summary, skipped, q_labels)
+    candidates = _candidates(backend, q, skipped)
+
+    def unfused(name: str):
+        out_c, lse_c, _ = centroid_attention(q, summary, skipped, q_labels, scale, backend=name)
+        merged, lse_m = merge_attention(out, lse, out_c, lse_c)
+        return merged.to(out.dtype), lse_m
+
+    fns = {
+        # The fused kernel merges in its epilogue: one pass, the merged out written in out's dtype.
+        "triton": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse, q_perm),
+        "flex": lambda: unfused("flex"),
+        "torch": lambda: unfused("torch"),
+    }
+    (merged, lse_m), used = _run_first(candidates, backend == "auto", fns)
+    return merged, lse_m, used

@@ -197,7 +197,11 @@ def permute_case():
     perm = torch.stack([torch.randperm(45, generator=g) for _ in range(6)]).reshape(2, 3, 45)
     y = permute_rows(x, perm)
     ok = torch.equal(y, x.gather(2, perm[..., None].expand(-1, -1, -1, 24))) and torch.equal(unpermute_rows(y, perm), x)
-    return "permute", ok, "gather and scatter"
+    # one permutation shared by every head (an expanded, stride-0 view, as the text-key permutation is)
+    shared = torch.randperm(45, generator=g)[None, None, :].expand(2, 3, 45)
+    y2 = permute_rows(x, shared)
+    ok = ok and torch.equal(y2, x.gather(2, shared[..., None].expand(-1, -1, -1, 24)))
+    return "permute", ok, "gather and scatter, per-head and shared (expanded) permutations"
 
 
 def opcheck_more_case():

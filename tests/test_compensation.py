@@ -382,8 +382,8 @@ def test_flex_compensation_matches_torch_on_gpu():
     q = q.cuda().to(torch.bfloat16)
     summ = KeySummary(summ.centroids.cuda(), summ.value_means.cuda(), summ.sizes.cuda())
     skipped, labels = skipped.cuda(), labels.cuda()
-    out_f, lse_f, used = centroid_attention(q, summ, skipped, labels, 0.09, backend="auto")
-    assert used == "flex"
+    out_f, lse_f, used = centroid_attention(q, summ, skipped, labels, 0.09, backend="flex")
+    assert used == "flex"  # auto takes the fused Triton kernel now (tests/test_compensation_kernel.py)
     out_t, lse_t, _ = centroid_attention(q, summ, skipped, labels, 0.09, backend="torch")
     finite = torch.isfinite(lse_t)
     assert torch.equal(finite, torch.isfinite(lse_f))
@@ -399,7 +399,7 @@ def test_compensated_call_on_gpu_within_twice_the_torch_error(kernel):
     cfg = SVG2Config(num_q_centroids=32, num_k_centroids=64, target_density=0.2, compensate=True,
                      attention_kernel=kernel)
     out, lay = svg2_attention(q, k, v, cfg, st)
-    assert st.last_kernels["compensation"] == "flex" and st.last_kernels["lse"] == st.last_kernels["attention"]
+    assert st.last_kernels["compensation"] == "triton" and st.last_kernels["lse"] == st.last_kernels["attention"]
     ref = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"))
     same = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"), dtype=torch.bfloat16)
     err = (out.cpu().double() - ref).abs().max().item()
