@@ -63,7 +63,7 @@ def compensated_reference(q, k, v, layout, scale=None, text_mask=None, dtype=tor
     skipped = ~torch.gather(layout.block_map, 2, layout.q_labels[..., None].expand(b, h, sv, ck))
     s_cen = qd[:, :, :sv] @ cent.transpose(-1, -2) * scale + torch.log(n)[:, :, None, :]
     s_cen = s_cen.masked_fill(~(skipped & (n > 0)[:, :, None, :]), float("-inf"))
-    s_cen = torch.cat([s_cen, torch.full((b, h, t, ck), float("-inf"), dtype=dtype)], 2)  # text rows: none
+    s_cen = torch.cat([s_cen, torch.full((b, h, t, ck), float("-inf"), dtype=dtype, device=q.device)], 2)  # text: none
     p = torch.softmax(torch.cat([s_tok, s_cen], -1), -1)
     return p[..., :s] @ vd + p[..., s:] @ vbar
 
