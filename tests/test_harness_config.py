@@ -179,3 +179,12 @@ def test_count_sweep_jobs(overrides, expected):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     assert count_sweep_jobs(cfg) == expected
+
+
+def test_kernel_tiles_are_set_from_the_command_line():
+    spec = method_spec(_compose(["kernel=triton_tma", "kernel.tiles.block_m=64", "kernel.tiles.num_warps=4"]))
+    assert (spec.cfg.attention_tiles.block_m, spec.cfg.attention_tiles.num_warps) == (64, 4)
+    pos = method_spec(_compose(["method=positional", "kernel.tiles.block_n=32"]))
+    assert pos.kwargs["attention_tiles"] == {"block_n": 32} and pos.kwargs["attention_kernel"] == "auto"
+    with pytest.raises(Exception, match="block_mm"):
+        _compose(["kernel.tiles.block_mm=64"])

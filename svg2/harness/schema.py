@@ -45,6 +45,9 @@ def _optional_overrides(cls: type, exclude: tuple[str, ...] = ()) -> type:
 # The kernel knobs are set by the `kernel` group only (one place per knob): model.svg2.attention_kernel=... and
 # method.cfg.attention_kernel=... fail at composition time.
 SVG2Overrides = _optional_overrides(SVG2Config, exclude=KERNEL_FIELDS)
+# TileConfig is frozen (hashable plans): a frozen node is read-only in Hydra, so kernel.tiles.block_m=64 needs a
+# writable overlay of the same fields.
+TileOverrides = _optional_overrides(TileConfig)
 
 
 @dataclass
@@ -98,7 +101,7 @@ class KernelConfig:
 
     attention: str = "auto"
     kmeans: str = "auto"
-    tiles: TileConfig = field(default_factory=TileConfig)
+    tiles: TileOverrides = field(default_factory=TileOverrides)
 
 
 @dataclass
