@@ -236,7 +236,7 @@ def test_baselines_experiment_preset_builds_every_method():
             spec = method_spec(cfg)
             if spec.stock or spec.name == "dense":
                 continue
-            method = build_method(spec.name, **({"cfg": spec.cfg} if spec.cfg else {}), **spec.kwargs)
+            method = spec.build()
             described = method.describe()
             assert 0.2 in (described.get("target_density"), described.get("density")), name
     GlobalHydra.instance().clear()

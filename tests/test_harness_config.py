@@ -65,12 +65,78 @@ def test_paper_presets_carry_the_authors_settings():
 
 
 def test_typos_and_bad_types_fail_at_composition():
-    with pytest.raises(Exception, match="top_pp"):
-        _compose(["method.cfg.top_pp=0.5"])
     with pytest.raises(Exception, match="top_p"):
-        _compose(["method.cfg.top_p=high"])
+        _compose(["method.cfg.top_p=high"])  # SVG2 knobs are typed in method.cfg
     with pytest.raises(Exception, match="nonsense"):
         _compose(["model.nonsense=1"])
+    with pytest.raises(Exception, match="kwargs"):
+        _compose(["method.kwargs.block_size=2"])  # gone: a method's parameters live in method.cfg only
+
+
+def test_unknown_method_parameter_names_the_accepted_ones():
+    # method.cfg also holds a method's own parameters (an open node: no `+` needed), so a typo composes and
+    # method_spec rejects it, naming what the method's class takes.
+    with pytest.raises(ValueError, match=r"top_pp.*it takes: .*top_p") as e:
+        method_spec(_compose(["method.cfg.top_pp=0.5"]))
+    assert "dense_steps_frac" in str(e.value) and "num_q_centroids" in str(e.value)
+    with pytest.raises(ValueError, match=r"positional.*threshold.*it takes: .*block_size.*min_kc_ratio"):
+        method_spec(_compose(["method=positional", "method.cfg.threshold=2.0"]))
+    with pytest.raises(ValueError, match=r"block_size.*it takes: none"):
+        method_spec(_compose(["method=dense", "method.cfg.block_size=32"]))
+    with pytest.raises(ValueError, match="kernel group"):
+        method_spec(_compose(["method=positional", "+method.cfg.attention_kernel=torch"]))
+    # A method's own parameter not in its YAML is set without `+`.
+    spec = method_spec(_compose(["method=sol_attn", "method.cfg.threshold=2.0"]))
+    assert spec.kwargs["threshold"] == 2.0
+
+
+@pytest.mark.parametrize("option", _options("method"))
+def test_every_method_config_builds_its_method(option):
+    spec = method_spec(_compose([f"method={option}", "model=wan2.1-t2v-14b"]))
+    cls = spec.method_cls
+    assert cls is not None and spec.stock == cls.stock
+    if spec.stock:
+        with pytest.raises(ValueError, match="stock"):
+            spec.build()
+        return
+    method = spec.build()
+    assert isinstance(method, cls)
+    described = method.describe()
+    # The shared schedule comes from the model preset, one place for it.
+    assert described.get("dense_steps_frac", 0.2) == 0.2
+    own = {k: v for k, v in OmegaConf.to_container(_compose([f"method={option}"]).method.cfg).items()
+           if v is not None}
+    assert set(own) <= cls.parameters()
+
+
+def test_stock_is_a_property_of_the_class():
+    from svg2.methods import AttentionMethod, method_class
+    from svg2.methods.dense import DenseMethod, StockAttention
+
+    cfg = _compose(["method=dense"])
+    assert "stock" not in cfg.method  # no routing keys left in a method config
+    assert method_class(cfg.method.target) is StockAttention and StockAttention.stock
+    spec = method_spec(cfg)
+    assert spec.stock and spec.cfg is None and spec.kwargs == {}
+    # Any class can be stock: the harness asks the class, not the YAML.
+    mod = type("MyStock", (AttentionMethod,), {"stock": True})
+    import sys
+    import types
+
+    sys.modules["_svg2_test_stock"] = types.SimpleNamespace(MyStock=mod)  # type: ignore[assignment]
+    try:
+        spec = method_spec(_compose(["method=svg2", "method.target=_svg2_test_stock:MyStock"]))
+        assert spec.stock and spec.kwargs == {} and spec.cfg is None
+    finally:
+        del sys.modules["_svg2_test_stock"]
+    spec = method_spec(_compose(["method=dense_svg2"]))  # the same name through svg2's processors
+    assert not spec.stock and spec.method_cls is DenseMethod and spec.name == "dense"
+    # enable_svg2 has nothing to install for a stock method, and says so.
+    from svg2 import enable_svg2
+    from tests.tiny_diffusers import tiny_wan
+
+    with pytest.raises(ValueError, match="nothing to install"):
+        enable_svg2(tiny_wan(num_layers=1), method=StockAttention(), num_steps=1)
 
 
 def test_method_spec_merges_model_defaults_method_cfg_and_kernel():
@@ -78,9 +144,12 @@ def test_method_spec_merges_model_defaults_method_cfg_and_kernel():
     spec = method_spec(cfg)
     assert spec.cfg.top_p == 0.7 and spec.cfg.num_q_centroids == 300
     assert spec.cfg.attention_kernel == "torch" and spec.cfg.kmeans_kernel == "torch"
-    # Baselines get only the shared fields; dense gets nothing, so svg2 knobs do not change its row key.
-    svg1 = method_spec(_compose(["method=svg1", "method.cfg.dense_steps_frac=0.3"]))
+    # Baselines get the SVG2 knobs they take; dense gets nothing, so svg2 knobs do not change its row key.
+    svg1 = method_spec(_compose(["method=svg1", "model=wan2.1-t2v-14b", "method.cfg.dense_steps_frac=0.3"]))
     assert svg1.cfg is None and svg1.kwargs["dense_steps_frac"] == 0.3 and "top_p" not in svg1.kwargs
+    assert svg1.kwargs["dense_layers"] == 1 and svg1.kwargs["density"] == 0.25  # preset, and svg1's own
+    pos = method_spec(_compose(["method=positional", "model.svg2.dense_steps_frac=0.4", "method.cfg.top_p=0.5"]))
+    assert pos.kwargs["dense_steps_frac"] == 0.4 and pos.kwargs["top_p"] == 0.5  # top_p: positional's own
     d1 = _compose(["method=dense", "method.cfg.top_p=0.5"])
     d2 = _compose(["method=dense", "method.cfg.top_p=0.9"])
     assert job_identity(d1, method_spec(d1)) == job_identity(d2, method_spec(d2))
@@ -110,3 +179,12 @@ def test_count_sweep_jobs(overrides, expected):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     assert count_sweep_jobs(cfg) == expected
+
+
+def test_kernel_tiles_are_set_from_the_command_line():
+    spec = method_spec(_compose(["kernel=triton_tma", "kernel.tiles.block_m=64", "kernel.tiles.num_warps=4"]))
+    assert (spec.cfg.attention_tiles.block_m, spec.cfg.attention_tiles.num_warps) == (64, 4)
+    pos = method_spec(_compose(["method=positional", "kernel.tiles.block_n=32"]))
+    assert pos.kwargs["attention_tiles"] == {"block_n": 32} and pos.kwargs["attention_kernel"] == "auto"
+    with pytest.raises(Exception, match="block_mm"):
+        _compose(["kernel.tiles.block_mm=64"])

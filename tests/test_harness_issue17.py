@@ -13,7 +13,6 @@ from hydra.core.global_hydra import GlobalHydra
 from svg2 import enable_svg2
 from svg2.harness.runner import job_identity, method_spec, run_job
 from svg2.harness.schema import register_configs
-from svg2.methods import build_method
 from tests.tiny_diffusers import TINY_CFG, tiny_wan, wan_inputs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -32,7 +31,7 @@ def _compose(overrides, hydra_cfg=False):
 
 
 def _build(spec):
-    return build_method(spec.name, **({"cfg": spec.cfg} if spec.cfg else {}), **spec.kwargs)
+    return spec.build()
 
 
 def test_new_methods_compose_and_build():
@@ -96,9 +95,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("overrides", [
     ["method=svg_ear"],
-    ["method=sol_attn", "method.kwargs.block_size=2"],
+    ["method=sol_attn", "method.cfg.block_size=2"],
     ["method=svg2", "method.cfg.compensate=true", "method.cfg.layout_every=2"],
-    ["method=positional", "method.cfg.compensate=true", "method.kwargs.block_size=2"],
+    ["method=positional", "method.cfg.compensate=true", "method.cfg.block_size=2"],
 ], ids=["svg_ear", "sol_attn", "svg2_compensate_layout_every", "positional_compensate"])
 def test_one_tiny_job_per_new_method_or_option(tmp_path, cache_dir, overrides):
     cfg = _compose([*TINY, *overrides, f"cache.dir={cache_dir}"])

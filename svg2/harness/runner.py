@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from svg2_kernels.plan import TileConfig
 
-from svg2.config import SVG2Config
+from svg2.config import KERNEL_FIELDS, SVG2Config
 from svg2.harness.environment import environment_info
 from svg2.harness.generation import GenerationResult, generate
 from svg2.harness.loggers import NullLogger, make_logger
@@ -41,6 +42,7 @@ from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.session import LoadedPipeline, RunSession
 from svg2.harness.store import ResultsStore
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
+from svg2.methods import AttentionMethod, method_class
 
 __all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job"]
 
@@ -53,49 +55,82 @@ def _plain(node: Any) -> Any:
 
 @dataclass
 class MethodSpec:
-    """What ``enable_svg2`` will be called with (or ``stock``: nothing installed)."""
+    """The method of a job: its class and constructor arguments (``cfg``: the merged SVG2Config, for a method
+    that takes one; ``kwargs``: the others). A ``stock`` method installs nothing."""
 
     name: str
     label: str
     stock: bool
     cfg: SVG2Config | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    method_cls: type[AttentionMethod] | None = None  # None: the registered method ``name``
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "stock": self.stock, "cfg": self.cfg.to_dict() if self.cfg else None,
                 "kwargs": self.kwargs}
 
+    def build(self) -> AttentionMethod:
+        """The method object (for ``enable_svg2``); a stock method has none to build."""
+        if self.stock:
+            raise ValueError(f"method {self.name!r} is the stock pipeline: there is no method to install")
+        cls = self.method_cls or method_class(self.name)
+        return cls(**({"cfg": self.cfg} if self.cfg is not None else {}), **self.kwargs)
+
+
+def _set(node: Any) -> dict[str, Any]:
+    """The keys of a typed overlay that are set (None means "not set")."""
+    return {k: v for k, v in (_plain(node) or {}).items() if v is not None}
+
 
 def method_spec(cfg: DictConfig) -> MethodSpec:
-    """Merge SVG2Config defaults <- model.svg2 <- method.cfg <- kernel group, and split what the method gets."""
-    m = cfg.method
-    def _set(node: Any) -> dict[str, Any]:  # None means "not set" in the typed overlays
-        return {k: v for k, v in (_plain(node) or {}).items() if v is not None}
+    """The method of a job from ``method`` (its class and ``method.cfg``), ``model.svg2`` and the ``kernel``
+    group: one place for each knob.
 
+    The class (``method.target`` or ``method.name``) says what it takes. SVG2 knobs are merged as SVG2Config
+    defaults <- ``model.svg2`` <- ``method.cfg`` <- kernel group (validated for every method): a method taking an
+    SVG2Config gets the merged config; another gets the knobs it shares with SVG2 (its ``shared_parameters()``)
+    from it, plus the other knobs of ``method.cfg`` its constructor takes. An SVG2 knob a method does not take is
+    left out (and out of the row key: a sweep over it runs that method once); any other key it does not take is
+    an error naming the ones it does.
+    """
+    m = cfg.method
+    try:
+        cls = method_class(m.target or m.name)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"method {m.name!r}: {e.args[0] if e.args else e}") from e
+    given = _set(m.cfg)
+    misplaced = sorted(set(given) & set(KERNEL_FIELDS))
+    if misplaced:
+        raise ValueError(f"method.cfg.{misplaced[0]}: kernels are chosen by the kernel group only "
+                         "(kernel=<name>, kernel.tiles.<field>=...), not by the method")
+    svg2_fields = set(SVG2Config.field_names())
+    own = {k: v for k, v in given.items() if k not in svg2_fields}
+    unknown = sorted(set(own) - cls.parameters())
+    if unknown:
+        takes = sorted(cls.parameters() - set(KERNEL_FIELDS))
+        raise ValueError(f"method {m.name!r} ({cls.__name__}) takes no parameter {', '.join(unknown)}; it takes: "
+                         f"{', '.join(takes) or 'none'} (and ignores the SVG2 knobs it does not take)")
     tiles = _set(cfg.kernel.get("tiles"))
-    merged = {**_set(cfg.model.svg2), **_set(m.cfg), "attention_kernel": cfg.kernel.attention,
-              "kmeans_kernel": cfg.kernel.kmeans, "attention_tiles": tiles or None}
+    merged = {**_set(cfg.model.svg2), **{k: v for k, v in given.items() if k in svg2_fields},
+              "attention_kernel": cfg.kernel.attention, "kmeans_kernel": cfg.kernel.kmeans,
+              "attention_tiles": tiles or None}
     try:
         full = SVG2Config.from_dict(merged)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"invalid SVG2 settings (model.svg2 + method.cfg + kernel) for method {m.name!r}: {e}") from e
-    kwargs = dict(_plain(m.kwargs) or {})
     label = m.label or m.name
-    if m.stock:
-        return MethodSpec(m.name, label, True, None, {})
-    if m.pass_cfg:
-        return MethodSpec(m.name, label, False, full, kwargs)
-    shared = {}
-    for f in m.shared_fields:
-        if f not in SVG2Config.field_names():
-            raise ValueError(f"method.shared_fields: {f!r} is not an SVG2Config field; "
-                             f"known: {SVG2Config.field_names()}")
+    if cls.stock:
+        return MethodSpec(m.name, label, True, None, {}, cls)
+    if cls.takes_config():
+        return MethodSpec(m.name, label, False, full, own, cls)
+    kwargs: dict[str, Any] = {}
+    for f in sorted(cls.shared_parameters()):
         v = getattr(full, f)
         if v is not None:
-            shared[f] = v
-    if "attention_kernel" in shared and full.attention_tiles is not None:  # the tiles go with the kernel
-        shared["attention_tiles"] = full.attention_tiles.overrides()
-    return MethodSpec(m.name, label, False, None, {**shared, **kwargs})
+            kwargs[f] = v.overrides() if isinstance(v, TileConfig) else v
+    # SVG2 knobs the method takes as its own (not from the preset), e.g. positional's top_p: only when given.
+    kwargs.update({k: v for k, v in given.items() if k in svg2_fields and k in cls.parameters() and k not in kwargs})
+    return MethodSpec(m.name, label, False, None, {**kwargs, **own}, cls)
 
 
 def job_identity(cfg: DictConfig, spec: MethodSpec, policy: RankPolicy | None = None) -> dict[str, Any]:
@@ -278,8 +313,7 @@ class _Job:
             if not spec.stock:
                 from svg2.integrations import enable_svg2
 
-                self.handle = enable_svg2(self.loaded.pipe, spec.cfg, method=spec.name,
-                                          timing=bool(cfg.latency.components), **spec.kwargs)
+                self.handle = enable_svg2(self.loaded.pipe, method=spec.build(), timing=bool(cfg.latency.components))
             n_warmup = int(cfg.latency.warmup_runs)
             if n_warmup < 0:
                 n_warmup = 1 if self.loaded.device.type == "cuda" else 0

@@ -3,8 +3,8 @@
 ``conf/config.yaml`` composes onto :class:`RunConfig`, so every group option is type-checked and an unknown
 key fails at composition time with the option's file named. ``model.svg2`` and ``method.cfg`` are typed
 overlays of ``SVG2Config`` (every field optional, None = not set; values are range-checked when the job builds
-the SVG2Config). Free-form mappings (``method.kwargs``, ``model.kwargs``) are checked by the code that
-consumes them (the method's constructor, the loader).
+the SVG2Config); ``method.cfg`` also holds the method's own parameters, checked against its class by
+``method_spec``. Free-form mappings (``model.kwargs``) are checked by the code that consumes them (the loader).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from svg2_kernels.plan import TileConfig
 
 from svg2.config import KERNEL_FIELDS, SVG2Config
@@ -45,6 +45,9 @@ def _optional_overrides(cls: type, exclude: tuple[str, ...] = ()) -> type:
 # The kernel knobs are set by the `kernel` group only (one place per knob): model.svg2.attention_kernel=... and
 # method.cfg.attention_kernel=... fail at composition time.
 SVG2Overrides = _optional_overrides(SVG2Config, exclude=KERNEL_FIELDS)
+# TileConfig is frozen (hashable plans): a frozen node is read-only in Hydra, so kernel.tiles.block_m=64 needs a
+# writable overlay of the same fields.
+TileOverrides = _optional_overrides(TileConfig)
 
 
 @dataclass
@@ -78,20 +81,18 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """An attention method from the registry (``svg2.methods.build_method``) plus its knobs."""
+    """An attention method: its class and its parameters, nothing else. What the class takes (its constructor's
+    parameters, the SVG2 knobs it shares, whether it is the stock pipeline) is read from the class by
+    :func:`svg2.harness.runner.method_spec`."""
 
-    name: str = MISSING
+    name: str = MISSING  # the method in result rows and tables; also its class (registered name) unless `target`
+    target: Optional[str] = None  # the class when it differs from `name`: a registered name or "pkg.module:Class"
     label: Optional[str] = None  # display name in tables and plots
-    # stock: leave the pipeline's own attention processors in place (the true dense model).
-    stock: bool = False
-    # pass_cfg: the method takes the merged SVG2Config as ``cfg=`` (svg2). Otherwise only ``shared_fields`` of
-    # it (the dense warm-up schedule, the kernel, target_density: what every baseline shares) are passed as
-    # keyword arguments. Whatever the method does not receive is left out of the row key, so sweeping svg2
-    # knobs runs such a method once.
-    pass_cfg: bool = True
-    shared_fields: list[str] = field(default_factory=list)
-    cfg: SVG2Overrides = field(default_factory=SVG2Overrides)  # SVG2Config overrides on top of model.svg2
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for the method's constructor
+    # The method's parameters, the one place for each: typed SVG2 knobs (None = the model preset's value; a
+    # method that does not take a knob ignores it, so a sweep over it runs that method once) plus the method's
+    # own constructor arguments (open node: method.cfg.block_size=32 needs no `+`; unknown keys are an error
+    # naming the accepted ones).
+    cfg: SVG2Overrides = field(default_factory=SVG2Overrides)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class KernelConfig:
 
     attention: str = "auto"
     kmeans: str = "auto"
-    tiles: TileConfig = field(default_factory=TileConfig)
+    tiles: TileOverrides = field(default_factory=TileOverrides)
 
 
 @dataclass
@@ -192,5 +193,7 @@ class RunConfig:
 
 def register_configs() -> None:
     """Register the schemas (idempotent). ``conf/config.yaml`` lists ``svg2_run_schema`` first."""
-    cs = ConfigStore.instance()
-    cs.store(name="svg2_run_schema", node=RunConfig)
+    node = OmegaConf.structured(RunConfig)
+    # method.cfg takes the method's own parameters beside the typed SVG2 knobs (see MethodConfig.cfg).
+    OmegaConf.set_struct(node.method.cfg, False)
+    ConfigStore.instance().store(name="svg2_run_schema", node=node)

@@ -78,6 +78,9 @@ def enable_svg2(
                 raise RuntimeError(f"svg2 is already enabled on {name}; call handle.remove() first")
 
     built = _build(method, cfg, dict(method_kwargs))
+    if built.stock:
+        raise ValueError(f"{type(built).__name__} is the pipeline's own attention: there is nothing to install "
+                         "(run the pipeline as it is)")
     timer = ComponentTimer() if timing else None
     tracker = StepTracker(num_steps)
     handle = SVG2Handle(built, tracker, timer)

@@ -16,8 +16,9 @@ from svg2.methods.base import (
     available_methods,
     build_method,
     dense_schedule,
+    method_class,
     register_method,
 )
 
 __all__ = ["AttentionContext", "AttentionMethod", "MethodState", "available_methods", "build_method",
-           "dense_schedule", "register_method"]
+           "dense_schedule", "method_class", "register_method"]

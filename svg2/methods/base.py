@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from svg2.attention import ClusterState
 from svg2.clustering import HeadSlice
+from svg2.config import SVG2Config
 from svg2.timing import ComponentTimer
 
 __all__ = ["AttentionContext", "AttentionMethod", "MethodState", "register_method", "build_method",
-           "available_methods", "compensation_record"]
+           "available_methods", "method_class", "compensation_record"]
 
 
 class MethodState:
@@ -81,9 +84,45 @@ class AttentionContext:
 
 
 class AttentionMethod:
-    """Base class. Subclasses set ``name`` and implement ``__call__``."""
+    """Base class. Subclasses set ``name`` and implement ``__call__``.
+
+    What a method takes is a property of its class, so configs name the class and its parameters only:
+    :meth:`parameters` (derived from the constructor), :meth:`shared_parameters` (the SVG2Config knobs it shares
+    with SVG2, which a harness fills from the model preset) and ``stock``.
+    """
 
     name: str = "base"
+    # The pipeline's own attention, untouched (the true dense baseline): there is nothing to install.
+    stock: ClassVar[bool] = False
+    # SVG2Config fields this method shares with SVG2 (dense warm-up schedule, kernel, target_density, ...): their
+    # values default from the model preset's SVG2 settings, so every method of a comparison runs the same schedule.
+    # Only those the constructor takes count. A method taking ``cfg: SVG2Config`` shares every field.
+    shared_knobs: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def takes_config(cls) -> bool:
+        """Whether the constructor takes the whole SVG2Config as ``cfg``."""
+        return "cfg" in _init_parameters(cls)[0]
+
+    @classmethod
+    def parameters(cls) -> frozenset[str]:
+        """The keyword arguments the constructor takes (for a method taking ``cfg``: its other arguments and
+        every SVG2Config field, which it applies to ``cfg``). A subclass narrows this where its constructor
+        accepts a knob at one value only (e.g. ``compensate`` for a method that always compensates)."""
+        names, open_kwargs = _init_parameters(cls)
+        if "cfg" in names:
+            return frozenset(names - {"cfg"}) | frozenset(SVG2Config.field_names())
+        if open_kwargs:
+            raise TypeError(f"{cls.__qualname__}.__init__ takes **kwargs that reach no named parameter: override "
+                            "parameters() to say which keywords it takes")
+        return frozenset(names)
+
+    @classmethod
+    def shared_parameters(cls) -> frozenset[str]:
+        """The SVG2Config fields this method takes from the shared SVG2 settings (see ``shared_knobs``)."""
+        if cls.takes_config():
+            return frozenset(SVG2Config.field_names())
+        return frozenset(cls.shared_knobs) & cls.parameters()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         raise NotImplementedError
@@ -113,6 +152,23 @@ def dense_schedule(dense_steps_frac: float, dense_layers: int, ctx: AttentionCon
     return ctx.step_index < math.floor(dense_steps_frac * ctx.num_steps) or ctx.layer_index < dense_layers
 
 
+def _init_parameters(cls: type) -> tuple[set[str], bool]:
+    """Named keyword parameters of ``cls.__init__``, following ``**kwargs`` up the MRO to the base constructors
+    that receive them; and whether a ``**kwargs`` is still open at the top (goes nowhere named)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return names, False
+        params = list(inspect.signature(init).parameters.values())[1:]  # drop self
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params) or "cfg" in names:  # cfg methods apply **kw to cfg
+            return names, False
+    return names, True
+
+
 _METHODS: dict[str, Callable[..., AttentionMethod]] = {}
 
 
@@ -131,7 +187,23 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_class(ref: str) -> type[AttentionMethod]:
+    """The class of a registered method name (``"svg2"``) or of an import path (``"pkg.module:Class"``)."""
+    if ":" not in ref:
+        if ref not in _METHODS:
+            raise KeyError(f"unknown attention method {ref!r}; available: {available_methods()} "
+                           "(or an import path 'pkg.module:Class')")
+        return _METHODS[ref]  # type: ignore[return-value]
+    module, _, attr = ref.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"attention method {ref!r} cannot be imported: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, AttentionMethod)):
+        raise TypeError(f"{ref!r} is not an AttentionMethod subclass")
+    return cls
+
+
 def build_method(name: str, **kwargs: Any) -> AttentionMethod:
-    if name not in _METHODS:
-        raise KeyError(f"unknown attention method {name!r}; available: {available_methods()}")
-    return _METHODS[name](**kwargs)
+    """Build a registered method (or ``"pkg.module:Class"``) with its constructor arguments."""
+    return method_class(name)(**kwargs)

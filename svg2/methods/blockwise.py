@@ -119,6 +119,15 @@ class LayoutMethod(AttentionMethod):
     """
 
     static_mask: bool = False
+    shared_knobs = ("dense_steps_frac", "dense_layers", "attention_kernel", "attention_tiles", "target_density",
+                    "compensate", "layout_every")
+
+    @classmethod
+    def parameters(cls) -> frozenset[str]:
+        # A static mask takes layout_every only at 1 (refused otherwise): not a parameter, so a layout_every
+        # sweep runs it once.
+        names = super().parameters()
+        return names - {"layout_every"} if cls.static_mask else names
 
     def __init__(self, *, dense_steps_frac: float = 0.2, dense_layers: int = 1,
                  attention_kernel: str = "auto", attention_tiles: Any = None, compensate: bool = False,

@@ -13,6 +13,11 @@ class DenseMethod(AttentionMethod):
     Accepts the issue-17 options only at their neutral values, and says why otherwise: dense attention skips no
     key (nothing to compensate) and has no layout (nothing to reuse)."""
 
+    @classmethod
+    def parameters(cls) -> frozenset[str]:
+        # compensate / layout_every exist for enable_svg2 callers and take only their neutral values: nothing to set.
+        return frozenset()
+
     def __init__(self, *, compensate: bool = False, layout_every: int = 1) -> None:
         if compensate:
             raise ValueError("compensate=True makes no sense for method 'dense': it computes every key exactly, so no "
@@ -28,3 +33,12 @@ class DenseMethod(AttentionMethod):
         ctx.state.record(method=self.name, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
                          density=1.0, dense=True)
         return out
+
+
+class StockAttention(AttentionMethod):
+    """The pipeline's own attention processors, untouched: the true dense baseline (speedup 1). Nothing is
+    installed, so it takes no parameters and ``enable_svg2`` refuses it (run the pipeline as it is).
+    ``DenseMethod`` is the same math through svg2's processors (their overhead)."""
+
+    name = "stock"
+    stock = True

@@ -55,6 +55,10 @@ def select_threshold(scores: torch.Tensor, k_sizes: torch.Tensor, threshold: flo
 class SolAttnMethod(LayoutMethod):
     """Raster blocks, threshold on block-mean scores, compensation of every skipped block (always on)."""
 
+    @classmethod
+    def parameters(cls) -> frozenset[str]:
+        return super().parameters() - {"compensate"}  # always on (the method); only compensate=True is accepted
+
     def __init__(self, block_size: int = 64, threshold: float = 1.0, min_kc_ratio: float = 0.0,
                  target_density: float | None = None, **schedule: Any) -> None:
         if schedule.pop("compensate", True) is not True:
