@@ -109,10 +109,12 @@ def test_batched_dense_and_svg2_rows_match_unbatched(tmp_path):
     for r in svg[2]:
         by_batch.setdefault(r["batch_latency_s"], set()).add(r["density_json"])
     assert len(by_batch) == 2 and all(len(v) == 1 for v in by_batch.values())
-    # svg2 compares against the batched references and is close to the unbatched run's quality.
+    # svg2 compares against the batched references; per (prompt, seed) its video is the unbatched one (each
+    # item clusters as it does alone), up to batched float rounding.
     assert all(r["ref_cached"] and r["ref_key"] for r in svg[2])
-    psnr = {bs: np.mean([r["psnr"] for r in svg[bs]]) for bs in (1, 2)}
-    assert psnr[2] == pytest.approx(psnr[1], abs=1.0)
+    psnr = {bs: {(r["prompt"], r["seed"]): r["psnr"] for r in svg[bs]} for bs in (1, 2)}
+    for pair, value in psnr[1].items():
+        assert psnr[2][pair] == pytest.approx(value, abs=0.5), pair
 
     # Resume: finished rows are skipped; a lost row is regenerated alone (a batch of one), under its old key.
     again = run_job(_cfg(tmp_path, "method=svg2", "batch_size=2"), tmp_path / "bs2", session=session)
