@@ -328,6 +328,7 @@ class _Job:
         pending = [(p, s) for p, s in self.todo if row_key(self.identity, p, s) not in self.failed_keys]
         bar = tqdm(total=len(pending), desc=f"{self.spec.label} [{self.tag}]", disable=not self.progress)
         for batch in _chunks(pending, self.batch_size):
+            base_rows = [self._base_row(p, s) for p, s in batch]  # started_at: before the call
             try:
                 results = generate_batch(self.loaded.pipe, self.cfg.model, batch, self.loaded.device,
                                          per_step=bool(self.cfg.latency.per_step))
@@ -335,11 +336,11 @@ class _Job:
                 # every row of a batch gets the batch's stats.
                 stats = _stats_fields(self.policy.stats_view(self.handle))  # ulysses: all ranks' heads
             except Exception as e:  # noqa: BLE001 - OOM, kernel errors...: record the batch and go on
-                self._fail_batch(batch, e)
+                self._fail_batch(batch, base_rows, e)
                 bar.update(len(batch))
                 continue
-            for (p, s), res in zip(batch, results):
-                row, video_path = self._base_row(p, s), None
+            for (p, s), res, row in zip(batch, results, base_rows):
+                video_path = None
                 try:
                     row, video_path = self._measure(p, s, row, res, stats)
                     self.counts["ok"] += 1
@@ -358,10 +359,11 @@ class _Job:
                 bar.update(1)
         bar.close()
 
-    def _fail_batch(self, batch: list[tuple[Prompt, int]], exc: Exception) -> None:
+    def _fail_batch(self, batch: list[tuple[Prompt, int]], base_rows: list[dict[str, Any]],
+                    exc: Exception) -> None:
         """Record every row of a batch whose pipeline call failed (``fail_fast``: then re-raise)."""
-        for p, s in batch:
-            row = {**_failure(self._base_row(p, s), exc, "generate"), "batch_size": len(batch), **self.env}
+        for base in base_rows:
+            row = {**_failure(base, exc, "generate"), "batch_size": len(batch), **self.env}
             self.store.write(row, consolidate=False)
             self.counts["failed"] += 1
             self.logger.log_row(row, None)
