@@ -232,6 +232,8 @@ def _build_clusters(q, k, cfg: SVG2Config, state, *, num_text_tokens, text_mask,
     sec = (lambda name: timer.section(name, q.device)) if timer is not None else (lambda name: nullcontext())
     qx = q[:, :, :sv].reshape(n, sv, d)
     kx = k[:, :, :sv].reshape(n, sv, d)
+    # Cold starts draw per head, not per (batch, head) row: a video clustered in a batch starts as it does alone.
+    heads = heads if heads is not None else HeadSlice(0, h, h)
     cold = _cold(state, n, cq, ck, d)
     iters = cfg.kmeans_iters_init if cold else cfg.kmeans_iters_step
     with sec("kmeans"):

@@ -53,7 +53,8 @@ def init_centroids(x: torch.Tensor, num_clusters: int, seed: int, heads: HeadSli
     """Distinct random points of each batch as initial centroids (deterministic under ``seed``).
 
     ``heads``: the rows of ``x`` are (batch, head) pairs of ``heads.count`` heads out of ``heads.total``; each
-    row gets the draw of its head in an all-heads call. Returns (batch, num_clusters, dim) float32.
+    row gets the draw of its head in an all-heads call of one batch entry, whatever its batch index (a video
+    clustered in a batch starts as it does alone). Returns (batch, num_clusters, dim) float32.
     ``num_clusters`` must be <= num_points.
     """
     n, s, d = x.shape
@@ -65,9 +66,9 @@ def init_centroids(x: torch.Tensor, num_clusters: int, seed: int, heads: HeadSli
     if heads is not None:
         if n % heads.count:
             raise ValueError(f"k-means input has {n} rows, not a multiple of the {heads.count} heads of {heads}")
-        # draw the noise of all heads, keep this slice's rows
-        noise = torch.rand(n // heads.count, heads.total, s, generator=gen)
-        noise = noise[:, heads.first:heads.first + heads.count].reshape(n, s)
+        # draw the noise of all heads of one batch entry, keep this slice's heads, same for every entry
+        noise = torch.rand(1, heads.total, s, generator=gen)[:, heads.first:heads.first + heads.count]
+        noise = noise.expand(n // heads.count, heads.count, s).reshape(n, s)
     else:
         noise = torch.rand(n, s, generator=gen)
     idx = noise.argsort(dim=-1)[:, :num_clusters].to(x.device)

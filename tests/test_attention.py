@@ -25,6 +25,18 @@ def test_equals_masked_dense(b, h, s, d, top_p):
     assert 0 < layout.density() <= 1
 
 
+def test_a_batch_clusters_each_item_as_alone():
+    # Cold k-means starts draw per head, not per (batch, head) row: item i of a batch gets the layout and output
+    # it gets alone, wherever it sits in the batch (batched harness runs, resumed with other neighbours).
+    q, k, v = clustered_qkv(b=3, h=2, s=201, d=64, seed=4)
+    cfg = SVG2Config(top_p=0.7, **SMALL)
+    out, layout = svg2_attention(q, k, v, cfg)
+    for i in (0, 2):
+        alone, alone_layout = svg2_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cfg)
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layout.to_dense()[i:i + 1], alone_layout.to_dense())
+
+
 def test_one_token_and_empty_clusters():
     # Hand-built layout: cluster sizes include 1-token and empty clusters.
     b, h, s, d = 1, 2, 9, 64

@@ -90,7 +90,10 @@ def test_head_slice_draws_what_an_all_heads_call_draws():
     from svg2.clustering import HeadSlice
 
     q, k, _ = clustered_qkv(b=2, h=4, s=96, d=16)
-    full = init_centroids(q.reshape(8, 96, 16), 6, seed=0).view(2, 4, 6, 16)
+    full = init_centroids(q.reshape(8, 96, 16), 6, seed=0, heads=HeadSlice(0, 4, 4)).view(2, 4, 6, 16)
+    # ... and every batch entry draws what it draws alone (a video batched with others starts the same).
+    alone = init_centroids(q[1:].reshape(4, 96, 16), 6, seed=0, heads=HeadSlice(0, 4, 4))
+    assert torch.equal(full[1], alone.view(4, 6, 16))
     part = init_centroids(q[:, 2:].reshape(4, 96, 16), 6, seed=0, heads=HeadSlice(2, 2, 4)).view(2, 2, 6, 16)
     assert torch.equal(part, full[:, 2:])
     assert not torch.equal(init_centroids(q[:, 2:].reshape(4, 96, 16), 6, seed=0).view(2, 2, 6, 16), full[:, 2:])

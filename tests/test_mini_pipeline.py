@@ -54,6 +54,29 @@ def test_seeded_and_validated():
         pipe(PROMPT, num_frames=2, height=60, width=64)
 
 
+def test_list_of_generators_gives_each_item_its_own_noise():
+    """A batched call with one generator per prompt starts item i from the single call's noise (diffusers'
+    ``generator=[...]`` convention) and ends within float tolerance of it; negative prompts may be a list."""
+    pipe = _tiny_pipe()
+    first_inputs = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: first_inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+    kw = dict(num_frames=2, height=64, width=64, num_inference_steps=2, guidance_scale=4.0)
+    prompts = [PROMPT, "a green square moves right over a flat red background"]
+    negatives = ["", "a red circle"]
+    batch = pipe(prompts, negative_prompt=negatives, generator=[torch.Generator().manual_seed(s) for s in (3, 7)],
+                 **kw).frames
+    batch_start = first_inputs[0]
+    assert batch.shape[0] == 2 and batch_start.shape[0] == 2
+    for i, (prompt, neg, seed) in enumerate(zip(prompts, negatives, (3, 7))):
+        first_inputs.clear()
+        single = pipe(prompt, negative_prompt=neg, generator=torch.Generator().manual_seed(seed), **kw).frames
+        assert torch.equal(first_inputs[0][0], batch_start[i])  # bit-identical initial noise
+        assert abs(single[0] - batch[i]).max() < 1e-4
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(prompts, generator=[torch.Generator().manual_seed(0)], **kw)
+
+
 def test_save_load_roundtrip_and_missing_weights(tmp_path):
     pipe = _tiny_pipe()
     pipe.save_pretrained(tmp_path, dtype=torch.float32)

@@ -1,5 +1,9 @@
 """One timed generation: call kwargs from a model preset, per-step clock, frames out.
 
+:func:`generate_batch` runs several (prompt, seed) pairs in one pipeline call: prompts (and negative prompts)
+as lists and one CPU generator per item (diffusers' ``generator=[...]``), so every item starts from exactly
+the noise it gets alone. A batch of one is :func:`generate`, call for call.
+
 Timing adds no synchronisation inside the denoising loop: on CUDA, events are recorded around the call and at
 every ``callback_on_step_end`` and resolved once after the call; on the CPU ``time.perf_counter`` is used.
 """
@@ -16,7 +20,7 @@ import torch
 
 from svg2.harness.prompts import Prompt
 
-__all__ = ["GenerationResult", "StepClock", "build_call_kwargs", "generate"]
+__all__ = ["GenerationResult", "StepClock", "build_call_kwargs", "generate", "generate_batch"]
 
 
 class StepClock:
@@ -53,10 +57,15 @@ class StepClock:
 
 @dataclass
 class GenerationResult:
+    """One video. In a batch, ``latency_s`` is this item's share (batch total / batch size); the batch's total,
+    per-step times and peak memory are the whole call's."""
+
     frames: np.ndarray  # [F, H, W, 3] float32 in [0, 1]
     latency_s: float
     step_s: list[float] = field(default_factory=list)
     peak_mem_gb: float | None = None
+    batch_size: int = 1  # videos in the pipeline call that made this one
+    batch_latency_s: float | None = None  # that call's total; None: same as latency_s (batch of one)
 
 
 def _accepts(fn: Any) -> tuple[set[str], bool]:
@@ -91,9 +100,13 @@ def build_call_kwargs(pipe: Any, mcfg: Any, prompt: Prompt, seed: int) -> dict[s
     return kw
 
 
-def _frames_of(output: Any) -> np.ndarray:
-    frames = output.frames if hasattr(output, "frames") else output[0]
-    frames = frames[0]
+def _videos_of(output: Any) -> Any:
+    """The batch of videos a pipeline call returned (an array, tensor or list indexed by item)."""
+    return output.frames if hasattr(output, "frames") else output[0]
+
+
+def _frames_of(output: Any, index: int = 0) -> np.ndarray:
+    frames = _videos_of(output)[index]
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().float().cpu().numpy()
         if frames.shape[-1] != 3 and frames.shape[1] == 3:  # [F, 3, H, W]
@@ -110,6 +123,57 @@ def generate(pipe: Any, mcfg: Any, prompt: Prompt, seed: int, device: torch.devi
              per_step: bool = True) -> GenerationResult:
     """Run the pipeline once and time it (whole call and per denoising step); peak memory on CUDA."""
     kw = build_call_kwargs(pipe, mcfg, prompt, seed)
+    out, total, steps, peak = _timed_call(pipe, kw, device, per_step)
+    return GenerationResult(frames=_frames_of(out), latency_s=total, step_s=steps, peak_mem_gb=peak)
+
+
+def batch_call_kwargs(pipe: Any, mcfg: Any, items: list[tuple[Prompt, int]]) -> dict[str, Any]:
+    """Pipeline-call kwargs for several (prompt, seed) pairs in one call: ``prompt`` and ``negative_prompt`` as
+    lists, ``generator`` as one CPU generator per item (each seeded as :func:`build_call_kwargs` seeds it)."""
+    if any(p.image is not None for p, _ in items):
+        # diffusers' image-to-video pipelines encode one conditioning image and repeat it over the batch.
+        raise ValueError("batch_size > 1 is not supported for image-conditioned prompts (i2v/ti2v): the "
+                         "pipelines repeat one image over the batch. Set batch_size=1.")
+    names, var_kw = _accepts(pipe.__call__)
+    if not var_kw and "generator" not in names:
+        raise TypeError(f"{type(pipe).__name__} takes no `generator`, so a batch cannot give each item its own "
+                        "noise. Set batch_size=1.")
+    per_item = [build_call_kwargs(pipe, mcfg, p, s) for p, s in items]
+    kw = dict(per_item[0])
+    kw["prompt"] = [k["prompt"] for k in per_item]
+    kw["generator"] = [k["generator"] for k in per_item]
+    if kw.get("negative_prompt") is not None:
+        kw["negative_prompt"] = [k["negative_prompt"] for k in per_item]
+    return kw
+
+
+def generate_batch(pipe: Any, mcfg: Any, items: list[tuple[Prompt, int]], device: torch.device,
+                   per_step: bool = True) -> list[GenerationResult]:
+    """Generate ``items`` ((prompt, seed) pairs) in one timed pipeline call; one result per item, in order.
+
+    Every item starts from the noise of its own seed (one CPU generator each). ``latency_s`` of each result
+    is the call's total divided by the number of items; the per-step clock and peak memory are the call's.
+    A batch of one is exactly :func:`generate`. Raises ValueError when the pipeline returns another number of
+    videos than it was asked for (it does not take lists).
+    """
+    if not items:
+        return []
+    if len(items) == 1:
+        return [generate(pipe, mcfg, items[0][0], items[0][1], device, per_step=per_step)]
+    kw = batch_call_kwargs(pipe, mcfg, items)
+    out, total, steps, peak = _timed_call(pipe, kw, device, per_step)
+    n = len(items)
+    got = len(_videos_of(out))
+    if got != n:
+        raise ValueError(f"{type(pipe).__name__} returned {got} videos for a batch of {n} prompts: it does not take "
+                         "lists of prompts and generators. Set batch_size=1.")
+    return [GenerationResult(frames=_frames_of(out, i), latency_s=total / n, step_s=steps, peak_mem_gb=peak,
+                             batch_size=n, batch_latency_s=total) for i in range(n)]
+
+
+def _timed_call(pipe: Any, kw: dict[str, Any], device: torch.device,
+                per_step: bool) -> tuple[Any, float, list[float], float | None]:
+    """Call ``pipe(**kw)`` under the step clock: (output, total seconds, per-step seconds, peak GiB on CUDA)."""
     clock = StepClock(device)
     names, var_kw = _accepts(pipe.__call__)
     if per_step and ("callback_on_step_end" in names or var_kw) and "callback_on_step_end" not in kw:
@@ -122,4 +186,4 @@ def generate(pipe: Any, mcfg: Any, prompt: Prompt, seed: int, device: torch.devi
     clock.mark()
     total, steps = clock.resolve()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return GenerationResult(frames=_frames_of(out), latency_s=total, step_s=steps, peak_mem_gb=peak)
+    return out, total, steps, peak

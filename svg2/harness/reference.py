@@ -1,9 +1,9 @@
 """Dense reference videos, generated once per content key and cached on disk.
 
 The key covers everything that determines the dense video: the model preset (loader, weights, sampling
-settings, dtype), the device type, the prompt (and image) and the seed. A cache entry is a folder
-``<cache>/<key>/`` holding ``frames.npy``, ``video.mp4`` and ``meta.json`` (written last, atomically: an entry
-without meta.json is incomplete and regenerated).
+settings, dtype), the device type, the prompt (and image), the seed and, when not 1, the batch size. A cache
+entry is a folder ``<cache>/<key>/`` holding ``frames.npy``, ``video.mp4`` and ``meta.json`` (written last,
+atomically: an entry without meta.json is incomplete and regenerated).
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ _SAMPLING_FIELDS = ("name", "loader", "repo_id", "target", "pipeline_class", "ta
                     "negative_prompt", "dtype", "kwargs", "call_kwargs")
 
 
-def reference_key(model: dict[str, Any], device_type: str, prompt: str, image: str | None, seed: int) -> str:
+def reference_key(model: dict[str, Any], device_type: str, prompt: str, image: str | None, seed: int,
+                  batch_size: int = 1) -> str:
+    """``batch_size``: videos per pipeline call (batched numerics differ slightly); part of the key only when
+    not 1, so the keys of unbatched references are unchanged."""
     ident = {"format": _FORMAT, "model": {k: model.get(k) for k in _SAMPLING_FIELDS}, "device": device_type,
              "prompt": prompt, "image": image, "seed": int(seed)}
+    if batch_size != 1:
+        ident["batch_size"] = int(batch_size)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -7,6 +7,10 @@ stock pipeline) -> ``enable`` (the method, optional warm-up) -> ``rows`` (per (p
 MP4, metrics against the reference, one row). The rank policy of ``parallel.mode``
 (:mod:`svg2.harness.ranks`) decides this rank's share and what it writes.
 
+``batch_size: N`` (> 1) generates up to N (prompt, seed) pairs in one pipeline call, references and rows
+alike; each item starts from its own seed's noise. Batched numerics differ slightly from unbatched ones, so
+``batch_size`` is part of the row key and the reference key when it is not 1 (at 1 both are unchanged).
+
 A stage that fails records every row still to run as failed (``failed_stage`` names it) and ends the job;
 an exception inside a row (OOM included) fails that row only and the job goes on. A relaunch retries failed
 rows. Nothing is lost on a kill: every finished row is already on disk.
@@ -33,7 +37,7 @@ from svg2_kernels.plan import TileConfig
 
 from svg2.config import KERNEL_FIELDS, SVG2Config
 from svg2.harness.environment import environment_info
-from svg2.harness.generation import GenerationResult, generate
+from svg2.harness.generation import GenerationResult, generate_batch
 from svg2.harness.loggers import NullLogger, make_logger
 from svg2.harness.metrics import MetricSuite
 from svg2.harness.prompts import Prompt, load_prompts
@@ -145,7 +149,25 @@ def job_identity(cfg: DictConfig, spec: MethodSpec, policy: RankPolicy | None = 
         "compile": bool(cfg.compile),
         "warmup_runs": int(cfg.latency.warmup_runs),
         **policy.identity(),  # parallel.mode=ulysses: {"ulysses_degree": N} (other latencies); else nothing
+        **_batch_identity(cfg),  # batch_size > 1: {"batch_size": N} (other numerics); 1: nothing (old keys)
     }
+
+
+def resolve_batch_size(cfg: DictConfig) -> int:
+    """``cfg.batch_size`` (1 when absent), validated."""
+    n = cfg.get("batch_size", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"batch_size={n!r}: use a whole number >= 1 (1 = one video per pipeline call)")
+    return n
+
+
+def _batch_identity(cfg: DictConfig) -> dict[str, int]:
+    n = resolve_batch_size(cfg)
+    return {} if n == 1 else {"batch_size": n}
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def row_key(identity: dict[str, Any], prompt: Prompt, seed: int) -> str:
@@ -292,19 +314,26 @@ class _Job:
             return
         from tqdm.auto import tqdm
 
-        for p, s in tqdm(missing, desc=f"dense references [{self.tag}]", disable=not self.progress, leave=False):
+        bar = tqdm(total=len(missing), desc=f"dense references [{self.tag}]", disable=not self.progress, leave=False)
+        for batch in _chunks(missing, self.batch_size):
             try:
-                res = generate(self.loaded.pipe, cfg.model, p, s, self.loaded.device)
-                self.refs[_pair_id(p, s)] = self._store_reference(p, s, res)
-            except Exception as e:  # noqa: BLE001
-                row = _failure(self._base_row(p, s), e, "reference")
-                self.store.write(row)
-                self.failed_keys.add(row["key"])
-                self.counts["failed"] += 1
-                log.error("[%s] dense reference failed for %r: %s", self.tag, p.text, e)
+                results = generate_batch(self.loaded.pipe, cfg.model, batch, self.loaded.device)
+                for (p, s), res in zip(batch, results):
+                    self.refs[_pair_id(p, s)] = self._store_reference(p, s, res)
+            except Exception as e:  # noqa: BLE001 - one failed call fails every item of its batch
+                for p, s in batch:
+                    if _pair_id(p, s) in self.refs:  # stored before the failure
+                        continue
+                    row = _failure({**self._base_row(p, s), "batch_size": len(batch)}, e, "reference")
+                    self.store.write(row)
+                    self.failed_keys.add(row["key"])
+                    self.counts["failed"] += 1
+                    log.error("[%s] dense reference failed for %r: %s", self.tag, p.text, e)
                 if cfg.fail_fast:
                     raise
                 _free_memory(self.loaded.device)
+            bar.update(len(batch))
+        bar.close()
 
     def enable(self) -> None:
         """Install the method (nothing for a stock method) and run the untimed warm-up generations."""
@@ -317,38 +346,71 @@ class _Job:
             n_warmup = int(cfg.latency.warmup_runs)
             if n_warmup < 0:
                 n_warmup = 1 if self.loaded.device.type == "cuda" else 0
-            for _ in range(n_warmup):
-                p0, s0 = self.todo[0]
-                self.warmup_s += generate(self.loaded.pipe, cfg.model, p0, s0, self.loaded.device,
-                                          per_step=False).latency_s
+            for _ in range(n_warmup):  # at the timed batches' size: compilation and autotuning are per shape
+                first = self.todo[:self.batch_size]
+                self.warmup_s += _call_s(generate_batch(self.loaded.pipe, cfg.model, first, self.loaded.device,
+                                                        per_step=False))
         except Exception as e:  # noqa: BLE001
             self.fail_rows(e, "enable" if self.handle is None else "warmup")
 
     def rows(self) -> None:
-        """Per (prompt, seed): timed generation, MP4, metrics against the reference, one row in the store."""
+        """Per batch of up to ``batch_size`` (prompt, seed): one timed generation; per item: MP4, metrics
+        against the reference, one row in the store. A failed call fails every row of its batch; a failure
+        after the call (metrics, MP4) fails that row only."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(self.todo, desc=f"{self.spec.label} [{self.tag}]", disable=not self.progress)
-        for p, s in bar:
-            row = self._base_row(p, s)
-            if row["key"] in self.failed_keys:
-                continue
-            video_path = None
+        pending = [(p, s) for p, s in self.todo if row_key(self.identity, p, s) not in self.failed_keys]
+        bar = tqdm(total=len(pending), desc=f"{self.spec.label} [{self.tag}]", disable=not self.progress)
+        for batch in _chunks(pending, self.batch_size):
+            base_rows = [self._base_row(p, s) for p, s in batch]  # started_at: before the call
             try:
-                row, video_path = self._measure(p, s, row)
-                self.counts["ok"] += 1
-                if self.progress and "psnr" in row:
-                    bar.set_postfix(psnr=f"{row['psnr']:.2f}", density=row.get("density"))
-            except Exception as e:  # noqa: BLE001 - OOM, kernel errors...: record and go on
-                row = {**_failure(row, e, "generate"), **self.env}
-                self.counts["failed"] += 1
-                log.error("[%s] failed for %r: %s: %s", self.tag, p.text, type(e).__name__, e)
-                _free_memory(self.loaded.device)
-                if self.cfg.fail_fast:
-                    self.store.write(row)
-                    raise
-            self.store.write(row)
-            self.logger.log_row(row, video_path)
+                results = generate_batch(self.loaded.pipe, self.cfg.model, batch, self.loaded.device,
+                                         per_step=bool(self.cfg.latency.per_step))
+                # The handle's records cover the last pipeline call (reset by set_timesteps at its start):
+                # every row of a batch gets the batch's stats.
+                stats = _stats_fields(self.policy.stats_view(self.handle))  # ulysses: all ranks' heads
+            except Exception as e:  # noqa: BLE001 - OOM, kernel errors...: record the batch and go on
+                self._fail_batch(batch, base_rows, e)
+                bar.update(len(batch))
+                continue
+            for (p, s), res, row in zip(batch, results, base_rows):
+                video_path = None
+                try:
+                    row, video_path = self._measure(p, s, row, res, stats)
+                    self.counts["ok"] += 1
+                    if self.progress and "psnr" in row:
+                        bar.set_postfix(psnr=f"{row['psnr']:.2f}", density=row.get("density"))
+                except Exception as e:  # noqa: BLE001
+                    row = {**_failure(row, e, "generate"), "batch_size": len(batch), **self.env}
+                    self.counts["failed"] += 1
+                    log.error("[%s] failed for %r: %s: %s", self.tag, p.text, type(e).__name__, e)
+                    _free_memory(self.loaded.device)
+                    if self.cfg.fail_fast:
+                        self.store.write(row)
+                        raise
+                self.store.write(row)
+                self.logger.log_row(row, video_path)
+                bar.update(1)
+        bar.close()
+
+    def _fail_batch(self, batch: list[tuple[Prompt, int]], base_rows: list[dict[str, Any]],
+                    exc: Exception) -> None:
+        """Record every row of a batch whose pipeline call failed (``fail_fast``: then re-raise)."""
+        for base in base_rows:
+            row = {**_failure(base, exc, "generate"), "batch_size": len(batch), **self.env}
+            self.store.write(row, consolidate=False)
+            self.counts["failed"] += 1
+            self.logger.log_row(row, None)
+        self.store.consolidate()
+        log.error("[%s] failed for %d prompt(s) (%s ...): %s: %s", self.tag, len(batch), batch[0][0].text,
+                  type(exc).__name__, exc)
+        _free_memory(self.loaded.device)
+        if self.cfg.fail_fast:
+            raise exc
+
+    @property
+    def batch_size(self) -> int:
+        return resolve_batch_size(self.cfg)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -385,23 +447,26 @@ class _Job:
         return row
 
     def _ref_key(self, p: Prompt, s: int) -> str:
-        return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s)
+        return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s,
+                             batch_size=self.batch_size)
 
     def _store_reference(self, p: Prompt, s: int, res: GenerationResult) -> _Ref:
-        meta = {"latency_s": res.latency_s, "gpu": self.env["gpu"], "git_rev": self.env["git_rev"],
-                "model": self.cfg.model.name, "prompt": p.text, "seed": s}
+        # latency_s: this video's share of its batch's call (speedups compare like with like)
+        meta = {"latency_s": res.latency_s, "batch_size": res.batch_size, "gpu": self.env["gpu"],
+                "git_rev": self.env["git_rev"], "model": self.cfg.model.name, "prompt": p.text, "seed": s}
         frames, mp4 = self.cache.put(self._ref_key(p, s), res.frames, meta, fps=self.cfg.model.fps,
                                      write_video=self.mp4_why is None)
         return _Ref(frames, mp4, {**meta, "key": self._ref_key(p, s)}, cached=False)
 
-    def _measure(self, p: Prompt, s: int, row: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    def _measure(self, p: Prompt, s: int, row: dict[str, Any], res: GenerationResult,
+                 stats: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+        """The row of one generated video ``res`` (``stats``: the method's stats of its pipeline call)."""
         cfg, suite = self.cfg, self.suite
-        res = generate(self.loaded.pipe, cfg.model, p, s, self.loaded.device, per_step=bool(cfg.latency.per_step))
         ref = self.refs.get(_pair_id(p, s))
         if ref is None:  # stock method, reference not cached yet: this video is the reference
             ref = self._store_reference(p, s, res)
         row.update(_latency_fields(res, self.warmup_s))
-        row.update(_stats_fields(self.policy.stats_view(self.handle)))  # ulysses: all ranks' heads
+        row.update(stats)
         row.update(ref_key=ref.meta.get("key"), ref_cached=ref.cached, ref_latency_s=ref.meta.get("latency_s"),
                    ref_gpu=ref.meta.get("gpu"), ref_frames_dtype=ref.meta.get("frames_dtype", cfg.cache.dtype),
                    ref_video_path=str(ref.mp4) if ref.mp4 else "")
@@ -458,10 +523,18 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _call_s(results: list[GenerationResult]) -> float:
+    """Seconds of the one pipeline call that made ``results``."""
+    r = results[0]
+    return r.batch_latency_s if r.batch_latency_s is not None else r.latency_s
+
+
 def _latency_fields(res: GenerationResult, warmup_s: float) -> dict[str, Any]:
-    steps = res.step_s
+    steps = res.step_s  # the pipeline call's steps (the whole batch's)
     return {
-        "latency_s": res.latency_s,
+        "latency_s": res.latency_s,  # in a batch: this video's share, batch_latency_s / batch_size
+        "batch_size": res.batch_size,  # videos in the timed call
+        "batch_latency_s": _call_s([res]),
         "step_times_json": _json(steps),
         "mean_step_s": float(np.mean(steps)) if steps else math.nan,
         # The first step also holds text encoding and set-up; the median excludes that.

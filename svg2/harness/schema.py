@@ -178,6 +178,9 @@ class RunConfig:
     compile: bool = False  # torch.compile the transformer(s); compile time lands in the warm-up
     progress: bool = True  # tqdm bars (TQDM_DISABLE=1 or CI=1 silences them)
     fail_fast: bool = False  # raise instead of recording a failed row and moving on
+    # (prompt, seed) pairs per pipeline call (dense references and method videos); each item keeps its own
+    # seed's noise. > 1 fills the GPU on small models; it is part of the row and reference keys when not 1.
+    batch_size: int = 1
     report: bool = True  # write tables and plots when the run / multirun ends
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

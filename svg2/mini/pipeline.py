@@ -165,7 +165,7 @@ class MiniPipeline:
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -173,7 +173,9 @@ class MiniPipeline:
     ):
         """Generate videos. Unset sizes and settings come from the pipeline's operating point.
 
-        Noise is drawn on the CPU from ``generator`` (same video on any device for a seed).
+        Noise is drawn on the CPU from ``generator`` (same video on any device for a seed). A list of
+        generators (one per prompt, as diffusers' ``randn_tensor`` takes it) draws each video's noise from its
+        own generator, so item i of a batch starts from the noise of the single call with ``generator[i]``.
         Returns :class:`MiniPipelineOutput` (or a tuple ``(frames,)`` with ``return_dict=False``).
         """
         d = self.defaults
@@ -197,7 +199,7 @@ class MiniPipeline:
 
         shape = (len(prompts), LATENT_CHANNELS, num_frames, height // UNSHUFFLE, width // UNSHUFFLE)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            latents = _initial_noise(shape, generator)
         latents = latents.to(dev, torch.float32)
 
         self.scheduler.set_timesteps(steps, device=dev)
@@ -226,6 +228,16 @@ class MiniPipeline:
             if output_type == "np":
                 frames = frames.cpu().numpy()
         return MiniPipelineOutput(frames=frames) if return_dict else (frames,)
+
+
+def _initial_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None
+                   ) -> torch.Tensor:
+    """float32 CPU noise of ``shape``; a list of generators draws each item (1, ...) from its own."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} videos: pass one per prompt")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
 
 
 def load_mini_pipeline(variant: str = "quick", device: torch.device | str = "cpu",
