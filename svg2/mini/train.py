@@ -160,7 +160,8 @@ def pipeline_from_state(state: dict[str, torch.Tensor], meta: dict) -> MiniPipel
     return MiniPipeline(transformer.eval(), te.eval(), tok)
 
 
-def plot_loss(log: list[dict], path: Path) -> None:
+def plot_loss(log: list[dict], path: str | Path, title: str = "mini text-to-video training loss") -> Path:
+    """Per-step loss and its moving mean (log scale) over the whole log."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,11 +178,14 @@ def plot_loss(log: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
-    ax.set_title("mini text-to-video training loss")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 def save_samples(pipe: MiniPipeline, path: Path, prompts: list[str], sizes: list[tuple[int, int, int]]) -> None:

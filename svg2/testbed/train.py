@@ -234,24 +234,6 @@ def _save_ckpt(path: Path, modules, opt, ema: EMA, step: int, log: list[dict]) -
 
 def plot_loss(log: list[dict], path: str | Path) -> Path:
     """Per-step loss and its moving mean (log scale) over the whole accumulated log."""
-    import matplotlib
+    from svg2.mini.train import plot_loss as _plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    steps = np.array([r["step"] for r in log])
-    loss = np.array([r["loss"] for r in log])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, lw=0.4, alpha=0.35, label="per step")
-    w = max(1, len(loss) // 50)
-    if len(loss) >= w:
-        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5, label=f"moving mean ({w})")
-    ax.set(yscale="log", xlabel="step", ylabel="flow-matching MSE", title="testbed training loss")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plot(log, path, title="testbed training loss")
