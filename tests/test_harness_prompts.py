@@ -84,3 +84,15 @@ def test_builtin_i2v_smoke_set(tmp_path, monkeypatch):
     assert [p.image for p in again] == [p.image for p in ps]  # deterministic and cached
     a = (tmp_path / "prompt_images")
     assert len(list(a.glob("*.png"))) == 3 and not list(a.glob(".*"))  # no temporary files left
+
+
+def test_builtin_sets_keep_every_prompt_when_dimensions_differ_in_size():
+    # Interleaving once truncated every dimension to the smallest one's size: the testbed set (32 captions in
+    # groups of 2-8) came out as 12 prompts, silently.
+    from svg2.harness.prompts import _testbed_set
+
+    full = {t for ts in _testbed_set().values() for t in ts}
+    got = load_prompts(OmegaConf.create({"source": "builtin", "set": "testbed", "limit": None}))
+    assert {p.text for p in got} == full and len(got) == len(full) == 32
+    first = load_prompts(OmegaConf.create({"source": "builtin", "set": "testbed", "limit": 6}))
+    assert len({p.dimension for p in first}) == 6  # limit still takes one of each dimension first

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -226,6 +227,16 @@ def load_prompt_file(path: str | Path, image_dir: str | Path | None = None) -> l
     return prompts
 
 
+def _interleave_dimensions(prompts: list[Prompt]) -> list[Prompt]:
+    """Round-robin over dimensions (first of each, then second of each, ...) so that ``limit`` picks a spread
+    of dimensions, not one; a dimension that runs out drops out of the rotation (no prompt is lost)."""
+    by_dim: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_dim.setdefault(p.dimension, []).append(p)
+    rounds = itertools.zip_longest(*by_dim.values())
+    return [p for group in rounds for p in group if p is not None]
+
+
 def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
     """Prompts selected by a ``PromptsConfig``-like node (``source``, ``set``, ``path``, ``image_dir``,
     ``dimensions``, ``limit``). For ``task="i2v"`` every prompt must carry a readable image."""
@@ -240,11 +251,7 @@ def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
             raise KeyError(f"unknown built-in prompt set {cfg.set!r}; available: {known}")
         else:
             prompts = [Prompt(t, d) for d, ts in BUILTIN_SETS[cfg.set].items() for t in ts]
-        # Interleave dimensions so that `limit` picks a spread of dimensions, not one.
-        by_dim: dict[str, list[Prompt]] = {}
-        for p in prompts:
-            by_dim.setdefault(p.dimension, []).append(p)
-        prompts = [p for group in zip(*by_dim.values()) for p in group]
+        prompts = _interleave_dimensions(prompts)
     elif source == "vbench":
         path = cfg.get("path") or find_vbench_info()
         if path is None:
