@@ -60,6 +60,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
     out = Path(out_dir)
     df = load_results(*paths)
     out.mkdir(parents=True, exist_ok=True)
+    ours = (out / "README.md").is_file() and (out / "README.md").read_text().startswith("# svg2 report")
     written: list[Path] = []
     _ok, warnings = prepare(df)
     warnings = _unreadable_rows(paths) + warnings
@@ -90,8 +91,6 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
                          "the same device); run method=dense for a warmed-up baseline.")
         if "gpu" in s:
             notes.append("Device: " + ", ".join(sorted(s["gpu"].dropna().astype(str).unique())))
-    for stale in set(out.glob("pareto_*.*")) - set(written):  # a speedup plot from an earlier report
-        stale.unlink()
     f = failures(df)
     if not f.empty:
         (out / "failures.md").write_text(_FAILED_HINT.format(n=len(f), paths=" ".join(map(str, paths))) + "\n\n"
@@ -112,7 +111,15 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
                   "[failures.md](failures.md).", ""]
     (out / "README.md").write_text("\n".join(index))
     written.append(out / "README.md")
+    stale = {p for pat in _OUTPUTS for p in out.glob(pat)} - set(written) if ours else set()
+    for p in stale:  # left by an earlier report into this folder (a folder it did not write: left alone)
+        p.unlink()
     return written, warnings
+
+
+# What a report writes: a file of these an earlier report left and this one did not write is removed.
+_OUTPUTS = ("table1.md", "table1.tex", "table1_mp4.md", "summary.csv", "failures.md", "pareto_*.png", "pareto_*.svg",
+            "quality_density_*.png", "quality_density_*.svg")
 
 
 _FAILED_HINT = ("{n} failed rows. Relaunching the sweep retries them (store.retry_failed=true, the default); "

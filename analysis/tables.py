@@ -31,6 +31,8 @@ __all__ = ["add_variants", "prepare", "summarise", "to_markdown", "to_latex", "c
 _SHORT = {"top_p": "p", "num_q_centroids": "Cq", "num_k_centroids": "Ck", "target_density": "target",
           "dense_steps_frac": "warmup", "dense_layers": "dense layers", "min_kc_ratio": "min kc",
           "kernel_attention": "kernel", "kernel_kmeans": "kmeans kernel", "kmeans_iters_step": "iters"}
+# Knobs named first in a variant, in this order (the rest alphabetically): the centroid counts, then the density.
+_KNOB_ORDER = ("num_q_centroids", "num_k_centroids", "top_p", "target_density", "density")
 # Knobs that move a method along its density axis: one Pareto series per method and its other knobs.
 _DENSITY_KNOBS = frozenset({"top_p", "target_density", "density"})
 
@@ -134,7 +136,8 @@ def add_variants(df: pd.DataFrame) -> pd.DataFrame:
     variants, series = [], []
     for i, label in enumerate(labels):
         same = [knobs[j] for j in range(len(df)) if labels[j] == label]
-        keys = sorted({k for kn in same for k in kn})
+        keys = sorted({k for kn in same for k in kn},
+                      key=lambda k: (_KNOB_ORDER.index(k) if k in _KNOB_ORDER else len(_KNOB_ORDER), k))
         varying = [k for k in keys if len({json.dumps(kn.get(k), default=str) for kn in same}) > 1]
         parts = [f"{_SHORT.get(k, k)}={knobs[i].get(k)}" for k in varying]
         fixed = [f"{_SHORT.get(k, k)}={knobs[i].get(k)}" for k in varying if k not in _DENSITY_KNOBS]
@@ -184,7 +187,7 @@ def prepare(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         return ok, warnings
     ok = add_variants(ok)
     conv = ok["metric_convention"] if "metric_convention" in ok.columns else pd.Series(None, index=ok.index)
-    ok["metric_convention"] = conv.where(conv.notna(), None)
+    ok["metric_convention"] = conv.astype(object).where(conv.notna(), None)
     dup_cols = [c for c in ("model", "variant", "metric_convention", "prompt", "prompt_id", "image", "seed", "gpu")
                 if c in ok.columns]
     ident = ok[dup_cols].astype(str)
@@ -258,7 +261,7 @@ def summarise(df: pd.DataFrame, mp4: bool = False, *, tolerance: float = DENSITY
     stock = ok.get("method_stock", pd.Series(False, index=ok.index)).fillna(False).astype(bool)
     ok["_is_dense"] = stock | (ok["method"] == "dense")
     ok["gpu"] = ok.get("gpu", pd.Series("?", index=ok.index)).fillna("?")
-    conventions = ok["metric_convention"].fillna("unrecorded")
+    conventions = _text(ok["metric_convention"], "unrecorded")
     mixed = conventions.nunique() > 1
     match = ["model", "prompt_id", "seed", "gpu"]
     dense_lat = (ok[stock].groupby(match)["latency_s"].mean() if stock.any() else pd.Series(dtype=float))
@@ -344,6 +347,11 @@ def _columns(s: pd.DataFrame) -> list[tuple]:
     return [c for c in TABLE1_COLUMNS if c[0] != "density_sparse" or has_sparse]
 
 
+def _text(v: pd.Series, fill: str) -> pd.Series:
+    """``v`` as objects, ``fill`` where missing (fillna would warn on an all-missing float column)."""
+    return v.astype(object).where(v.notna(), fill)
+
+
 def _flag(s: pd.DataFrame, col: str) -> pd.Series:
     """A boolean column of a summary (False where absent: summaries built by hand)."""
     return s[col].fillna(False).astype(bool) if col in s else pd.Series(False, index=s.index)
@@ -395,7 +403,7 @@ def _bold_best(s: pd.DataFrame, rows: list[list[str]], mark: Callable[[str], str
         return
     ranked = s[~_flag(s, "is_dense") & ~_flag(s, "is_floor") & ~_flag(s, "off_target")
                & s["target_density"].astype(float).notna()]
-    conv = ranked.get("metric_convention", pd.Series(None, index=ranked.index)).fillna("")
+    conv = _text(ranked.get("metric_convention", pd.Series(None, index=ranked.index)), "")
     caveat = ranked.get("latency_caveat", pd.Series(None, index=ranked.index)).notna()
     for j, (col, _h, higher, _f) in enumerate(_columns(s)):
         if higher is None:
@@ -436,8 +444,9 @@ def caption_lines(s: pd.DataFrame, tolerance: float = DENSITY_TOLERANCE, dropped
     if len(named) == 1 and conv.notna().all():
         lines.append(f"Metric convention: {named[0]}.")
     elif named:
-        counts = conv.fillna("unrecorded").value_counts()
-        lines.append("Mixed metric conventions (" + ", ".join(f"{k}: {v} rows" for k, v in sorted(counts.items()))
+        counts = _text(conv, "unrecorded").value_counts()
+        lines.append("Mixed metric conventions (" + ", ".join(f"{k}: {v} row{'s' * (v != 1)}"
+                                                             for k, v in sorted(counts.items()))
                      + "): rows are split by convention ([...] after the method); values are not comparable "
                      "across conventions.")
     off = s[_flag(s, "off_target")]
