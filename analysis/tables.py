@@ -223,6 +223,11 @@ def _latency_caveat(ok: pd.DataFrame, recs: list[dict[str, Any]]) -> str | None:
     if cpu:
         return (f"latency measured on the CPU ({', '.join(cpu)}): speedups are not GPU results and are not "
                 "ranked; the plot shows quality against density.")
+    warm = _num(ok, "warmup_s")
+    if warm.notna().any() and (warm == 0).any():
+        return ("latency timed without a warm-up run (warmup_s = 0: latency.warmup_runs=0), so the first videos "
+                "of a job include compilation and autotuning: speedups are not ranked; the plot shows quality "
+                "against density.")
     ranked = [r for r in recs if not r["is_dense"] and not r["is_floor"]]
     speedups = [r["speedup"] for r in ranked if np.isfinite(r["speedup"])]
     if speedups and max(speedups) <= 1.0:

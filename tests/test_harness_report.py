@@ -249,6 +249,13 @@ def test_overhead_bound_run_is_flagged(tmp_path):
         rows += [_row("a", p, 25.0, target=0.3, sparse=0.3, latency=1.5, time_attention_ms=150.0)]
     s = summarise(pd.DataFrame(rows))
     assert s["latency_caveat"].str.contains("take 10% of the generation time").all()
+    # Timed without a warm-up run: the first videos hold compilation and autotuning.
+    rows = [{**r, "warmup_s": 0.0} for r in _dense_rows()]
+    rows += [_row("a", p, 25.0, target=0.3, sparse=0.3, latency=1.0, warmup_s=0.0) for p in ("p1", "p2")]
+    s = summarise(pd.DataFrame(rows))
+    assert s["latency_caveat"].str.contains("without a warm-up run").all()
+    rows = [{**r, "warmup_s": 3.0} for r in rows]
+    assert summarise(pd.DataFrame(rows))["latency_caveat"].isna().all()
 
 
 def test_metric_convention_in_caption(tmp_path):
