@@ -272,6 +272,11 @@ def test_metric_convention_in_caption(tmp_path):
     assert a_std["n"].item() == 2 and a_std["psnr"].item() == 10.0  # never averaged with the svg rows
     # Rows without the field (older stores) are reported without a convention line.
     assert "convention" not in to_markdown(summarise(pd.DataFrame(_matched_rows())))
+    # Through a store, with per-frame lists beside the scalars.
+    framed = [{**r, "psnr_frames": [r["psnr"]] * 3, "ssim_frames": [0.5, 0.6]} for r in rows]
+    store = _store(tmp_path / "results", framed)
+    assert main([str(store), "--out", str(tmp_path / "r")]) == 0
+    assert "Metric convention: svg." in (tmp_path / "r" / "table1.md").read_text()
 
 
 def test_duplicate_and_corrupt_rows_are_warned(tmp_path, capsys):
