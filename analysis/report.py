@@ -2,6 +2,12 @@
 
     svg2-report multirun/quickstart                 # a sweep folder, a store folder, or a folder of sweeps
     svg2-report multirun/pareto multirun/kernels --out reports/h200
+    svg2-report multirun/baselines --off-target drop     # leave out rows that miss their target density
+    svg2-report multirun/quickstart --drop-failed        # move failed rows out of the store, then report
+
+Every row shows n, the mean and the 95% confidence interval over (prompt, seed); methods are ranked (bold)
+within one target density only; a ``method=dense_floor`` row is the noise floor. On the CPU, or where the run
+is overhead-bound, speedups are not ranked and the plot is quality against density.
 
 ``svg2-run`` writes the same report when a run or multirun ends (:class:`ReportCallback`, named in
 ``conf/config.yaml``).
@@ -10,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,12 +27,12 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from analysis.pareto import plot_pareto
-from analysis.tables import failures, summarise, to_latex, to_markdown
+from analysis.pareto import plot_all
+from analysis.tables import DENSITY_TOLERANCE, failures, prepare, summarise, to_latex, to_markdown
 from svg2.harness.ranks import rank_policy
-from svg2.harness.store import load_results
+from svg2.harness.store import ResultsStore, find_stores, load_results
 
-__all__ = ["write_report", "report_dir_for", "ReportCallback", "main"]
+__all__ = ["write_report", "build_report", "drop_failed", "report_dir_for", "ReportCallback", "main"]
 
 log = logging.getLogger("svg2.harness")
 
@@ -35,28 +42,45 @@ def report_dir_for(store_dir: Path) -> Path:
     return store_dir.parent / "report" if store_dir.name == "results" else store_dir / "report"
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
+def write_report(paths: list[str | Path], out_dir: str | Path, *, off_target: str = "flag",
+                 tolerance: float = DENSITY_TOLERANCE) -> list[Path]:
     """Write ``table1.md``, ``table1.tex``, ``table1_mp4.md`` (if measured), ``summary.csv``,
-    ``failures.md`` (if any), ``pareto_<model>.png/.svg`` and an index ``README.md``. Returns the paths."""
+    ``failures.md`` (if any), the plots (``quality_density_<model>``, and ``pareto_<model>`` where latency is a
+    result; PNG and SVG) and an index ``README.md``. Returns the paths; warnings (corrupt or duplicate rows)
+    are logged and listed in the index."""
+    files, warnings = build_report(paths, out_dir, off_target=off_target, tolerance=tolerance)
+    for w in warnings:
+        log.warning("report: %s", w)
+    return files
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: str = "flag",
+                 tolerance: float = DENSITY_TOLERANCE) -> tuple[list[Path], list[str]]:
+    """:func:`write_report`, returning (the paths written, the warnings)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     df = load_results(*paths)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = (out / "README.md").is_file() and (out / "README.md").read_text().startswith("# svg2 report")
     written: list[Path] = []
-    s = summarise(df)
+    _ok, warnings = prepare(df)
+    warnings = _unreadable_rows(paths) + warnings
+    s_all = summarise(df, tolerance=tolerance)
+    s = summarise(df, tolerance=tolerance, off_target=off_target)
+    dropped = len(s_all) - len(s)
     n_ok = int((df["status"] == "ok").sum()) if not df.empty else 0
     n_failed = int((df["status"] != "ok").sum()) if not df.empty else 0
     notes = [f"{n_ok} finished rows, {n_failed} failed, from: " + ", ".join(str(p) for p in paths)]
     if not s.empty:
-        md = to_markdown(s)
+        md = to_markdown(s, tolerance=tolerance, dropped=dropped)
         (out / "table1.md").write_text(md)
-        (out / "table1.tex").write_text(to_latex(s))
+        (out / "table1.tex").write_text(to_latex(s, tolerance=tolerance, dropped=dropped))
         s.to_csv(out / "summary.csv", index=False)
         written += [out / "table1.md", out / "table1.tex", out / "summary.csv"]
-        s_mp4 = summarise(df, mp4=True)
+        s_mp4 = summarise(df, mp4=True, tolerance=tolerance, off_target=off_target)
         if not s_mp4.empty and s_mp4[["psnr", "ssim"]].notna().any().any():
-            (out / "table1_mp4.md").write_text(to_markdown(s_mp4))
+            (out / "table1_mp4.md").write_text(to_markdown(s_mp4, tolerance=tolerance, dropped=dropped))
             written.append(out / "table1_mp4.md")
-        written += plot_pareto(s, out)
+        written += plot_all(s, out)
         net = s["lpips_net"].dropna().iloc[0] if s["lpips_net"].notna().any() else None
         notes.append(f"LPIPS: {net} backbone" if net else "LPIPS: not measured" + _lpips_reason(df))
         if "ssim_window" in df.columns and df["ssim_window"].notna().any():
@@ -69,9 +93,12 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
             notes.append("Device: " + ", ".join(sorted(s["gpu"].dropna().astype(str).unique())))
     f = failures(df)
     if not f.empty:
-        (out / "failures.md").write_text(_failures_md(f))
+        (out / "failures.md").write_text(_FAILED_HINT.format(n=len(f), paths=" ".join(map(str, paths))) + "\n\n"
+                                         + _failures_md(f))
         written.append(out / "failures.md")
     index = ["# svg2 report", "", *[f"- {n}" for n in notes], ""]
+    if warnings:
+        index += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     if (out / "table1.md").is_file():
         index += ["## Table 1 (in-memory frames)", "", (out / "table1.md").read_text(), ""]
     if (out / "table1_mp4.md").is_file():
@@ -80,10 +107,56 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
         if p.suffix == ".png":
             index += [f"![{p.stem}]({p.name})", ""]
     if not f.empty:
-        index += [f"{len(f)} failed rows: see [failures.md](failures.md).", ""]
+        index += [_FAILED_HINT.format(n=len(f), paths=" ".join(map(str, paths))) + " Details: "
+                  "[failures.md](failures.md).", ""]
     (out / "README.md").write_text("\n".join(index))
     written.append(out / "README.md")
-    return written
+    stale = {p for pat in _OUTPUTS for p in out.glob(pat)} - set(written) if ours else set()
+    for p in stale:  # left by an earlier report into this folder (a folder it did not write: left alone)
+        p.unlink()
+    return written, warnings
+
+
+# What a report writes: a file of these an earlier report left and this one did not write is removed.
+_OUTPUTS = ("table1.md", "table1.tex", "table1_mp4.md", "summary.csv", "failures.md", "pareto_*.png", "pareto_*.svg",
+            "quality_density_*.png", "quality_density_*.svg")
+
+
+_FAILED_HINT = ("{n} failed rows. Relaunching the sweep retries them (store.retry_failed=true, the default); "
+                "`svg2-report --drop-failed {paths}` removes them from the store.")
+
+
+def _unreadable_rows(paths: list[str | Path]) -> list[str]:
+    """Row files that are not valid JSON (the store skips them: their rows are missing from every table)."""
+    bad: list[Path] = []
+    for p in paths:
+        for store in find_stores(p):
+            for f in sorted((store / "rows").glob("*.json")):
+                try:
+                    json.loads(f.read_text())
+                except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                    bad.append(f)
+    if not bad:
+        return []
+    return [f"{len(bad)} unreadable (corrupt) row file(s), left out: " + ", ".join(map(str, bad[:5]))
+            + (" ..." if len(bad) > 5 else "") + ". Delete them and relaunch the sweep to rerun those rows."]
+
+
+def drop_failed(paths: list[str | Path]) -> list[tuple[Path, int]]:
+    """Move the failed rows of every store under ``paths`` out of the store (``<store>/dropped/``); returns
+    (store, how many) per store. A store without row files (a Parquet or JSONL snapshot only) is an error."""
+    out = []
+    for p in paths:
+        stores = find_stores(p)
+        if not stores:
+            raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
+                                    f"{str(p)!r}")
+        for store in stores:
+            if not (store / "rows").is_dir():
+                raise ValueError(f"{store} has no rows/ folder (a snapshot only): --drop-failed edits row files; "
+                                 "report it without --drop-failed")
+            out.append((store, ResultsStore(store).drop_failed()))
+    return out
 
 
 def _lpips_reason(df: pd.DataFrame) -> str:
@@ -161,14 +234,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="svg2-report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paths", nargs="+", help="results store(s), sweep folder(s) or parent folder(s)")
     ap.add_argument("--out", default=None, help="output folder (default: <first path>/report)")
+    ap.add_argument("--off-target", choices=("flag", "drop"), default="flag",
+                    help="rows whose sparse density misses their target density by more than the tolerance: "
+                         "flag (mark with a dagger, never rank; default) or drop (leave out)")
+    ap.add_argument("--density-tolerance", type=float, default=DENSITY_TOLERANCE, metavar="FRAC",
+                    help=f"relative miss of the target density still counted as matched (default "
+                         f"{DENSITY_TOLERANCE})")
+    ap.add_argument("--drop-failed", action="store_true",
+                    help="first move the failed rows out of the store(s) (to <store>/dropped/), then report")
     args = ap.parse_args(argv)
+    if not 0 <= args.density_tolerance < 1:
+        ap.error(f"--density-tolerance {args.density_tolerance}: use a fraction in [0, 1), e.g. 0.05 for 5%")
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else report_dir_for(first)
     try:
-        files = write_report(args.paths, out)
-    except FileNotFoundError as e:
+        if args.drop_failed:
+            for store, n in drop_failed(args.paths):
+                print(f"svg2-report: removed {n} failed row(s) from {store}"
+                      + (f" (moved to {store / 'dropped'})" if n else ""))
+        files, warnings = build_report(args.paths, out, off_target=args.off_target,
+                                       tolerance=args.density_tolerance)
+    except (FileNotFoundError, ValueError) as e:
         print(f"svg2-report: {e}", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"svg2-report: warning: {w}", file=sys.stderr)
     print(f"svg2-report: wrote {len(files)} files to {out}")
     if (out / "table1.md").is_file():
         print((out / "table1.md").read_text())

@@ -57,8 +57,16 @@ def _jsonable(v: Any) -> Any:
 _SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
+def _special(v: Any) -> Any:
+    if isinstance(v, str) and v in _SPECIAL:
+        return _SPECIAL[v]
+    if isinstance(v, list):  # per-frame lists: PSNR of identical frames is inf
+        return [_special(x) for x in v]
+    return v
+
+
 def _from_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_SPECIAL[v] if isinstance(v, str) and v in _SPECIAL else v) for k, v in row.items()}
+    return {k: _special(v) for k, v in row.items()}
 
 
 class ResultsStore:
@@ -146,30 +154,73 @@ class ResultsStore:
                 atomic_write_text(self.jsonl_path, "\n".join(lines) + "\n")
             return df
 
+    def drop_failed(self) -> int:
+        """Move every failed row out of the store (to ``dropped/<key>.json``, kept for inspection), rebuild the
+        snapshots, return how many moved. A row a running job rewrites as ``ok`` meanwhile stays: each file is
+        moved first and checked after, and an ``ok`` row is put back unless a newer file took its place."""
+        dropped_dir = self.root / "dropped"
+        n = 0
+        with self._lock():
+            for p in sorted(self.rows_dir.glob("*.json")):
+                try:
+                    if json.loads(p.read_text()).get("status") == "ok":
+                        continue
+                except (json.JSONDecodeError, OSError):
+                    continue  # unreadable: not known to be failed; the report counts it as corrupt
+                dropped_dir.mkdir(exist_ok=True)
+                dest = dropped_dir / p.name
+                try:
+                    os.replace(p, dest)
+                except FileNotFoundError:
+                    continue
+                try:
+                    status = json.loads(dest.read_text()).get("status")
+                except (json.JSONDecodeError, OSError):
+                    status = None
+                if status == "ok":  # rewritten by a running job between the read and the move: put it back
+                    with contextlib.suppress(FileExistsError):
+                        os.link(dest, p)  # never over a newer row file
+                    dest.unlink()
+                    continue
+                n += 1
+            if n and not any(self.rows_dir.glob("*.json")):  # none left: the snapshots must not bring them back
+                for snap in (self.parquet_path, self.jsonl_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        snap.unlink()
+        if n:
+            self.consolidate()
+        return n
+
 
 def find_stores(path: str | Path) -> list[Path]:
     """Store folders at or under ``path`` (a store, a run/sweep folder, or a folder of sweeps)."""
     path = Path(path)
-    if (path / "rows").is_dir() or (path / "results.parquet").is_file():
+    snapshots = ("results.parquet", "results.jsonl")  # a committed results folder may keep only the JSONL mirror
+    if (path / "rows").is_dir() or any((path / n).is_file() for n in snapshots):
         return [path]
-    found = {p.parent for p in path.glob("**/results.parquet")} | {p.parent for p in path.glob("**/rows")
-                                                                   if p.is_dir()}
+    found = {p.parent for n in snapshots for p in path.glob(f"**/{n}")} | {p.parent for p in path.glob("**/rows")
+                                                                           if p.is_dir()}
     return sorted(found)
 
 
 def load_results(*paths: str | Path) -> pd.DataFrame:
-    """All rows of every store found under ``paths`` (row files preferred over the Parquet snapshot)."""
+    """All rows of every store found under ``paths`` (row files preferred over the Parquet snapshot, that over
+    the JSONL mirror)."""
     frames = []
     for p in paths:
         stores = find_stores(p)
         if not stores:
-            raise FileNotFoundError(f"no results store (rows/ or results.parquet) at or under {str(p)!r}")
+            raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
+                                    f"{str(p)!r}")
         for s in stores:
             rows_dir = s / "rows"
             if rows_dir.is_dir() and any(rows_dir.glob("*.json")):
                 df = ResultsStore(s).load()
             elif (s / "results.parquet").is_file():
                 df = pd.read_parquet(s / "results.parquet")
+            elif (s / "results.jsonl").is_file():
+                lines = (s / "results.jsonl").read_text().splitlines()
+                df = pd.DataFrame([_from_json(json.loads(ln)) for ln in lines if ln.strip()])
             else:
                 df = pd.DataFrame()
             if not df.empty:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from svg2.attention import dense_attention
 from svg2.methods.base import AttentionContext, AttentionMethod, register_method
@@ -33,6 +34,42 @@ class DenseMethod(AttentionMethod):
         ctx.state.record(method=self.name, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
                          density=1.0, dense=True)
         return out
+
+
+@register_method("dense_floor")
+class DenseFloorMethod(AttentionMethod):
+    """Exact attention through a second exact path: torch SDPA's math backend in float32, cast back to the
+    input dtype. Compared against the dense reference like any method, its row is the report's noise floor:
+    a sparse method's difference from dense that is no larger than this one's is not a real difference.
+
+    The math backend materialises the scores, so queries run in chunks of at most ``query_chunk`` rows (0: as
+    many as keep one chunk's float32 scores under 512 MiB); softmax is per query row, so chunking is exact."""
+
+    _SCORE_BYTES = 512 * 2**20
+
+    def __init__(self, *, query_chunk: int = 0) -> None:
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 0:
+            raise ValueError(f"query_chunk={query_chunk!r}: use a whole number of query rows >= 1, or 0 to size "
+                             "chunks automatically")
+        self.query_chunk = query_chunk
+
+    def _chunk(self, q: torch.Tensor, k: torch.Tensor) -> int:
+        if self.query_chunk:
+            return self.query_chunk
+        per_row = q.shape[0] * q.shape[1] * k.shape[2] * 4  # float32 scores of one query row, every head
+        return max(1, self._SCORE_BYTES // per_row)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        kf, vf = k.float(), v.float()
+        step = self._chunk(q, k)
+        outs = []
+        with sdpa_kernel(SDPBackend.MATH):
+            for i in range(0, q.shape[2], step):
+                outs.append(dense_attention(q[:, :, i:i + step].float(), kf, vf, num_text_tokens=ctx.num_text_tokens,
+                                            text_mask=ctx.text_mask, scale=ctx.scale).to(q.dtype))
+        ctx.state.record(method=self.name, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
+                         density=1.0, dense=True)
+        return torch.cat(outs, dim=2)
 
 
 class StockAttention(AttentionMethod):
