@@ -57,8 +57,16 @@ def _jsonable(v: Any) -> Any:
 _SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
+def _special(v: Any) -> Any:
+    if isinstance(v, str) and v in _SPECIAL:
+        return _SPECIAL[v]
+    if isinstance(v, list):  # per-frame lists (psnr_frames: inf for an identical frame)
+        return [_special(x) for x in v]
+    return v
+
+
 def _from_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_SPECIAL[v] if isinstance(v, str) and v in _SPECIAL else v) for k, v in row.items()}
+    return {k: _special(v) for k, v in row.items()}
 
 
 class ResultsStore:
