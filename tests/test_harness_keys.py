@@ -204,6 +204,9 @@ def test_hub_model_rekeyed_once_loading_resolves_its_commit(tmp_path, monkeypatc
     assert ident["weights"]["commit"] == "d" * 40
     assert row["key"] == runner.row_key(ident, *_first_item(cfg))
     assert run_job(cfg, tmp_path / "store")["skipped"] == 1
+    # The local cache cleared, then downloaded again: planned unresolved, found done once loaded.
+    (hub / "models--Org--Model" / "refs" / "main").unlink()
+    assert run_job(cfg, tmp_path / "store") == {"total": 1, "skipped": 1, "ok": 0, "failed": 0}
 
 
 def _first_item(cfg):

@@ -463,6 +463,8 @@ class _Job:
                 self.todo.append((p, s))
             else:
                 self.counts["skipped"] += 1
+        if not self.todo:
+            raise _Stop("rekey")  # every row is already stored under its resolved key: nothing to run
 
     def _ref_key(self, p: Prompt, s: int) -> str:
         return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s,
