@@ -6,6 +6,7 @@ import os
 
 # Nothing downloads at test time and W&B never logs from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["SVG2_OFFLINE"] = "1"  # LPIPS backbones are never fetched (metrics.lpips_allow_download is on by default)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TQDM_DISABLE", "1")

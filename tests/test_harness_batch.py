@@ -21,6 +21,7 @@ from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.runner import job_identity, method_spec, row_key, run_job
 from svg2.harness.schema import register_configs
 from svg2.harness.session import RunSession
+from svg2.harness.weights_identity import software_stack, weights_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -53,8 +54,9 @@ def test_config_and_keys():
     # batch_size=1 leaves the job identity (and so every existing row key) as it was; > 1 gets its own keys.
     assert "batch_size" not in job_identity(one, method_spec(one))
     assert job_identity(two, method_spec(two))["batch_size"] == 2
-    assert reference_key({}, "cpu", "p", None, 0) == reference_key({}, "cpu", "p", None, 0, batch_size=1)
-    assert reference_key({}, "cpu", "p", None, 0) != reference_key({}, "cpu", "p", None, 0, batch_size=2)
+    ids = dict(weights={"kind": "code"}, stack=software_stack("cpu"))
+    assert reference_key({}, "cpu", "p", None, 0, **ids) == reference_key({}, "cpu", "p", None, 0, batch_size=1, **ids)
+    assert reference_key({}, "cpu", "p", None, 0, **ids) != reference_key({}, "cpu", "p", None, 0, batch_size=2, **ids)
     with pytest.raises(ValueError, match="batch_size=0"):
         job_identity(_compose(["batch_size=0"]), method_spec(one))
 
@@ -90,14 +92,15 @@ def test_batched_dense_and_svg2_rows_match_unbatched(tmp_path):
     # Per item, the batched dense video equals the unbatched one (same noise; float tolerance), and each
     # is stored as a reference of its own (the batched one under its own key).
     cache, model = ReferenceCache(tmp_path / "cache"), OmegaConf.to_container(cfg.model, resolve=True)
+    ids = dict(weights=weights_identity(model), stack=software_stack("cpu"))
     for p in load_prompts(cfg.prompts):
         for s in cfg.seeds:
-            alone, _ = cache.get(reference_key(model, "cpu", p.text, p.image, s))
-            batched, meta = cache.get(reference_key(model, "cpu", p.text, p.image, s, batch_size=2))
+            alone, _ = cache.get(reference_key(model, "cpu", p.text, p.image, s, **ids))
+            batched, meta = cache.get(reference_key(model, "cpu", p.text, p.image, s, batch_size=2, **ids))
             assert meta["batch_size"] == 2
             assert np.abs(alone - batched).max() < 2e-3  # float16 frames on disk
     p0 = load_prompts(cfg.prompts)[0]
-    a, b = (cache.get(reference_key(model, "cpu", p0.text, None, s, batch_size=2))[0] for s in (0, 1))
+    a, b = (cache.get(reference_key(model, "cpu", p0.text, None, s, batch_size=2, **ids))[0] for s in (0, 1))
     assert np.abs(a - b).max() > 0.05  # ... and the items of one batch are different videos
 
     # svg2 rows of a batch get that batch's stats, reset between batches as between single videos: as many

@@ -23,7 +23,7 @@ def test_identical_videos():
     suite = MetricSuite(lpips_nets=["alex"], lpips_random_backbone=True)
     scalars, per_frame = suite(v, v)
     assert scalars["psnr"] == math.inf and scalars["ssim"] == pytest.approx(1.0) and scalars["lpips_alex"] == 0.0
-    assert len(per_frame["psnr"]) == 3
+    assert len(per_frame["psnr_frames"]) == 3 and per_frame["lpips_frames"] == [0.0, 0.0, 0.0]
     assert suite.describe()["lpips_alex_status"] == "random_backbone"
 
 
@@ -39,8 +39,11 @@ def test_known_noise_gives_analytic_psnr():
     out[2] += 0.04
     expected = [10 * math.log10(1 / d**2) for d in (0.01, 0.02, 0.04)]
     assert psnr_per_frame(v, out).numpy() == pytest.approx(expected, abs=1e-3)
-    scalars, _ = MetricSuite(lpips_nets=[], ssim=False)(v, out)
-    assert scalars["psnr"] == pytest.approx(np.mean(expected), abs=1e-3)
+    scalars, _ = MetricSuite(convention="svg", lpips_nets=[], ssim=False)(v, out)
+    assert scalars["psnr"] == pytest.approx(np.mean(expected), abs=1e-3)  # the authors': mean of per-frame PSNRs
+    scalars, _ = MetricSuite(convention="standard", lpips_nets=[], ssim=False)(v, out)
+    pooled = 10 * math.log10(1 / np.mean([d**2 for d in (0.01, 0.02, 0.04)]))  # the error pooled over frames
+    assert scalars["psnr"] == pytest.approx(pooled, abs=1e-3)
 
 
 def test_ssim_windows_differ_and_drop_with_noise():

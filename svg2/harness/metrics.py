@@ -1,26 +1,44 @@
-"""Video quality against the dense reference: PSNR, SSIM, LPIPS per frame, then averaged over frames.
+"""Video quality against the dense reference: PSNR, SSIM, LPIPS under a named convention.
 
 Videos are ``[F, H, W, 3]`` arrays (numpy or torch), float in [0, 1] (uint8 is accepted and divided by 255).
-PSNR uses data range 1.0. SSIM uses an 11x11 window: Gaussian (sigma 1.5, torchmetrics' default) or box
-(uniform, as in the authors' evaluation scripts) -- the choice is recorded with the value. LPIPS needs the
-torchvision backbone weights; when they are absent (no download allowed) it is *skipped with the reason*,
-never reported as 0.
+Published numbers disagree because their conventions do, so every number is computed under a named
+:class:`MetricConvention` (``metrics.convention``), recorded in every row (``metric_convention``):
+
+- ``svg``: the authors' ``svg/utils/metric.py`` exactly: PSNR per frame (data range 1) averaged over frames;
+  SSIM with an 11x11 mean filter (``avg_pool2d``, zero padding counted, the whole map averaged, C1=0.01^2,
+  C2=0.03^2) per frame, averaged; LPIPS VGG fed the [0, 1] frames as they are (no ``normalize=True``). They
+  compare decoded MP4s: our ``*_mp4`` columns.
+- ``standard``: as torchmetrics' accumulating metrics (the authors' group's later Quant-VideoGen): PSNR of the
+  squared error pooled over all frames; Gaussian SSIM (11x11, sigma 1.5) averaged over frames; LPIPS AlexNet
+  on frames mapped to [-1, 1] (``normalize=True``).
+
+Per-frame values are kept (``psnr_frames``: per-frame PSNR whatever the pooling, so a pooled or averaged PSNR
+can be recomputed; ``ssim_frames`` and ``lpips_frames`` as the convention computes them). LPIPS needs the
+torchvision backbone weights: downloaded on first use when allowed (``metrics.lpips_allow_download``, default
+on; ``SVG2_OFFLINE=1`` forbids it), otherwise *skipped with the reason*, never reported as 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
+import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["as_video", "psnr_per_frame", "mean_psnr", "ssim_per_frame", "LpipsScorer", "MetricSuite", "mean_finite"]
+__all__ = ["as_video", "psnr_per_frame", "mean_psnr", "pooled_psnr", "ssim_per_frame", "ssim_svg_per_frame",
+           "MetricConvention", "CONVENTIONS", "get_convention", "metrics_identity", "LpipsScorer", "MetricSuite",
+           "mean_finite", "fetch_backbone"]
 
 SSIM_WINDOWS = ("gaussian", "box")
+LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
 def as_video(x: Any, name: str = "video") -> torch.Tensor:
@@ -75,8 +93,38 @@ def mean_psnr(ref: Any, out: Any) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
+def pooled_psnr(psnr_frames: Any) -> float:
+    """PSNR (data range 1) of the squared error pooled over all frames, from per-frame PSNRs (equal-size frames):
+    ``10 log10(1 / mean_f(10^(-psnr_f / 10)))``; inf only when every frame is identical."""
+    p = torch.as_tensor(psnr_frames, dtype=torch.float64)
+    if not p.numel():
+        return math.nan
+    mse = float(torch.pow(10.0, -p / 10).mean())
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def ssim_svg_per_frame(ref: Any, out: Any) -> torch.Tensor:
+    """SSIM per frame as the authors' ``svg/utils/metric.py``: means, variances and covariance from an 11x11
+    ``avg_pool2d`` (stride 1, zero padding 5, the padding counted), C1 = 0.01^2, C2 = 0.03^2, and the map
+    averaged over channels and every pixel, borders included: ``[F]``."""
+    import torch.nn.functional as F
+
+    r, o = _pair(ref, out)
+    if min(r.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs frames of at least 11x11 pixels (11x11 window), got {tuple(r.shape[-2:])}")
+    a, b = r.double(), o.double()
+    pool = lambda x: F.avg_pool2d(x, kernel_size=11, stride=1, padding=5)  # noqa: E731
+    mu1, mu2 = pool(a), pool(b)
+    s11, s22, s12 = pool(a * a) - mu1**2, pool(b * b) - mu2**2, pool(a * b) - mu1 * mu2
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2))
+    return m.flatten(1).mean(1).float()
+
+
 def ssim_per_frame(ref: Any, out: Any, window: str = "gaussian") -> torch.Tensor:
-    """SSIM per frame with an 11x11 window (``gaussian``: sigma 1.5; ``box``: uniform): ``[F]``."""
+    """SSIM per frame, torchmetrics' implementation with an 11x11 window (``gaussian``: sigma 1.5; ``box``:
+    uniform; the border the window does not cover is left out): ``[F]``. The authors' variant (zero-padded
+    mean filter) is :func:`ssim_svg_per_frame`."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if window not in SSIM_WINDOWS:
@@ -89,43 +137,93 @@ def ssim_per_frame(ref: Any, out: Any, window: str = "gaussian") -> torch.Tensor
     return vals.float()
 
 
-def _torchvision_weights_file(net: str) -> tuple[str, Path]:
+def _torchvision_weights_file(net: str) -> tuple[str, str, Path]:
+    """(url, file name, path in the torch hub cache) of a backbone's torchvision weights."""
     from torchvision import models
 
     w = {"alex": models.AlexNet_Weights.IMAGENET1K_V1, "vgg": models.VGG16_Weights.IMAGENET1K_V1,
          "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1}[net]
     fname = Path(w.url).name
-    return fname, Path(torch.hub.get_dir()) / "checkpoints" / fname
+    return w.url, fname, Path(torch.hub.get_dir()) / "checkpoints" / fname
+
+
+def offline() -> str | None:
+    """Why downloads are off in this process (``SVG2_OFFLINE=1``), or None."""
+    v = os.environ.get("SVG2_OFFLINE", "").strip().lower()
+    return "SVG2_OFFLINE=1" if v not in ("", "0", "false", "no") else None
+
+
+def fetch_backbone(net: str, timeout_s: float = 60.0) -> Path:
+    """Download a backbone's torchvision weights into the torch hub cache (where torchvision looks), checking
+    the sha256 prefix in the file name as ``torch.hub`` does; atomic (a partial file never has the final
+    name). ``timeout_s`` bounds each network wait, so a machine without network fails fast. Returns the path."""
+    url, fname, path = _torchvision_weights_file(net)
+    if path.is_file():
+        return path
+    why = offline()
+    if why:
+        raise RuntimeError(f"downloads are off ({why})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{fname}.{os.getpid()}.part")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(tmp, "wb") as f:  # noqa: S310 - fixed https URL
+            while chunk := resp.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+        prefix = re.search(r"-([a-f0-9]+)\.", fname)
+        if prefix and not h.hexdigest().startswith(prefix.group(1)):
+            raise RuntimeError(f"{fname}: sha256 {h.hexdigest()[:12]}... does not match the file name's "
+                               f"{prefix.group(1)} (a corrupted download)")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 class LpipsScorer:
-    """LPIPS with one backbone (``alex`` or ``vgg``). ``available`` is False, with ``skip_reason``, when the
-    backbone weights are absent and downloading is not allowed. ``random_backbone=True`` (tests) uses
-    randomly initialised backbone and linear layers: values are only meaningful as 0 for identical inputs."""
+    """LPIPS with one backbone (``alex``, ``vgg`` or ``squeeze``).
 
-    def __init__(self, net: str = "alex", *, random_backbone: bool = False, allow_download: bool = False,
-                 device: str | torch.device = "cpu") -> None:
-        if net not in ("alex", "vgg", "squeeze"):
-            raise ValueError(f"unknown LPIPS backbone {net!r}; use alex, vgg or squeeze")
-        self.net, self.random_backbone, self.device = net, random_backbone, torch.device(device)
+    ``normalize``: True maps the [0, 1] frames to [-1, 1], LPIPS' input range (``normalize=True`` of lpips and
+    torchmetrics); False feeds them as they are (the authors' scripts). When the backbone weights are absent
+    they are downloaded if ``allow_download`` and the process is not offline; otherwise (or when the download
+    fails) ``available`` is False, with ``skip_reason``. ``random_backbone=True`` (tests) uses randomly
+    initialised backbone and linear layers: values are only meaningful as 0 for identical inputs."""
+
+    def __init__(self, net: str = "alex", *, normalize: bool = True, random_backbone: bool = False,
+                 allow_download: bool = True, device: str | torch.device = "cpu") -> None:
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS backbone {net!r}; use one of {LPIPS_NETS}")
+        self.net, self.normalize, self.random_backbone = net, bool(normalize), random_backbone
+        self.device = torch.device(device)
         self.model = None
         self.skip_reason: str | None = None
         try:
             import lpips
         except ImportError:
-            self.skip_reason = "the lpips package is not installed (pip install 'svg2[eval]')"
+            self.skip_reason = f"LPIPS({net}): the lpips package is not installed (pip install 'svg2[eval]')"
             return
         if not random_backbone:
-            fname, path = _torchvision_weights_file(net)
-            if not path.is_file() and not allow_download:
-                self.skip_reason = (f"torchvision backbone weights {fname} not found in {path.parent} and downloads "
-                                    "are off (metrics.lpips_allow_download=true, or place the file there)")
-                return
+            _, fname, path = _torchvision_weights_file(net)
+            if not path.is_file():
+                if not allow_download:
+                    self.skip_reason = (f"LPIPS({net}): torchvision backbone weights {fname} not in {path.parent} and "
+                                        "downloads are off (metrics.lpips_allow_download=false; set it true, or "
+                                        "place the file there)")
+                    return
+                try:
+                    fetch_backbone(net)
+                except Exception as e:  # noqa: BLE001 - offline, no network, bad file: record, never crash the run
+                    self.skip_reason = (f"LPIPS({net}): torchvision backbone weights {fname} not in {path.parent} and "
+                                        f"could not be downloaded ({type(e).__name__}: {e}); place the file there "
+                                        "or rerun with network (metrics.lpips_allow_download=true)")
+                    return
         try:
             with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" chatter
                 warnings.simplefilter("ignore", UserWarning)
                 model = lpips.LPIPS(net=net, pretrained=not random_backbone, pnet_rand=random_backbone, verbose=False)
-        except Exception as e:  # noqa: BLE001 - e.g. a failed download: record, never crash the run
+        except Exception as e:  # noqa: BLE001
             self.skip_reason = f"could not build LPIPS({net}): {type(e).__name__}: {e}"
             return
         self.model = model.eval().to(self.device)
@@ -147,10 +245,11 @@ class LpipsScorer:
         if min(r.shape[-2:]) < 32:
             raise ValueError(f"LPIPS({self.net}) needs frames of at least 32x32 pixels, got {tuple(r.shape[-2:])}; "
                              "set metrics.lpips_nets=[] for smaller videos")
+        scale = (lambda x: x * 2 - 1) if self.normalize else (lambda x: x)
         vals = []
         for i in range(0, r.shape[0], batch):
-            rb = r[i:i + batch].to(self.device) * 2 - 1
-            ob = o[i:i + batch].to(self.device) * 2 - 1
+            rb = scale(r[i:i + batch].to(self.device))
+            ob = scale(o[i:i + batch].to(self.device))
             vals.append(self.model(ob, rb).flatten().float().cpu())
         return torch.cat(vals)
 
@@ -161,55 +260,151 @@ def mean_finite(x: torch.Tensor | list[float]) -> float:
     return float(t.mean()) if t.numel() else math.nan
 
 
+@dataclass(frozen=True)
+class MetricConvention:
+    """How PSNR, SSIM and LPIPS are computed and pooled over frames (see the module doc)."""
+
+    name: str
+    psnr_pooling: str  # "frames": mean of per-frame PSNRs | "video": PSNR of the error pooled over all frames
+    ssim: str  # "svg_box": zero-padded 11x11 mean filter (the authors') | "gaussian": torchmetrics, sigma 1.5
+    lpips_net: str  # the backbone of the ``lpips`` column
+    lpips_normalize: bool  # frames mapped to [-1, 1] before LPIPS (True) or fed as [0, 1] (False)
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "psnr_pooling": self.psnr_pooling, "ssim": self.ssim,
+                "lpips_net": self.lpips_net, "lpips_normalize": self.lpips_normalize}
+
+
+CONVENTIONS: dict[str, MetricConvention] = {
+    "svg": MetricConvention(
+        "svg", "frames", "svg_box", "vgg", False,
+        "svg (the authors' svg/utils/metric.py): PSNR per frame averaged over frames; SSIM 11x11 box "
+        "(zero-padded mean filter); LPIPS VGG on [0,1] inputs (no normalize); the authors compare decoded MP4s"),
+    "standard": MetricConvention(
+        "standard", "video", "gaussian", "alex", True,
+        "standard (torchmetrics, as Quant-VideoGen): PSNR of the error pooled over all frames; SSIM 11x11 "
+        "Gaussian (sigma 1.5) averaged over frames; LPIPS AlexNet on [-1,1] inputs (normalize=True)"),
+}
+
+
+def get_convention(name: str) -> MetricConvention:
+    if name not in CONVENTIONS:
+        raise ValueError(f"metrics.convention={name!r}: use one of {sorted(CONVENTIONS)} "
+                         "(svg: the authors' evaluation script; standard: torchmetrics-style pooling)")
+    return CONVENTIONS[name]
+
+
+def _resolved_nets(conv: MetricConvention, lpips_nets: Any) -> list[str]:
+    nets = [conv.lpips_net] if lpips_nets is None else list(lpips_nets)
+    bad = [n for n in nets if n not in LPIPS_NETS]
+    if bad:
+        raise ValueError(f"metrics.lpips_nets has {bad}; use backbones of {LPIPS_NETS} (or [] for no LPIPS)")
+    return list(dict.fromkeys(nets))
+
+
+def metrics_identity(cfg: Any) -> dict[str, Any]:
+    """What changes the numbers of a ``metrics`` config (for row keys), without loading any backbone."""
+    if cfg.get("ssim_window") is not None:
+        raise ValueError(f"metrics.ssim_window={cfg.ssim_window!r} is replaced by metrics.convention: svg (the "
+                         "authors' 11x11 box SSIM) or standard (11x11 Gaussian); remove metrics.ssim_window")
+    conv = get_convention(cfg.get("convention", "standard"))
+    return {"convention": conv.to_dict(), "psnr": bool(cfg.psnr), "ssim": bool(cfg.ssim),
+            "lpips_nets": _resolved_nets(conv, cfg.get("lpips_nets")),
+            "lpips_random_backbone": bool(cfg.lpips_random_backbone),
+            "compare_on": list(cfg.get("compare_on", ["memory", "mp4"]))}
+
+
 @dataclass
 class MetricSuite:
-    """The metrics of one run, built once per job (LPIPS backbones load once)."""
+    """The metrics of one run under one convention, built once per job (LPIPS backbones load once).
 
+    ``lpips_nets``: the backbones measured (``lpips_<net>`` columns); None = the convention's only; [] = none.
+    The ``lpips`` column is the convention's backbone when measured, else the first measured one
+    (``lpips_net`` says which)."""
+
+    convention: str = "standard"
     psnr: bool = True
     ssim: bool = True
-    ssim_window: str = "gaussian"
-    lpips_nets: list[str] = field(default_factory=lambda: ["alex", "vgg"])
+    lpips_nets: list[str] | None = None
     lpips_random_backbone: bool = False
-    lpips_allow_download: bool = False
+    lpips_allow_download: bool = True
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.ssim_window not in SSIM_WINDOWS:
-            raise ValueError(f"metrics.ssim_window={self.ssim_window!r}; use one of {SSIM_WINDOWS}")
-        self._lpips = {n: LpipsScorer(n, random_backbone=self.lpips_random_backbone,
+        self.conv = get_convention(self.convention)
+        self.nets = _resolved_nets(self.conv, self.lpips_nets)
+        self._lpips = {n: LpipsScorer(n, normalize=self.conv.lpips_normalize,
+                                      random_backbone=self.lpips_random_backbone,
                                       allow_download=self.lpips_allow_download, device=self.device)
-                       for n in self.lpips_nets}
+                       for n in self.nets}
 
     @classmethod
     def from_config(cls, cfg: Any) -> MetricSuite:
+        metrics_identity(cfg)  # validates (metrics.ssim_window, convention, backbones) before anything loads
         dev = cfg.get("device", "auto")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(psnr=cfg.psnr, ssim=cfg.ssim, ssim_window=cfg.ssim_window, lpips_nets=list(cfg.lpips_nets),
-                   lpips_random_backbone=cfg.lpips_random_backbone, lpips_allow_download=cfg.lpips_allow_download,
-                   device=dev)
+        nets = cfg.get("lpips_nets")
+        return cls(convention=cfg.get("convention", "standard"), psnr=cfg.psnr, ssim=cfg.ssim,
+                   lpips_nets=None if nets is None else list(nets), lpips_random_backbone=cfg.lpips_random_backbone,
+                   lpips_allow_download=cfg.lpips_allow_download, device=dev)
+
+
+    @property
+    def primary(self) -> LpipsScorer | None:
+        """The scorer behind the ``lpips`` column: the convention's backbone, else the first measured one."""
+        s = self._lpips.get(self.conv.lpips_net)
+        if s is not None and s.available:
+            return s
+        return next((s for s in self._lpips.values() if s.available), None)
+
+    def lpips_skipped(self) -> str | None:
+        """Why the ``lpips`` column is empty, or None when it is measured."""
+        if self.primary is not None:
+            return None
+        if not self._lpips:
+            return "LPIPS off (metrics.lpips_nets=[])"
+        return "; ".join(s.skip_reason or f"LPIPS({n}) unavailable" for n, s in self._lpips.items())
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"ssim_window": f"{self.ssim_window}11x11" if self.ssim else None}
+        """Row fields that say how the numbers were computed (the convention, the LPIPS backbone or why none)."""
+        c, p = self.conv, self.primary
+        d: dict[str, Any] = {
+            "metric_convention": c.name, "metric_convention_desc": c.description, "psnr_pooling": c.psnr_pooling,
+            "ssim_window": ({"svg_box": "box11x11_zeropad", "gaussian": "gaussian11x11"}[c.ssim]
+                            if self.ssim else None),
+            "lpips_net": p.net if p is not None else None,
+            "lpips_normalize": c.lpips_normalize if p is not None else None,
+            "lpips_skipped": self.lpips_skipped(),
+        }
         for n, s in self._lpips.items():
             d[f"lpips_{n}_status"] = s.status
             d[f"lpips_{n}_skip_reason"] = s.skip_reason
         return d
 
     def __call__(self, ref: Any, out: Any, suffix: str = "") -> tuple[dict[str, float], dict[str, list[float]]]:
-        """Scalar metrics (``psnr{suffix}``, ``ssim{suffix}``, ``lpips_<net>{suffix}``) and per-frame lists."""
+        """Scalar metrics (``psnr{suffix}``, ``ssim{suffix}``, ``lpips{suffix}``, ``lpips_<net>{suffix}``) under
+        the convention, and per-frame lists (``psnr{suffix}_frames``, ``ssim{suffix}_frames``,
+        ``lpips{suffix}_frames``; other measured backbones as ``lpips_<net>{suffix}_frames``)."""
         scalars: dict[str, float] = {}
         frames: dict[str, list[float]] = {}
         r, o = _pair(ref, out)
         rv, ov = r.permute(0, 2, 3, 1), o.permute(0, 2, 3, 1)
         if self.psnr:
             v = psnr_per_frame(rv, ov)
-            scalars["psnr" + suffix], frames["psnr" + suffix] = mean_finite(v), v.tolist()
+            scalars["psnr" + suffix] = mean_finite(v) if self.conv.psnr_pooling == "frames" else pooled_psnr(v)
+            frames[f"psnr{suffix}_frames"] = v.tolist()
         if self.ssim:
-            v = ssim_per_frame(rv, ov, self.ssim_window)
-            scalars["ssim" + suffix], frames["ssim" + suffix] = mean_finite(v), v.tolist()
+            v = ssim_svg_per_frame(rv, ov) if self.conv.ssim == "svg_box" else ssim_per_frame(rv, ov, "gaussian")
+            scalars["ssim" + suffix], frames[f"ssim{suffix}_frames"] = mean_finite(v), v.tolist()
+        primary = self.primary
         for n, s in self._lpips.items():
             if s.available:
                 v = s.per_frame(rv, ov)
-                scalars[f"lpips_{n}{suffix}"], frames[f"lpips_{n}{suffix}"] = mean_finite(v), v.tolist()
+                scalars[f"lpips_{n}{suffix}"] = mean_finite(v)
+                if s is primary:
+                    scalars["lpips" + suffix], frames[f"lpips{suffix}_frames"] = mean_finite(v), v.tolist()
+                else:
+                    frames[f"lpips_{n}{suffix}_frames"] = v.tolist()
         return scalars, frames

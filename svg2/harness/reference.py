@@ -1,9 +1,13 @@
 """Dense reference videos, generated once per content key and cached on disk.
 
-The key covers everything that determines the dense video: the model preset (loader, weights, sampling
-settings, dtype), the device type, the prompt (and image), the seed and, when not 1, the batch size. A cache
+The key covers everything that determines the dense video: the model preset (loader, sampling settings,
+dtype), the identity of the weights it loads (their content, or the Hub commit:
+:mod:`svg2.harness.weights_identity`), the software stack (torch and diffusers versions, the device's type and
+name), the prompt (and image), the seed and, when not 1, the batch size. Retraining a model in place, a new Hub
+revision or a torch upgrade gives new keys, so a stale reference is never compared with new videos. A cache
 entry is a folder ``<cache>/<key>/`` holding ``frames.npy``, ``video.mp4`` and ``meta.json`` (written last,
-atomically: an entry without meta.json is incomplete and regenerated).
+atomically: an entry without meta.json is incomplete and regenerated). Entries of older key formats are never
+looked up again (their keys differ), so they are regenerated, not misread.
 """
 
 from __future__ import annotations
@@ -23,18 +27,24 @@ from svg2.harness.video import write_mp4
 
 __all__ = ["ReferenceCache", "reference_key"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: the weights' identity and the software stack are part of the key
 _SAMPLING_FIELDS = ("name", "loader", "repo_id", "target", "pipeline_class", "task", "height", "width",
                     "num_frames", "num_steps", "guidance_scale", "guidance_scale_2", "flow_shift",
                     "negative_prompt", "dtype", "kwargs", "call_kwargs")
 
 
 def reference_key(model: dict[str, Any], device_type: str, prompt: str, image: str | None, seed: int,
-                  batch_size: int = 1) -> str:
-    """``batch_size``: videos per pipeline call (batched numerics differ slightly); part of the key only when
-    not 1, so the keys of unbatched references are unchanged."""
+                  batch_size: int = 1, *, weights: dict[str, Any], stack: dict[str, str]) -> str:
+    """``weights``: :func:`~svg2.harness.weights_identity.weights_identity` of ``model``; ``stack``:
+    :func:`~svg2.harness.weights_identity.software_stack` of the generating device. ``batch_size``: videos per
+    pipeline call (batched numerics differ slightly); part of the key only when not 1."""
+    if not isinstance(weights, dict) or "kind" not in weights:
+        raise TypeError("reference_key(weights=...) takes weights_identity(model) (a dict with 'kind'); without "
+                        "it a retrained model would reuse the references of its old weights")
+    if not isinstance(stack, dict):
+        raise TypeError("reference_key(stack=...) takes software_stack(device) (torch/diffusers versions, device)")
     ident = {"format": _FORMAT, "model": {k: model.get(k) for k in _SAMPLING_FIELDS}, "device": device_type,
-             "prompt": prompt, "image": image, "seed": int(seed)}
+             "weights": weights, "stack": stack, "prompt": prompt, "image": image, "seed": int(seed)}
     if batch_size != 1:
         ident["batch_size"] = int(batch_size)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -60,6 +70,8 @@ class ReferenceCache:
             frames = np.load(d / "frames.npy")
         except (OSError, ValueError, json.JSONDecodeError):
             return None
+        if not isinstance(meta, dict) or meta.get("key", key) != key:
+            return None  # not this key's entry (a foreign or damaged folder): regenerate
         frames = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
         return frames, meta
 
@@ -77,7 +89,7 @@ class ReferenceCache:
         np.save(tmp, stored)
         os.replace(tmp, d / "frames.npy")
         mp4 = write_mp4(d / "video.mp4", frames, fps=fps) if write_video else None
-        meta = {**meta, "key": key, "frames_dtype": self.dtype, "created_at": time.time()}
+        meta = {**meta, "key": key, "format": _FORMAT, "frames_dtype": self.dtype, "created_at": time.time()}
         atomic_write_text(d / "meta.json", json.dumps(meta, sort_keys=True, default=str, indent=1))
         out = stored.astype(np.float32) / 255.0 if stored.dtype == np.uint8 else stored.astype(np.float32)
         return out, mp4

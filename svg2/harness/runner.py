@@ -39,13 +39,14 @@ from svg2.config import KERNEL_FIELDS, SVG2Config
 from svg2.harness.environment import environment_info
 from svg2.harness.generation import GenerationResult, generate_batch
 from svg2.harness.loggers import NullLogger, make_logger
-from svg2.harness.metrics import MetricSuite
+from svg2.harness.metrics import MetricSuite, metrics_identity
 from svg2.harness.prompts import Prompt, load_prompts
 from svg2.harness.ranks import RankPolicy, rank_policy
 from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.session import LoadedPipeline, RunSession
 from svg2.harness.store import ResultsStore
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
+from svg2.harness.weights_identity import HASH_CACHE_NAME, FileHashCache, is_resolved, software_stack, weights_identity
 from svg2.methods import AttentionMethod, method_class
 
 __all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job"]
@@ -138,14 +139,17 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
 
 
 def job_identity(cfg: DictConfig, spec: MethodSpec, policy: RankPolicy | None = None) -> dict[str, Any]:
-    """Everything that changes a row's content. Logger, store, progress and names are not part of it."""
-    mt = cfg.metrics
+    """Everything that changes a row's content: the model preset and the identity of its weights (content hash
+    or Hub commit; retraining in place gives new keys), torch/diffusers versions, the method, the metric
+    convention. Logger, store, progress and names are not part of it."""
     policy = policy or rank_policy(cfg)
+    hashes = FileHashCache(Path(os.path.expanduser(cfg.cache.dir)) / HASH_CACHE_NAME)
     return {
         "model": _plain(cfg.model),
+        "weights": weights_identity(_plain(cfg.model), hashes),
+        "stack": software_stack(),
         "method": spec.identity(),
-        "metrics": {k: _plain(mt[k]) for k in ("psnr", "ssim", "ssim_window", "lpips_nets", "lpips_random_backbone",
-                                                "compare_on")},
+        "metrics": metrics_identity(cfg.metrics),
         "compile": bool(cfg.compile),
         "warmup_runs": int(cfg.latency.warmup_runs),
         **policy.identity(),  # parallel.mode=ulysses: {"ulysses_degree": N} (other latencies); else nothing
@@ -259,6 +263,7 @@ class _Job:
             "kernel_attention": cfg.kernel.attention, "kernel_kmeans": cfg.kernel.kmeans,
             "method": cfg.method.name, "method_label": cfg.method.label or cfg.method.name,
             **self.policy.row_fields(), "config_json": _json(_plain(cfg))}
+        self.base_job["metric_convention"] = cfg.metrics.get("convention", "standard")
         try:
             self.spec = method_spec(cfg)
             self.identity = job_identity(cfg, self.spec, self.policy)
@@ -284,6 +289,8 @@ class _Job:
             self.suite = MetricSuite.from_config(cfg.metrics)
         except Exception as e:  # noqa: BLE001
             self.fail_rows(e, "load")
+        if not is_resolved(self.identity["weights"]):
+            self._rekey()
         device = self.loaded.device
         self.env = environment_info(device)
         if device.type == "cuda":
@@ -446,14 +453,29 @@ class _Job:
                 row["cfg_target_density"] = spec.kwargs["target_density"]
         return row
 
+    def _rekey(self) -> None:
+        """A Hub model first downloaded by this job: its commit is known now, so the row keys are computed
+        again (rows already stored under the resolved keys are skipped)."""
+        self.identity = job_identity(self.cfg, self.spec, self.policy)
+        todo, self.todo = self.todo, []
+        for p, s in todo:
+            if self.store.should_run(row_key(self.identity, p, s), retry_failed=self.cfg.store.retry_failed):
+                self.todo.append((p, s))
+            else:
+                self.counts["skipped"] += 1
+        if not self.todo:
+            raise _Stop("rekey")  # every row is already stored under its resolved key: nothing to run
+
     def _ref_key(self, p: Prompt, s: int) -> str:
         return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s,
-                             batch_size=self.batch_size)
+                             batch_size=self.batch_size, weights=self.identity["weights"],
+                             stack=software_stack(self.loaded.device))
 
     def _store_reference(self, p: Prompt, s: int, res: GenerationResult) -> _Ref:
         # latency_s: this video's share of its batch's call (speedups compare like with like)
         meta = {"latency_s": res.latency_s, "batch_size": res.batch_size, "gpu": self.env["gpu"],
-                "git_rev": self.env["git_rev"], "model": self.cfg.model.name, "prompt": p.text, "seed": s}
+                "git_rev": self.env["git_rev"], "model": self.cfg.model.name, "prompt": p.text, "seed": s,
+                "weights": self.identity["weights"], "stack": software_stack(self.loaded.device)}
         frames, mp4 = self.cache.put(self._ref_key(p, s), res.frames, meta, fps=self.cfg.model.fps,
                                      write_video=self.mp4_why is None)
         return _Ref(frames, mp4, {**meta, "key": self._ref_key(p, s)}, cached=False)
@@ -484,10 +506,10 @@ class _Job:
             scalars.update(sc)
             per_frame.update(pf)
         row.update(scalars)
+        row.update(per_frame)  # psnr_frames, ssim_frames, lpips_frames (+ _mp4): any convention recomputes from them
         row.update(suite.describe())
         row.update(compared_on=",".join(self.compare_on), mp4_skipped_reason=self.mp4_why,
-                   mp4_settings_json=_json(MP4_SETTINGS), per_frame_json=_json(per_frame), status="ok",
-                   finished_at=time.time(), **self.env)
+                   mp4_settings_json=_json(MP4_SETTINGS), status="ok", finished_at=time.time(), **self.env)
         return row, video_path
 
 

@@ -118,12 +118,15 @@ class PromptsConfig:
 
 @dataclass
 class MetricsConfig:
+    # How PSNR/SSIM/LPIPS are computed and pooled (svg2.harness.metrics.CONVENTIONS): standard | svg (the
+    # authors' evaluation script); recorded in every row as metric_convention.
+    convention: str = "standard"
     psnr: bool = True
     ssim: bool = True
-    ssim_window: str = "gaussian"  # gaussian (11x11, sigma 1.5) | box (11x11 uniform, the authors' scripts)
-    lpips_nets: list[str] = field(default_factory=lambda: ["alex", "vgg"])
+    ssim_window: Optional[str] = None  # replaced by `convention`; setting it is an error that says so
+    lpips_nets: Optional[list[str]] = None  # None: the convention's backbone; [] = no LPIPS
     lpips_random_backbone: bool = False  # tests only: randomly initialised backbone, recorded as such
-    lpips_allow_download: bool = False  # let torchvision download backbone weights on first use
+    lpips_allow_download: bool = True  # fetch absent backbone weights on first use (never under SVG2_OFFLINE=1)
     compare_on: list[str] = field(default_factory=lambda: ["memory", "mp4"])
     device: str = "auto"
 

@@ -60,7 +60,7 @@ _SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 def _special(v: Any) -> Any:
     if isinstance(v, str) and v in _SPECIAL:
         return _SPECIAL[v]
-    if isinstance(v, list):  # per-frame lists: PSNR of identical frames is inf
+    if isinstance(v, list):  # per-frame lists (psnr_frames: inf for an identical frame)
         return [_special(x) for x in v]
     return v
 

@@ -248,3 +248,11 @@ def load_mini_pipeline(variant: str = "quick", device: torch.device | str = "cpu
     """
     return MiniPipeline.from_pretrained(path or default_weights_path(), variant=variant, device=device,
                                         dtype=dtype)
+
+
+def _weights_path(path: str | Path | None = None, **_: object) -> Path:
+    """The folder ``load_mini_pipeline`` reads (the harness hashes its content into reference and row keys)."""
+    return Path(path) if path else default_weights_path()
+
+
+load_mini_pipeline.weights_path = _weights_path  # type: ignore[attr-defined]

@@ -226,6 +226,14 @@ def load_testbed_pipeline(variant: str = "eval", device: torch.device | str = "c
     return pipe.to(device, dtype)
 
 
+def _weights_path(path: str | Path | None = None, **_: object) -> Path:
+    """The folder ``load_testbed_pipeline`` reads (the harness hashes its content into reference and row keys)."""
+    return Path(path) if path else default_testbed_path()
+
+
+load_testbed_pipeline.weights_path = _weights_path  # type: ignore[attr-defined]
+
+
 def caption_tokenizer(max_len: int = TESTBED_TEXT_ENCODER_CONFIG["max_len"]) -> CaptionTokenizer:
     """The whitespace tokenizer over the world-clip caption vocabulary."""
     return CaptionTokenizer(caption_vocabulary(), max_len=max_len)
