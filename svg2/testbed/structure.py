@@ -6,18 +6,32 @@ sees them) and measures on sampled query rows of every head:
 - ``outside_local``: the share of that top mass lying outside a local window around the query
   (``window`` = (frames, rows, cols) half-widths on the token grid): near 0 for positional heads, near 1
   for heads that look things up by content far away.
-The raw Q/K/V of a call can be kept (``keep_qkv``) for the recall analysis of sparse methods.
+The raw Q/K/V of a call can be kept (``keep_qkv``) for the recall analysis of sparse methods:
+- ``classify_heads``: every head of a call is ``uniform`` (top mass below a threshold: pooling heads),
+  ``local`` (most of its top mass inside the local window) or ``content`` (most of it far away);
+- ``recall_bound``: the largest attention recall any mask of a given density can reach (top-k exact weights);
+- ``head_type_recall``: recall and output error per method, plus the ``bound`` rows, tagged with head types;
+  ``summarize_by`` / ``head_type_markdown`` turn them into per-method and per-head-type tables.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-__all__ = ["HeadStats", "StructureProbe", "head_stats"]
+from analysis.recall import MethodSpec, recall_sweep, sample_rows
+
+__all__ = ["HEAD_TYPES", "BOUND", "HeadStats", "RecallBound", "StructureProbe", "classify_heads", "head_stats",
+           "head_type_markdown", "head_type_recall", "recall_bound", "summarize_by"]
+
+HEAD_TYPES = ("uniform", "local", "content")
+BOUND = "bound"  # method label of the top-k recall bound rows
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,6 +80,151 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], *, 
     return HeadStats(tm.mean(0).cpu(), ol.mean(0).cpu())
 
 
+def classify_heads(stats: HeadStats, *, uniform_below: float = 0.3, local_share: float = 0.5) -> list[str]:
+    """One of ``HEAD_TYPES`` per head of ``stats``.
+
+    ``uniform``: top mass below ``uniform_below`` (a head spreading its mass: chance is ``top_frac``, so its
+    top keys hold little and any sparse mask drops much); else ``local`` when at least ``local_share`` of the
+    top mass lies inside the local window (positional heads: fixed windows serve them), else ``content`` (the
+    top keys are far away: only a content-aware selection finds them)."""
+    if not 0.0 < uniform_below < 1.0 or not 0.0 < local_share < 1.0:
+        raise ValueError(f"uniform_below={uniform_below} and local_share={local_share} must be in (0, 1)")
+    out = []
+    for tm, ol in zip(stats.top_mass.tolist(), stats.outside_local.tolist(), strict=True):
+        out.append("uniform" if tm < uniform_below else "local" if 1.0 - ol >= local_share else "content")
+    return out
+
+
+@dataclass(frozen=True)
+class RecallBound:
+    """Per (batch, head) float64 recall bounds on the sampled rows at one density.
+
+    ``pooled``: the top ``ceil(density * r * Sv)`` (row, video key) pairs of the r rows by exact attention
+    weight: no mask keeping that many pairs on these rows keeps more mass, whatever its shape or budget split
+    across rows (the bound to compare every method's recall with). ``per_row``: each row's top
+    ``ceil(density * Sv)`` keys: the bound for masks giving every query row the same budget (lower: a method
+    with one budget per head may give concentrated rows more)."""
+
+    density: float
+    pooled: torch.Tensor
+    per_row: torch.Tensor
+
+
+@torch.no_grad()
+def recall_bound(q: torch.Tensor, k: torch.Tensor, density: float, *, rows: torch.Tensor | None = None,
+                 scale: float | None = None, num_text_tokens: int = 0,
+                 text_mask: torch.Tensor | None = None) -> RecallBound:
+    """The largest attention recall a mask of token-pair ``density`` (over the video x video block) reaches.
+
+    Recall is measured as in ``analysis.recall.attention_recall`` (text keys always kept, padded text keys
+    masked), on the video query ``rows`` (default: all). With all rows ``pooled`` is exact: the top-k pairs
+    of the head by exact weight. With sampled rows it bounds a mask holding ``density`` of the pairs of those
+    rows (a mask of that density over all rows does so on average over the draw of rows).
+
+    Args:
+        q, k: (B, H, S, D), video tokens then ``num_text_tokens`` text tokens.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density} must be in (0, 1]")
+    b, h, s, d = q.shape
+    sv = s - num_text_tokens
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    rows = torch.arange(sv, device=q.device) if rows is None else rows.to(q.device)
+    r = rows.numel()
+    real = torch.ones(b, s, dtype=torch.bool, device=q.device)
+    if text_mask is not None:
+        real[:, sv:] = text_mask.to(q.device)
+    k_row = max(1, math.ceil(density * sv - 1e-9))
+    k_pool = max(1, math.ceil(density * r * sv - 1e-9))
+    pooled = torch.zeros(b, h, dtype=torch.float64, device=q.device)
+    per_row = torch.zeros_like(pooled)
+    for bi in range(b):  # one (r, S) float64 matrix at a time: 16 MB at 256 rows x 8k tokens
+        for hi in range(h):
+            sc = (q[bi, hi, rows].double() @ k[bi, hi].double().T) * scale
+            p = torch.softmax(sc.masked_fill(~real[bi], float("-inf")), dim=-1)
+            text = p[:, sv:].sum(-1)  # (r,)
+            pv = p[:, :sv]
+            per_row[bi, hi] = (text + pv.topk(min(k_row, sv), dim=-1).values.sum(-1)).mean()
+            top = pv.reshape(-1).sort(descending=True).values[:k_pool]
+            pooled[bi, hi] = (text.sum() + top.sum()) / r
+    return RecallBound(float(density), pooled, per_row)
+
+
+def head_type_recall(records: Iterable[dict[str, Any]], specs: Sequence[MethodSpec], *, density: float,
+                     num_rows: int | None = 256, seed: int = 0, device: torch.device | str = "cpu",
+                     uniform_below: float = 0.3, local_share: float = 0.5) -> list[dict[str, Any]]:
+    """``analysis.recall.recall_sweep`` rows of ``specs`` on ``records``, plus one ``BOUND`` row per (record,
+    batch, head) (recall = ``recall_bound(...).pooled`` at ``density`` on the same sampled rows, ``per_row``
+    as ``recall_row``; no output error), each tagged ``head_type`` when the record has ``stats``
+    (a ``HeadStats`` of its heads, as ``StructureProbe`` keeps them)."""
+    records = list(records)
+    rows = recall_sweep(records, specs, num_rows=num_rows, seed=seed, device=device)
+    for ri, rec in enumerate(records):
+        q, k = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k"))
+        heads = rec.get("heads") or list(range(q.shape[1]))
+        nt = int(rec.get("num_text_tokens", 0))
+        # the rows recall_sweep drew for this record (same rule, same seed)
+        sampled = sample_rows(q.shape[2] - nt, num_rows, seed + ri, device)
+        bound = recall_bound(q, k, density, rows=sampled, scale=rec.get("scale"), num_text_tokens=nt,
+                             text_mask=rec.get("text_mask"))
+        for bi in range(q.shape[0]):
+            for hi, head in enumerate(heads):
+                rows.append(dict(record=ri, layer=int(rec.get("layer", 0)), step=int(rec.get("step", 0)),
+                                 branch=str(rec.get("branch", "cond")), batch=bi, head=int(head), method=BOUND,
+                                 kwargs="{}", density=density, recall=float(bound.pooled[bi, hi]),
+                                 recall_row=float(bound.per_row[bi, hi]), rel_error=None))
+    for row in rows:
+        stats = records[row["record"]].get("stats")
+        if stats is not None:
+            types = classify_heads(stats, uniform_below=uniform_below, local_share=local_share)
+            row["head_type"] = types[row["head"]]
+    return rows
+
+
+def summarize_by(rows: Iterable[dict[str, Any]], key: str | None = None
+                 ) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Mean ``recall``, ``rel_error`` (None when no row has one, as for ``BOUND``) and ``density`` per method,
+    grouped by ``row[key]`` (one group ``"all"`` when ``key`` is None): ``{group: {method: {...,"n"}}}``."""
+    acc: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for row in rows:
+        group = "all" if key is None else str(row.get(key, "unknown"))
+        for name in ("recall", "rel_error", "density"):
+            if row.get(name) is not None:
+                acc[group][row["method"]][name].append(float(row[name]))
+        acc[group][row["method"]]["n"].append(1.0)
+    return {g: {m: {"recall": _mean(v["recall"]), "rel_error": _mean(v["rel_error"]), "density": _mean(v["density"]),
+                    "n": len(v["n"])} for m, v in per.items()} for g, per in acc.items()}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def head_type_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A markdown table: one line per head type, one column per method with mean recall / output error (the
+    ``BOUND`` column: recall only), and the head-call count of every type."""
+    table = summarize_by(rows, "head_type")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in methods if m != BOUND] + ([BOUND] if BOUND in methods else [])
+    lines = ["| head type | head calls | " + " | ".join(f"{m}: recall / error" if m != BOUND else f"{m}: recall"
+                                                       for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for t in [t for t in (*HEAD_TYPES, "unknown") if t in table]:
+        per = table[t]
+        n = max(v["n"] for v in per.values())  # every method has one row per head call
+        cells = []
+        for m in methods:
+            v = per.get(m)
+            if v is None:
+                cells.append("-")
+            elif v["rel_error"] is None:
+                cells.append(f"{v['recall']:.3f}")
+            else:
+                cells.append(f"{v['recall']:.3f} / {v['rel_error']:.3f}")
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 class _Probe(WanAttnProcessor):
     def __init__(self, owner: StructureProbe, layer: int) -> None:
         super().__init__()
@@ -87,7 +246,8 @@ class StructureProbe:
     """Installs probes on every block's ``attn1`` of ``transformer``; ``remove()`` restores the processors.
 
     Each recorded call appends ``{"layer", "tag", "stats": HeadStats}`` to ``rows``; with ``keep_qkv`` the
-    call's q, k, v (B, H, S, D) go to ``qkv`` too (``tag`` is set by the caller before each forward)."""
+    call's q, k, v (B, H, S, D), its ``stats`` and ``video_shape`` (= grid) go to ``qkv`` too, ready for
+    ``head_type_recall`` (``tag`` is set by the caller before each forward)."""
 
     transformer: torch.nn.Module
     grid: tuple[int, int, int]
@@ -110,8 +270,9 @@ class StructureProbe:
         stats = head_stats(q, k, self.grid, top_frac=self.top_frac, window=self.window, num_rows=self.num_rows,
                            seed=layer)
         self.rows.append({"layer": layer, **self.tag, "stats": stats})
-        if self.keep_qkv:
-            self.qkv.append({"layer": layer, **self.tag, "q": q.detach(), "k": k.detach(), "v": v.detach()})
+        if self.keep_qkv:  # with the call's head stats (head types) and geometry (SVG1 and friends need it)
+            self.qkv.append({"layer": layer, **self.tag, "q": q.detach(), "k": k.detach(), "v": v.detach(),
+                             "stats": stats, "video_shape": self.grid})
 
     def remove(self) -> None:
         for attn, proc in self._saved:
