@@ -7,7 +7,7 @@ a middle and a late denoising step of the 30-step sampler, every layer and head:
 - attention recall and output error at density 0.15 of SVG2's clusters, positional blocks, SVG1, and
   exact-score (recall-greedy) selection over raster blocks and over SVG2's clusters, from ``analysis.recall``,
   with the top-k recall ``bound`` of that density (targets: SVG2 - positional >= 0.10, oracle_kmeans >= 0.85);
-- the same per head type (uniform / local / content, ``svg2.testbed.structure.classify_heads``).
+- the same per head type (uniform / local / temporal / content, ``svg2.testbed.structure.classify_heads``).
 
     python experiments/testbed_structure.py --weights weights/testbed --out results/testbed/structure
     python experiments/testbed_structure.py --weights /tmp/w --device cpu --point quick --clips 1 --rows 64
@@ -141,7 +141,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| recall SVG2 - positional | {s['recall_svg2_minus_positional']:+.3f} | >= +0.10 |")
     if s.get("head_type_table"):
         lines += ["", f"Per head type at density {s['recall_density']} (uniform: top mass < 0.3; local: >= half of "
-                  "it inside +-1 frame, +-4 tokens; content: the rest), mean over head calls", "",
+                  "it inside +-1 frame, +-4 tokens; temporal: >= half at +-1 token in any frame; content: the "
+                  "rest), mean over head calls", "",
                   *s["head_type_table"]]
     lines += ["", "Per layer (mean over heads): top-15% mass / share outside the local window", "",
               "| layer | top mass | outside local | content heads |", "|---|---|---|---|"]

@@ -5,10 +5,14 @@ sees them) and measures on sampled query rows of every head:
 - ``top_mass``: the share of the row's exact softmax mass held by its top ``top_frac`` keys;
 - ``outside_local``: the share of that top mass lying outside a local window around the query
   (``window`` = (frames, rows, cols) half-widths on the token grid): near 0 for positional heads, near 1
-  for heads that look things up by content far away.
+  for heads that look things up by content far away;
+- ``outside_temporal``: the share of the top mass lying outside the query's own spatial neighbourhood
+  (``column`` = (rows, cols) half-widths) in every frame: near 0 for temporal heads (SVG1's kind), which
+  follow one position through time beyond the local window.
 The raw Q/K/V of a call can be kept (``keep_qkv``) for the recall analysis of sparse methods:
 - ``classify_heads``: every head of a call is ``uniform`` (top mass below a threshold: pooling heads),
-  ``local`` (most of its top mass inside the local window) or ``content`` (most of it far away);
+  ``local`` (most of its top mass inside the local window), ``temporal`` (most of it at the query's position
+  in other frames) or ``content`` (most of it elsewhere);
 - ``recall_bound``: the largest attention recall any mask of a given density can reach (top-k exact weights);
 - ``head_type_recall``: recall and output error per method, plus the ``bound`` rows, tagged with head types;
   ``summarize_by`` / ``head_type_markdown`` turn them into per-method and per-head-type tables.
@@ -30,7 +34,7 @@ from analysis.recall import MethodSpec, recall_sweep, sample_rows
 __all__ = ["HEAD_TYPES", "BOUND", "HeadStats", "RecallBound", "StructureProbe", "classify_heads", "head_stats",
            "head_type_markdown", "head_type_recall", "recall_bound", "summarize_by"]
 
-HEAD_TYPES = ("uniform", "local", "content")
+HEAD_TYPES = ("uniform", "local", "temporal", "content")
 BOUND = "bound"  # method label of the top-k recall bound rows
 
 
@@ -49,12 +53,13 @@ class HeadStats:
 
     top_mass: torch.Tensor
     outside_local: torch.Tensor
+    outside_temporal: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def head_stats(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], *, top_frac: float = 0.15,
-               window: tuple[int, int, int] = (1, 4, 4), num_rows: int = 512, seed: int = 0,
-               scale: float | None = None) -> HeadStats:
+               window: tuple[int, int, int] = (1, 4, 4), column: tuple[int, int] = (1, 1), num_rows: int = 512,
+               seed: int = 0, scale: float | None = None) -> HeadStats:
     """q, k: (B, H, S, D) video tokens in raster order over ``grid`` = (frames, rows, cols)."""
     b, h, s, d = q.shape
     f_, r_, c_ = grid
@@ -67,17 +72,21 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], *, 
     pf, pr, pc = pos // (r_ * c_), (pos // c_) % r_, pos % c_
     local = ((pf[rows, None] - pf[None]).abs() <= window[0]) & ((pr[rows, None] - pr[None]).abs() <= window[1]) \
         & ((pc[rows, None] - pc[None]).abs() <= window[2])  # (rows, S)
+    same_place = ((pr[rows, None] - pr[None]).abs() <= column[0]) & ((pc[rows, None] - pc[None]).abs() <= column[1])
     top = max(1, math.ceil(top_frac * s))
     tm, ol = torch.zeros(b, h, device=q.device), torch.zeros(b, h, device=q.device)
+    ot = torch.zeros(b, h, device=q.device)
     for bi in range(b):
         for hi in range(h):
             p = torch.softmax((q[bi, hi, rows].float() @ k[bi, hi].float().T) * scale, dim=-1)
             vals, idx = p.topk(top, dim=-1)
             mass = vals.sum(-1)
             outside = (vals * (~local.gather(1, idx)).float()).sum(-1)
+            elsewhere = (vals * (~same_place.gather(1, idx)).float()).sum(-1)
             tm[bi, hi] = mass.mean()
             ol[bi, hi] = (outside / mass).mean()
-    return HeadStats(tm.mean(0).cpu(), ol.mean(0).cpu())
+            ot[bi, hi] = (elsewhere / mass).mean()
+    return HeadStats(tm.mean(0).cpu(), ol.mean(0).cpu(), ot.mean(0).cpu())
 
 
 def classify_heads(stats: HeadStats, *, uniform_below: float = 0.3, local_share: float = 0.5) -> list[str]:
@@ -85,13 +94,24 @@ def classify_heads(stats: HeadStats, *, uniform_below: float = 0.3, local_share:
 
     ``uniform``: top mass below ``uniform_below`` (a head spreading its mass: chance is ``top_frac``, so its
     top keys hold little and any sparse mask drops much); else ``local`` when at least ``local_share`` of the
-    top mass lies inside the local window (positional heads: fixed windows serve them), else ``content`` (the
-    top keys are far away: only a content-aware selection finds them)."""
+    top mass lies inside the local window (fixed windows serve them); else ``temporal`` when at least
+    ``local_share`` of it lies at the query's own position in other frames (SVG1's temporal mask serves them;
+    needs ``stats.outside_temporal``); else ``content`` (the top keys are elsewhere: only a content-aware
+    selection finds them)."""
     if not 0.0 < uniform_below < 1.0 or not 0.0 < local_share < 1.0:
         raise ValueError(f"uniform_below={uniform_below} and local_share={local_share} must be in (0, 1)")
+    n = stats.top_mass.numel()
+    ot = stats.outside_temporal.tolist() if stats.outside_temporal is not None else [1.0] * n
     out = []
-    for tm, ol in zip(stats.top_mass.tolist(), stats.outside_local.tolist(), strict=True):
-        out.append("uniform" if tm < uniform_below else "local" if 1.0 - ol >= local_share else "content")
+    for tm, ol, tl in zip(stats.top_mass.tolist(), stats.outside_local.tolist(), ot, strict=True):
+        if tm < uniform_below:
+            out.append("uniform")
+        elif 1.0 - ol >= local_share:
+            out.append("local")
+        elif 1.0 - tl >= local_share:
+            out.append("temporal")
+        else:
+            out.append("content")
     return out
 
 
