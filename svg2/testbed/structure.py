@@ -119,11 +119,11 @@ def classify_heads(stats: HeadStats, *, uniform_below: float = 0.3, local_share:
 class RecallBound:
     """Per (batch, head) float64 recall bounds on the sampled rows at one density.
 
-    ``pooled``: the top ``ceil(density * r * Sv)`` (row, video key) pairs of the r rows by exact attention
-    weight: no mask keeping that many pairs on these rows keeps more mass, whatever its shape or budget split
-    across rows (the bound to compare every method's recall with). ``per_row``: each row's top
-    ``ceil(density * Sv)`` keys: the bound for masks giving every query row the same budget (lower: a method
-    with one budget per head may give concentrated rows more)."""
+    ``pooled``: the mass of the top ``density * r * Sv`` (row, video key) pairs of the r rows by exact attention
+    weight (a fractional last pair counts in proportion): no mask keeping that many pairs on these rows keeps
+    more, whatever its shape or budget split across rows (the bound to compare every method's recall with).
+    ``per_row``: each row's top ``density * Sv`` keys: the bound for masks giving every query row the same
+    budget (never above ``pooled``: a method with one budget per head may give concentrated rows more)."""
 
     density: float
     pooled: torch.Tensor
@@ -154,8 +154,6 @@ def recall_bound(q: torch.Tensor, k: torch.Tensor, density: float, *, rows: torc
     real = torch.ones(b, s, dtype=torch.bool, device=q.device)
     if text_mask is not None:
         real[:, sv:] = text_mask.to(q.device)
-    k_row = max(1, math.ceil(density * sv - 1e-9))
-    k_pool = max(1, math.ceil(density * r * sv - 1e-9))
     pooled = torch.zeros(b, h, dtype=torch.float64, device=q.device)
     per_row = torch.zeros_like(pooled)
     for bi in range(b):  # one (r, S) float64 matrix at a time: 16 MB at 256 rows x 8k tokens
@@ -164,10 +162,19 @@ def recall_bound(q: torch.Tensor, k: torch.Tensor, density: float, *, rows: torc
             p = torch.softmax(sc.masked_fill(~real[bi], float("-inf")), dim=-1)
             text = p[:, sv:].sum(-1)  # (r,)
             pv = p[:, :sv]
-            per_row[bi, hi] = (text + pv.topk(min(k_row, sv), dim=-1).values.sum(-1)).mean()
-            top = pv.reshape(-1).sort(descending=True).values[:k_pool]
-            pooled[bi, hi] = (text.sum() + top.sum()) / r
+            per_row[bi, hi] = (text + _top_mass(pv.sort(dim=-1, descending=True).values, density * sv)).mean()
+            pooled[bi, hi] = (text.sum() + _top_mass(pv.reshape(-1).sort(descending=True).values, density * r * sv)) / r
     return RecallBound(float(density), pooled, per_row)
+
+
+def _top_mass(desc: torch.Tensor, count: float) -> torch.Tensor:
+    """Sum of the first ``count`` values of ``desc`` (sorted descending along the last dim); a fractional
+    last value counts in proportion (the fractional-knapsack bound: exact at integer counts)."""
+    whole = min(int(math.floor(count)), desc.shape[-1])
+    total = desc[..., :whole].sum(-1)
+    if whole < desc.shape[-1]:
+        total = total + (count - whole) * desc[..., whole]
+    return total
 
 
 def head_type_recall(records: Iterable[dict[str, Any]], specs: Sequence[MethodSpec], *, density: float,
