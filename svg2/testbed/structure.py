@@ -162,19 +162,23 @@ def recall_bound(q: torch.Tensor, k: torch.Tensor, density: float, *, rows: torc
             p = torch.softmax(sc.masked_fill(~real[bi], float("-inf")), dim=-1)
             text = p[:, sv:].sum(-1)  # (r,)
             pv = p[:, :sv]
-            per_row[bi, hi] = (text + _top_mass(pv.sort(dim=-1, descending=True).values, density * sv)).mean()
-            pooled[bi, hi] = (text.sum() + _top_mass(pv.reshape(-1).sort(descending=True).values, density * r * sv)) / r
+            per_row[bi, hi] = (text + _top_mass(pv, density * sv)).mean()
+            pooled[bi, hi] = (text.sum() + _top_mass(pv.reshape(-1), density * r * sv)) / r
     return RecallBound(float(density), pooled, per_row)
 
 
-def _top_mass(desc: torch.Tensor, count: float) -> torch.Tensor:
-    """Sum of the first ``count`` values of ``desc`` (sorted descending along the last dim); a fractional
-    last value counts in proportion (the fractional-knapsack bound: exact at integer counts)."""
-    whole = min(int(math.floor(count)), desc.shape[-1])
-    total = desc[..., :whole].sum(-1)
-    if whole < desc.shape[-1]:
-        total = total + (count - whole) * desc[..., whole]
-    return total
+def _top_mass(values: torch.Tensor, count: float) -> torch.Tensor:
+    """Sum of the ``count`` largest entries along the last dim; a fractional last entry counts in proportion
+    (the fractional-knapsack bound: exact at integer counts). A selection (kthvalue), not a sort."""
+    n = values.shape[-1]
+    whole = min(int(math.floor(count)), n)
+    if whole >= n:
+        return values.sum(-1)
+    nxt = -torch.kthvalue(-values, whole + 1, dim=-1).values  # the (whole + 1)-th largest
+    above = values > nxt.unsqueeze(-1)
+    # entries above it, then ties with it up to ``whole`` entries, then the fractional part of the next one
+    total = (values * above).sum(-1) + (whole - above.sum(-1)).to(values.dtype) * nxt
+    return total + (count - whole) * nxt
 
 
 def head_type_recall(records: Iterable[dict[str, Any]], specs: Sequence[MethodSpec], *, density: float,
