@@ -132,7 +132,7 @@ def markdown(result: dict) -> str:
     for m, v in s["recall"].items():
         if m == BOUND:
             lines.append(f"| recall bound at density {s['recall_density']} (top-k exact weights: no mask of this "
-                         f"density keeps more) | {v:.3f} | |")
+                         f"density keeps more; one of a higher measured density may) | {v:.3f} | |")
             continue
         lines.append(f"| recall at density {s['recall_density']} ({m}; measured density {s['density'][m]:.3f}, "
                      f"rel. output error {s['rel_error'][m]:.3f}) | {v:.3f} | "

@@ -237,6 +237,6 @@ def test_head_type_recall_tags_rows_with_head_types_and_bounds():
     assert set(table) == set(types)
     assert table[types[0]][BOUND]["rel_error"] is None and table[types[0]]["svg1"]["rel_error"] > 0
     md = head_type_markdown(rows)
-    assert md[0].startswith("| head type | head calls | positional: recall / error")
+    assert md[0].startswith("| head type | head calls | positional: recall / error @ density")
     assert md[0].endswith("bound: recall |")
     assert len(md) == 2 + len(set(types))
