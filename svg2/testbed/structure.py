@@ -139,7 +139,8 @@ def recall_bound(q: torch.Tensor, k: torch.Tensor, density: float, *, rows: torc
     Recall is measured as in ``analysis.recall.attention_recall`` (text keys always kept, padded text keys
     masked), on the video query ``rows`` (default: all). With all rows ``pooled`` is exact: the top-k pairs
     of the head by exact weight. With sampled rows it bounds a mask holding ``density`` of the pairs of those
-    rows (a mask of that density over all rows does so on average over the draw of rows).
+    rows; a mask of that density over all rows holds that share only on average over the draw of rows, so
+    there it is an estimate of the bound (exact in expectation only up to the draw's spread).
 
     Args:
         q, k: (B, H, S, D), video tokens then ``num_text_tokens`` text tokens.
