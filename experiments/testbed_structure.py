@@ -25,11 +25,18 @@ from pathlib import Path
 
 import torch
 
-from analysis.recall import MethodSpec
+from analysis.recall import MethodSpec, recall_sweep, sample_rows
 from svg2.mini.model import SPATIAL_FACTOR, pack
 from svg2.testbed.data import captions, render, sample_scenes
 from svg2.testbed.model import TESTBED_POINTS, load_testbed_pipeline
-from svg2.testbed.structure import BOUND, StructureProbe, head_type_markdown, head_type_recall, summarize_by
+from svg2.testbed.structure import (
+    BOUND,
+    StructureProbe,
+    bound_rows,
+    head_type_markdown,
+    summarize_by,
+    tag_head_types,
+)
 
 HELD_OUT_SEED = 2_000_000_011  # no training stretch draws from this seed
 STEP_FRACTIONS = {"early": 0.1, "middle": 0.5, "late": 0.9}
@@ -45,6 +52,18 @@ def recall_specs(density: float, cq: int, ck: int, block: int) -> list[MethodSpe
         MethodSpec("oracle_kmeans", "oracle_kmeans",
                    dict(num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
     ]
+
+
+def head_type_recall(records: list[dict], specs: list[MethodSpec], *, density: float, num_rows: int | None = 256,
+                     seed: int = 0, device: torch.device | str = "cpu") -> list[dict]:
+    """``recall_sweep`` rows of ``specs``, plus the top-k ``bound`` rows on the same sampled rows, every row
+    tagged with its head type (records carry ``stats`` when they come from ``StructureProbe``)."""
+    rows = recall_sweep(records, specs, num_rows=num_rows, seed=seed, device=device)
+    # the rows recall_sweep drew for record i: sample_rows(S_video, num_rows, seed + i)
+    sampled = [sample_rows(r["q"].shape[2] - int(r.get("num_text_tokens", 0)), num_rows, seed + i, device)
+               for i, r in enumerate(records)]
+    rows += bound_rows(records, density, sampled, device=device)
+    return tag_head_types(rows, records)
 
 
 def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int, ck: int, block: int,

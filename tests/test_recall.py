@@ -30,7 +30,6 @@ from svg2.testbed.structure import (
     classify_heads,
     head_stats,
     head_type_markdown,
-    head_type_recall,
     recall_bound,
     summarize_by,
 )
@@ -214,6 +213,8 @@ def test_classify_heads_by_concentration_locality_and_time():
 
 
 def test_head_type_recall_tags_rows_with_head_types_and_bounds():
+    from experiments.testbed_structure import head_type_recall
+
     q, k, v = synthetic_qkv((4, 6, 6), ("spatial", "temporal", "semantic", "random"), head_dim=32, seed=1)
     stats = head_stats(q, k, (4, 6, 6), window=(1, 1, 1), num_rows=64)
     recs = [dict(q=q, k=k, v=v, layer=3, stats=stats, video_shape=(4, 6, 6))]

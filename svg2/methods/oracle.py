@@ -107,8 +107,8 @@ class ExactScoreSelection(LayoutMethod):
             lab = (torch.arange(sv, device=q.device) // self.block_size).expand(b * h, sv)
             c = -(-sv // self.block_size)
             return lab, lab, c, c
-        # One warm-start state per call site, shared by the old and new names (they cluster the same way).
-        state = ctx.state.cluster_state("oracle", *ctx.site())
+        # One warm-start state per method name and call site (the deprecated name keeps its old key).
+        state = ctx.state.cluster_state(self.name, *ctx.site())
         lay = build_layout(q, k, self.kmeans_cfg, state, num_text_tokens=ctx.num_text_tokens,
                            text_mask=ctx.text_mask, scale=ctx.scale, heads=ctx.heads)
         return (lay.q_labels.reshape(b * h, sv), lay.k_labels.reshape(b * h, sv), lay.num_q_clusters,

@@ -14,8 +14,9 @@ The raw Q/K/V of a call can be kept (``keep_qkv``) for the recall analysis of sp
   ``local`` (most of its top mass inside the local window), ``temporal`` (most of it at the query's position
   in other frames) or ``content`` (most of it elsewhere);
 - ``recall_bound``: the largest attention recall any mask of a given density can reach (top-k exact weights);
-- ``head_type_recall``: recall and output error per method, plus the ``bound`` rows, tagged with head types;
-  ``summarize_by`` / ``head_type_markdown`` turn them into per-method and per-head-type tables.
+- ``bound_rows`` / ``tag_head_types``: the ``bound`` rows next to the recall rows of ``analysis.recall`` and
+  each row's head type (``experiments/testbed_structure.py`` joins them); ``summarize_by`` /
+  ``head_type_markdown`` turn them into per-method and per-head-type tables.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from analysis.recall import MethodSpec, recall_sweep, sample_rows
-
-__all__ = ["HEAD_TYPES", "BOUND", "HeadStats", "RecallBound", "StructureProbe", "classify_heads", "head_stats",
-           "head_type_markdown", "head_type_recall", "recall_bound", "summarize_by"]
+__all__ = ["HEAD_TYPES", "BOUND", "HeadStats", "RecallBound", "StructureProbe", "bound_rows", "classify_heads",
+           "head_stats", "head_type_markdown", "recall_bound", "summarize_by", "tag_head_types"]
 
 HEAD_TYPES = ("uniform", "local", "temporal", "content")
 BOUND = "bound"  # method label of the top-k recall bound rows
@@ -182,34 +181,39 @@ def _top_mass(values: torch.Tensor, count: float) -> torch.Tensor:
     return total + (count - whole) * nxt
 
 
-def head_type_recall(records: Iterable[dict[str, Any]], specs: Sequence[MethodSpec], *, density: float,
-                     num_rows: int | None = 256, seed: int = 0, device: torch.device | str = "cpu",
-                     uniform_below: float = 0.3, local_share: float = 0.5) -> list[dict[str, Any]]:
-    """``analysis.recall.recall_sweep`` rows of ``specs`` on ``records``, plus one ``BOUND`` row per (record,
-    batch, head) (recall = ``recall_bound(...).pooled`` at ``density`` on the same sampled rows, ``per_row``
-    as ``recall_row``; no output error), each tagged ``head_type`` when the record has ``stats``
-    (a ``HeadStats`` of its heads, as ``StructureProbe`` keeps them)."""
-    records = list(records)
-    rows = recall_sweep(records, specs, num_rows=num_rows, seed=seed, device=device)
-    for ri, rec in enumerate(records):
+def bound_rows(records: Sequence[dict[str, Any]], density: float, rows: Sequence[torch.Tensor | None], *,
+               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """One ``BOUND`` row per (record, batch, head), shaped like the rows of ``analysis.recall.recall_sweep``:
+    recall = ``recall_bound(...).pooled`` at ``density`` on ``rows[i]`` (record i's sampled video query rows,
+    the ones its methods were measured on; None: all), ``per_row`` as ``recall_row``, no output error."""
+    if len(rows) != len(records):
+        raise ValueError(f"{len(records)} records but {len(rows)} row sets: pass one (or None) per record")
+    out = []
+    for ri, (rec, sampled) in enumerate(zip(records, rows, strict=True)):
         q, k = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k"))
         heads = rec.get("heads") or list(range(q.shape[1]))
-        nt = int(rec.get("num_text_tokens", 0))
-        # the rows recall_sweep drew for this record (same rule, same seed)
-        sampled = sample_rows(q.shape[2] - nt, num_rows, seed + ri, device)
-        bound = recall_bound(q, k, density, rows=sampled, scale=rec.get("scale"), num_text_tokens=nt,
-                             text_mask=rec.get("text_mask"))
+        bound = recall_bound(q, k, density, rows=sampled, scale=rec.get("scale"),
+                             num_text_tokens=int(rec.get("num_text_tokens", 0)), text_mask=rec.get("text_mask"))
         for bi in range(q.shape[0]):
             for hi, head in enumerate(heads):
-                rows.append(dict(record=ri, layer=int(rec.get("layer", 0)), step=int(rec.get("step", 0)),
-                                 branch=str(rec.get("branch", "cond")), batch=bi, head=int(head), method=BOUND,
-                                 kwargs="{}", density=density, recall=float(bound.pooled[bi, hi]),
-                                 recall_row=float(bound.per_row[bi, hi]), rel_error=None))
+                out.append(dict(record=ri, layer=int(rec.get("layer", 0)), step=int(rec.get("step", 0)),
+                                branch=str(rec.get("branch", "cond")), batch=bi, head=int(head), method=BOUND,
+                                kwargs="{}", density=density, recall=float(bound.pooled[bi, hi]),
+                                recall_row=float(bound.per_row[bi, hi]), rel_error=None))
+    return out
+
+
+def tag_head_types(rows: list[dict[str, Any]], records: Sequence[dict[str, Any]], *, uniform_below: float = 0.3,
+                   local_share: float = 0.5) -> list[dict[str, Any]]:
+    """Sets ``row["head_type"]`` (``classify_heads`` of ``records[row["record"]]["stats"]``, as
+    ``StructureProbe`` keeps them) on every row whose record has stats; returns ``rows``."""
+    types = {}
+    for ri, rec in enumerate(records):
+        if rec.get("stats") is not None:
+            types[ri] = classify_heads(rec["stats"], uniform_below=uniform_below, local_share=local_share)
     for row in rows:
-        stats = records[row["record"]].get("stats")
-        if stats is not None:
-            types = classify_heads(stats, uniform_below=uniform_below, local_share=local_share)
-            row["head_type"] = types[row["head"]]
+        if row["record"] in types:
+            row["head_type"] = types[row["record"]][row["head"]]
     return rows
 
 
