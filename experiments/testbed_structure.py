@@ -4,8 +4,10 @@ On held-out world clips (drawn with a seed no training stretch uses) at the eval
 a middle and a late denoising step of the 30-step sampler, every layer and head:
 - mean top-15% attention mass (target >= 0.80);
 - share of heads that put more than half of that top mass outside +-1 frame, +-4 tokens (target >= 0.25);
-- attention recall at density 0.15 of SVG2's clusters, positional blocks and the oracle over SVG2's clusters
-  (targets: SVG2 - positional >= 0.10, oracle >= 0.85), from ``analysis.recall``.
+- attention recall and output error at density 0.15 of SVG2's clusters, positional blocks, SVG1, and
+  exact-score (recall-greedy) selection over raster blocks and over SVG2's clusters, from ``analysis.recall``,
+  with the top-k recall ``bound`` of that density (targets: SVG2 - positional >= 0.10, oracle_kmeans >= 0.85);
+- the same per head type (uniform / local / temporal / content, ``svg2.testbed.structure.classify_heads``).
 
     python experiments/testbed_structure.py --weights weights/testbed --out results/testbed/structure
     python experiments/testbed_structure.py --weights /tmp/w --device cpu --point quick --clips 1 --rows 64
@@ -23,11 +25,18 @@ from pathlib import Path
 
 import torch
 
-from analysis.recall import MethodSpec, recall_sweep
+from analysis.recall import MethodSpec, recall_sweep, sample_rows
 from svg2.mini.model import SPATIAL_FACTOR, pack
 from svg2.testbed.data import captions, render, sample_scenes
 from svg2.testbed.model import TESTBED_POINTS, load_testbed_pipeline
-from svg2.testbed.structure import StructureProbe
+from svg2.testbed.structure import (
+    BOUND,
+    StructureProbe,
+    bound_rows,
+    head_type_markdown,
+    summarize_by,
+    tag_head_types,
+)
 
 HELD_OUT_SEED = 2_000_000_011  # no training stretch draws from this seed
 STEP_FRACTIONS = {"early": 0.1, "middle": 0.5, "late": 0.9}
@@ -38,9 +47,23 @@ def recall_specs(density: float, cq: int, ck: int, block: int) -> list[MethodSpe
     return [
         MethodSpec("svg2", "svg2", dict(num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
         MethodSpec("positional", "positional", dict(block_size=block, target_density=density)),
-        MethodSpec("oracle (k-means clusters)", "oracle",
-                   dict(partition="kmeans", num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
+        MethodSpec("svg1", "svg1", dict(block_size=block, target_density=density)),
+        MethodSpec("oracle_raster", "oracle_raster", dict(block_size=block, target_density=density)),
+        MethodSpec("oracle_kmeans", "oracle_kmeans",
+                   dict(num_q_centroids=cq, num_k_centroids=ck, target_density=density)),
     ]
+
+
+def head_type_recall(records: list[dict], specs: list[MethodSpec], *, density: float, num_rows: int | None = 256,
+                     seed: int = 0, device: torch.device | str = "cpu") -> list[dict]:
+    """``recall_sweep`` rows of ``specs``, plus the top-k ``bound`` rows on the same sampled rows, every row
+    tagged with its head type (records carry ``stats`` when they come from ``StructureProbe``)."""
+    rows = recall_sweep(records, specs, num_rows=num_rows, seed=seed, device=device)
+    # the rows recall_sweep drew for record i: sample_rows(S_video, num_rows, seed + i)
+    sampled = [sample_rows(r["q"].shape[2] - int(r.get("num_text_tokens", 0)), num_rows, seed + i, device)
+               for i, r in enumerate(records)]
+    rows += bound_rows(records, density, sampled, device=device)
+    return tag_head_types(rows, records)
 
 
 def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int, ck: int, block: int,
@@ -74,8 +97,8 @@ def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int,
                                      encoder_hidden_states=text[c:c + 1], return_dict=False)
                 recs = [dict(r, step=i, num_steps=p["num_inference_steps"]) for r in probe.qkv
                         if recall_layers is None or r["layer"] in recall_layers]
-                for rr in recall_sweep(recs, recall_specs(density, cq, ck, block), num_rows=min(rows, 256),
-                                       seed=c, device=dev):
+                for rr in head_type_recall(recs, recall_specs(density, cq, ck, block), density=density,
+                                           num_rows=min(rows, 256), seed=c, device=dev):
                     recall_rows.append(dict(rr, level=name, clip=c))
                 probe.qkv.clear()
         for r in probe.rows:
@@ -87,13 +110,7 @@ def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int,
         probe.remove()
     heads = [{"layer": lh[0], "head": lh[1], **{k: sum(v) / len(v) for k, v in d.items()}}
              for lh, d in sorted(per_head.items())]
-    by_method: dict[str, list[float]] = defaultdict(list)
-    err_by_method: dict[str, list[float]] = defaultdict(list)
-    dens_by_method: dict[str, list[float]] = defaultdict(list)
-    for rr in recall_rows:
-        by_method[rr["method"]].append(rr["recall"])
-        err_by_method[rr["method"]].append(rr["rel_error"])
-        dens_by_method[rr["method"]].append(rr["density"])
+    means = summarize_by(recall_rows).get("all", {})
     summary = {
         "point": point, "tokens": grid[0] * grid[1] * grid[2], "clips": clips, "rows_per_head": rows,
         "levels": levels,
@@ -106,9 +123,11 @@ def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int,
         "uniform_head_share": sum(hd["top_mass"] < 0.3 for hd in heads) / len(heads),
         "num_heads": len(heads),
         "recall_density": density, "clusters": [cq, ck], "block": block,
-        "recall": {m: sum(v) / len(v) for m, v in by_method.items()},
-        "rel_error": {m: sum(v) / len(v) for m, v in err_by_method.items()},
-        "density": {m: sum(v) / len(v) for m, v in dens_by_method.items()},
+        "recall": {m: v["recall"] for m, v in means.items()},  # BOUND: the top-k recall bound of the density
+        "rel_error": {m: v["rel_error"] for m, v in means.items() if v["rel_error"] is not None},
+        "density": {m: v["density"] for m, v in means.items()},
+        "by_head_type": summarize_by(recall_rows, "head_type"),
+        "head_type_table": head_type_markdown(recall_rows) if recall_rows else [],
     }
     rec = summary["recall"]
     if "svg2" in rec and "positional" in rec:
@@ -130,11 +149,20 @@ def markdown(result: dict) -> str:
                  f"{s['far_head_share_any']:.3f} | |")
     lines.append(f"| near-uniform heads (top mass < 0.3) | {s['uniform_head_share']:.3f} | |")
     for m, v in s["recall"].items():
+        if m == BOUND:
+            lines.append(f"| recall bound at density {s['recall_density']} (top-k exact weights: no mask of this "
+                         f"density keeps more; one of a higher measured density may) | {v:.3f} | |")
+            continue
         lines.append(f"| recall at density {s['recall_density']} ({m}; measured density {s['density'][m]:.3f}, "
                      f"rel. output error {s['rel_error'][m]:.3f}) | {v:.3f} | "
-                     f"{'>= 0.85' if m.startswith('oracle') else ''} |")
+                     f"{'>= 0.85' if m == 'oracle_kmeans' else ''} |")
     if "recall_svg2_minus_positional" in s:
         lines.append(f"| recall SVG2 - positional | {s['recall_svg2_minus_positional']:+.3f} | >= +0.10 |")
+    if s.get("head_type_table"):
+        lines += ["", f"Per head type at density {s['recall_density']} (uniform: top mass < 0.3; local: >= half of "
+                  "it inside +-1 frame, +-4 tokens; temporal: >= half at +-1 token in any frame; content: the "
+                  "rest), mean over head calls", "",
+                  *s["head_type_table"]]
     lines += ["", "Per layer (mean over heads): top-15% mass / share outside the local window", "",
               "| layer | top mass | outside local | content heads |", "|---|---|---|---|"]
     layers = sorted({hd["layer"] for hd in result["heads"]})

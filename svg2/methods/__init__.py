@@ -1,7 +1,7 @@
 """Attention methods behind one interface. Importing this package registers the built-in methods."""
 
 from svg2.methods import dense as _dense  # noqa: F401  (registers "dense")
-from svg2.methods import oracle as _oracle  # noqa: F401  (registers "oracle")
+from svg2.methods import oracle as _oracle  # noqa: F401  (registers "oracle_raster", "oracle_kmeans", deprecated "oracle")
 from svg2.methods import positional as _positional  # noqa: F401  (registers "positional")
 from svg2.methods import radial as _radial  # noqa: F401  (registers "radial")
 from svg2.methods import sliding_tile as _sliding_tile  # noqa: F401  (registers "sliding_tile")
