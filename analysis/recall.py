@@ -163,10 +163,9 @@ def default_grid(
             MethodSpec("svg1", "svg1", dict(block_size=block_size, target_density=td)),
             MethodSpec("radial", "radial", dict(block_size=block_size, target_density=td)),
             MethodSpec("sliding_tile", "sliding_tile", dict(tile_size=tile_size, target_density=td)),
-            MethodSpec("oracle (raster blocks)", "oracle",
-                       dict(partition="raster", block_size=block_size, target_density=td)),
-            MethodSpec("oracle (k-means clusters)", "oracle",
-                       dict(partition="kmeans", num_q_centroids=num_q_centroids,
+            MethodSpec("exact-score raster blocks", "oracle_raster", dict(block_size=block_size, target_density=td)),
+            MethodSpec("exact-score k-means clusters", "oracle_kmeans",
+                       dict(num_q_centroids=num_q_centroids,
                             num_k_centroids=num_k_centroids, target_density=td)),
         ]
     return specs
@@ -235,7 +234,7 @@ def plot_recall(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label in sorted({r["method"] for r in summary}):
         pts = [r for r in summary if r["method"] == label]
-        style = "--" if label.startswith("oracle") else "-"
+        style = "--" if label.startswith("exact-score") else "-"
         x = [p["density"] for p in pts]
         ax_r.plot(x, [p["recall"] for p in pts], style, marker="o", ms=4, label=label)
         ax_e.plot(x, [p["rel_error"] for p in pts], style, marker="o", ms=4, label=label)

@@ -44,7 +44,7 @@ sweep compensation method=positional,svg2 method.cfg.compensate=false,true metho
 sweep issue17 method=svg_ear,sol_attn method.cfg.target_density=0.1,0.15,0.25
 sweep layout method=svg2 method.cfg.compensate=true method.cfg.target_density=0.15 method.cfg.layout_every=2,4
 sweep baselines method=svg1,radial,sliding_tile method.cfg.target_density=0.1,0.15,0.25
-sweep oracle method=oracle method.cfg.target_density=0.1,0.15,0.25
+sweep oracle method=oracle_raster,oracle_kmeans method.cfg.target_density=0.1,0.15,0.25
 
 svg2-report "$store" --out "$root/report" > "$root/report.log" 2>&1 || echo "[tables] report failed"
 pack

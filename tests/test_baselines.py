@@ -229,7 +229,8 @@ def test_baselines_experiment_preset_builds_every_method():
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
         preset = OmegaConf.load(os.path.join(conf, "experiment", "baselines.yaml"))
         methods = preset.hydra.sweeper.params.method.split(",")
-        assert {"svg2", "svg1", "positional", "radial", "sliding_tile", "oracle"} <= set(methods)
+        expected = {"svg2", "svg1", "positional", "radial", "sliding_tile", "oracle_raster", "oracle_kmeans"}
+        assert expected <= set(methods)
         for name in methods:
             cfg = compose("config", overrides=["experiment=baselines", f"method={name}",
                                                "method.cfg.target_density=0.2"])

@@ -168,7 +168,7 @@ def test_out_of_range_knob_is_a_clear_error():
     [
         (["experiment=quickstart"], 6),  # method: dense,svg2 x top_p: 3 values
         (["experiment=quickstart", "method.cfg.top_p=0.5"], 2),  # the command line wins over the preset
-        (["experiment=baselines"], 24),  # 8 methods (dense_floor the noise floor) x 3 target densities
+        (["experiment=baselines"], 27),  # 9 methods (dense_floor the noise floor) x 3 target densities
         (["experiment=pareto"], 32),  # 2 methods x 4 top_p x 2 Cq x 2 Ck (dense rows repeat: skipped by key)
     ],
 )

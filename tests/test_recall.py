@@ -118,7 +118,7 @@ def test_cli_on_synthetic_heads(tmp_path, capsys):
           "--block-size", "8", "--tile-size", "1,2,2", "--centroids", "4,8", "--num-rows", "16",
           "--out", str(tmp_path / "r.png"), "--csv", str(tmp_path / "r.csv")])
     out = capsys.readouterr().out
-    for name in ("svg2", "svg1", "positional", "radial", "sliding_tile", "oracle"):
+    for name in ("svg2", "svg1", "positional", "radial", "sliding_tile", "exact-score"):
         assert name in out
     assert (tmp_path / "r.png").exists() and (tmp_path / "r.csv").read_text().count("\n") == 1 + 7 * 2
 
