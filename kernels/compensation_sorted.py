@@ -73,17 +73,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _walk(q, first, skip_rows, skip0, skip1, LNB, KC, VM, desc_kc, desc_vm, lst, n_t, kv_row0, qk_scale,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
-              USE_TMA: tl.constexpr, IEEE: tl.constexpr):
-        """Online softmax (base 2, raw-score max) over the listed centroid tiles. MODE 0: one query cluster
-        (bias row ``skip0``), 1: two (``skip0`` where ``first`` else ``skip1``), 2: per-row gather."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATHER: tl.constexpr,
+              STAGES: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax (base 2, raw-score max) over the listed centroid tiles. Bias per tile: row ``skip0``
+        where ``first`` else row ``skip1`` (tiles within two query clusters), or with GATHER each row's own
+        skip row (``skip_rows``, the rare tiles over three or more clusters). ``STAGES``: the loop's software
+        pipeline depth (1: none, for the rare gather loop, so it adds no shared-memory buffers)."""
         n_off = tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         # The max starts finite: a tile with no skipped column leaves the state unchanged (exp2(-inf) = 0).
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for i in range(0, n_t):
+        for i in tl.range(0, n_t, num_stages=STAGES):
             col0 = tl.load(lst + i) * BLOCK_N
             cols = col0 + n_off
             if USE_TMA:
@@ -93,15 +95,12 @@ if HAS_TRITON:
                 kc = tl.load(KC + cols[:, None] * BLOCK_D + d[None, :])  # KC, VM: the head's tables
                 vm = tl.load(VM + cols[:, None] * BLOCK_D + d[None, :])
             lnb = tl.load(LNB + cols)  # ln(n_j) / scale; -inf: empty or padding
-            if MODE == 2:
+            if GATHER:
                 bias = tl.where(tl.load(skip_rows + cols[None, :]) != 0, lnb[None, :], float("-inf"))
             else:
                 b0 = tl.where(tl.load(skip0 + cols) != 0, lnb, float("-inf"))
-                if MODE == 0:
-                    bias = b0[None, :]
-                else:
-                    b1 = tl.where(tl.load(skip1 + cols) != 0, lnb, float("-inf"))
-                    bias = tl.where(first[:, None], b0[None, :], b1[None, :])
+                b1 = tl.where(tl.load(skip1 + cols) != 0, lnb, float("-inf"))
+                bias = tl.where(first[:, None], b0[None, :], b1[None, :])
             if IEEE:
                 qk = tl.dot(q, tl.trans(kc), input_precision="ieee")
             else:
@@ -121,16 +120,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _sorted_kernel(
-        Q, KC, VM, desc_kc, desc_vm, SKIP, LNB, LAB, PERM, LIST, COUNT, O_IN, L_IN, OUT, LSE,
+        Q, KC, VM, desc_kc, desc_vm, SKIP, LNB, LABS, PERM, LIST, COUNT, O_IN, L_IN, OUT, LSE,
         qk_scale,
         s_qb, s_qh, s_qs, s_qd,
-        s_lb, s_lh, s_ls,
         s_pb, s_ph, s_ps,
         s_ob, s_oh, s_os, s_od,
         s_eb, s_eh, s_es,
         H, S, CQ, CK_PAD, NUM_M, NUM_T,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        MERGE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+        MERGE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -142,7 +140,8 @@ if HAS_TRITON:
         rows = tl.load(PERM + b * s_pb + h * s_ph + offs * s_ps, mask=row_ok, other=0).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        lab = tl.load(LAB + b * s_lb + h * s_lh + rows * s_ls, mask=row_ok, other=0).to(tl.int64)
+        # Labels in walk order (host-gathered, contiguous): loaded beside the permutation, not after it.
+        lab = tl.load(LABS + bh64 * S + offs, mask=row_ok, other=0).to(tl.int64)
         q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qs + d[None, :] * s_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # The tile's label range; rows past S take c0 (valid skip rows, never stored).
@@ -163,15 +162,12 @@ if HAS_TRITON:
         kv_row0 = (bh * CK_PAD).to(tl.int32)  # first table row of the head (a TMA coordinate: int32)
         KC = KC + bh64 * CK_PAD * BLOCK_D
         VM = VM + bh64 * CK_PAD * BLOCK_D
-        if c0 == c1:
+        if n_other == 0:  # one or two query clusters (c0 == c1: both rows the same): two vector loads a tile
             m_i, l_i, acc = _walk(q, first, skip_rows, skip0, skip1, lnb, KC, VM, desc_kc, desc_vm, lst, n_t,
-                                  kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, 0, USE_TMA, IEEE)
-        elif n_other == 0:
-            m_i, l_i, acc = _walk(q, first, skip_rows, skip0, skip1, lnb, KC, VM, desc_kc, desc_vm, lst, n_t,
-                                  kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, 1, USE_TMA, IEEE)
+                                  kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, STAGES, USE_TMA, IEEE)
         else:
             m_i, l_i, acc = _walk(q, first, skip_rows, skip0, skip1, lnb, KC, VM, desc_kc, desc_vm, lst, n_t,
-                                  kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, 2, USE_TMA, IEEE)
+                                  kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, True, 1, USE_TMA, IEEE)
 
         # l_i = 0: the row skips no non-empty cluster (its centroid set is empty: max -inf).
         m_b = tl.where(l_i > 0, m_i, float("-inf"))
@@ -201,7 +197,7 @@ if HAS_TRITON:
         tl.store(LSE + bh64 * S + rows, lse, mask=row_ok)
 
     def _tuned_configs(allow_tma: bool, num_warps: int) -> list:
-        return [triton.Config({"USE_TMA": tma}, num_warps=num_warps, num_stages=st)
+        return [triton.Config({"USE_TMA": tma, "STAGES": st}, num_warps=num_warps, num_stages=st)
                 for tma in ((True, False) if allow_tma else (False,)) for st in (2, 3)]
 
     @functools.cache
@@ -230,8 +226,9 @@ def last_sorted_config(q: torch.Tensor, tiles: CompensationTiles | None = None) 
 
 
 def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Tensor, sizes: torch.Tensor,
-                block_m: int, block_n: int, ck_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroid tiles each query tile walks, listed first (ascending), and how many.
+                block_m: int, block_n: int, ck_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query labels in walk order, and the centroid tiles each query tile walks (listed first, ascending)
+    with how many.
 
     Query tile ``m`` of head ``n`` is rows ``q_perm[n, m * block_m:(m + 1) * block_m]``; it must walk centroid tile
     ``t`` (key clusters ``[t * block_n, (t + 1) * block_n)``) when some query cluster of the tile's label range
@@ -239,6 +236,7 @@ def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Ten
     list covers every term (sorted rows make the range one or two clusters). Sync-free torch.
 
     Returns:
+        labels (N, Sq) int32 (``q_labels`` gathered through ``q_perm``),
         list (N * M, T) int32 (first ``count`` entries: tile indices, ascending; the rest: the other tiles),
         count (N * M,) int32; N = B * H, M = cdiv(Sq, block_m), T = ck_pad // block_n.
     """
@@ -246,6 +244,7 @@ def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Ten
     cq, ck = skipped.shape[-2:]
     n, nm, nt = b * h, -(-s // block_m), ck_pad // block_n
     lab = torch.gather(q_labels, 2, q_perm.long()).reshape(n, s)
+    walk_labels = lab.to(torch.int32)
     if nm * block_m > s:  # the last tile's missing rows repeat its last label (no new cluster)
         lab = torch.cat([lab, lab[:, -1:].expand(n, nm * block_m - s)], 1)
     lab = lab.view(n, nm, block_m)
@@ -264,10 +263,10 @@ def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Ten
     pos = torch.where(need, needed_pos, other_pos).long()
     tiles = torch.arange(nt, device=need.device, dtype=torch.int32).expand(n, nm, nt)
     lst = torch.empty_like(tiles).scatter_(-1, pos, tiles)
-    return lst.reshape(n * nm, nt).contiguous(), count.reshape(n * nm).contiguous()
+    return walk_labels, lst.reshape(n * nm, nt).contiguous(), count.reshape(n * nm).contiguous()
 
 
-def _launch(q, kc, vm, skip, lnb, q_labels, q_perm, lst, count, out_in, lse_in, scale, tiles, use_tma):
+def _launch(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out_in, lse_in, scale, tiles, use_tma):
     b, h, s, d = q.shape
     cq, ck_pad = skip.shape[-2:]
     out = torch.empty((b, h, s, d), dtype=q.dtype if out_in is None else out_in.dtype, device=q.device)
@@ -291,10 +290,9 @@ def _launch(q, kc, vm, skip, lnb, q_labels, q_perm, lst, count, out_in, lse_in, 
     else:  # placeholders: never read without USE_TMA
         desc_kc, desc_vm = kc2, vm2
     args = (
-        q, kc2, vm2, desc_kc, desc_vm, skip, lnb, q_labels, q_perm, lst, count, oi, li, out, lse,
+        q, kc2, vm2, desc_kc, desc_vm, skip, lnb, labs, q_perm, lst, count, oi, li, out, lse,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        q_labels.stride(0), q_labels.stride(1), q_labels.stride(2),
         q_perm.stride(0), q_perm.stride(1), q_perm.stride(2),
         oi.stride(0), oi.stride(1), oi.stride(2), oi.stride(3),
         li.stride(0), li.stride(1), li.stride(2),
@@ -306,7 +304,8 @@ def _launch(q, kc, vm, skip, lnb, q_labels, q_perm, lst, count, out_in, lse_in, 
     if use_tma is None and q.device.type == "cuda" and not interpreting():
         _tuned_kernel(allow_tma, num_warps)[grid](*args, **flags)
     else:
-        _sorted_kernel[grid](*args, **flags, USE_TMA=allow_tma, num_warps=num_warps, num_stages=num_stages)
+        _sorted_kernel[grid](*args, **flags, USE_TMA=allow_tma, STAGES=num_stages, num_warps=num_warps,
+                             num_stages=num_stages)
     return out, lse
 
 
@@ -317,7 +316,7 @@ def _sorted_op(
     value_means: torch.Tensor,
     skip: torch.Tensor,
     lnb: torch.Tensor,
-    q_labels: torch.Tensor,
+    walk_labels: torch.Tensor,
     q_perm: torch.Tensor,
     walk_list: torch.Tensor,
     walk_count: torch.Tensor,
@@ -329,12 +328,12 @@ def _sorted_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepared tensors in (see :func:`compensation_attention_sorted`), ``(out, lse)`` out. ``use_tma``: -1
     autotune (CUDA) / the best available, 0 pointer loads, 1 descriptor loads."""
-    return _launch(q, centroids, value_means, skip, lnb, q_labels, q_perm, walk_list, walk_count, out, lse, scale,
+    return _launch(q, centroids, value_means, skip, lnb, walk_labels, q_perm, walk_list, walk_count, out, lse, scale,
                    tiles, None if use_tma < 0 else use_tma)
 
 
 @_sorted_op.register_fake
-def _(q, centroids, value_means, skip, lnb, q_labels, q_perm, walk_list, walk_count, out, lse, scale, tiles,
+def _(q, centroids, value_means, skip, lnb, walk_labels, q_perm, walk_list, walk_count, out, lse, scale, tiles,
       use_tma):
     dtype = q.dtype if out is None else out.dtype
     return q.new_empty(q.shape, dtype=dtype), q.new_empty(tuple(q.shape[:3]), dtype=torch.float32)
@@ -390,8 +389,8 @@ def compensation_attention_sorted(
     kc, vm, skip, log2n = prepare_tables(centroids, value_means, sizes, skipped, q.dtype)
     lnb = (log2n * (1.0 / (_LOG2E * float(scale)))).contiguous()  # log2 n / (scale log2 e) = ln n / scale
     ck_pad = skip.shape[-1]
-    lst, count = walk_tables(q_labels, q_perm, skipped, sizes, tiles.block_m, tiles.block_n, ck_pad)
-    return _sorted_op(q, kc, vm, skip, lnb, q_labels, q_perm, lst, count, out,
+    labs, lst, count = walk_tables(q_labels, q_perm, skipped, sizes, tiles.block_m, tiles.block_n, ck_pad)
+    return _sorted_op(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out,
                       None if lse is None else lse.float(), float(scale),
                       [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
                       -1 if use_tma is None else int(use_tma))
