@@ -33,14 +33,16 @@ import functools
 
 import torch
 from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TRITON_MISSING, TensorDescriptor, interpreting, tl, triton
-from svg2_kernels.compensation import _CK_ALIGN, CompensationTiles, prepare_tables
+from svg2_kernels.compensation import _CK_ALIGN, CompensationTiles, _pad_rows
 from svg2_kernels.registry import CompensationInputs, CompensationVariant, register_compensation_variant
 
 __all__ = [
     "default_sorted_tiles",
+    "sorted_tables",
     "walk_tables",
     "compensation_attention_sorted",
     "last_sorted_config",
+    "sorted_autotune_configs",
     "TritonSortedCompensation",
 ]
 
@@ -48,9 +50,10 @@ _LOG2E = 1.4426950408889634
 
 
 def default_sorted_tiles(head_dim: int, device_type: str) -> CompensationTiles:
-    """Tiles of the sorted kernel (fixed: the walk table depends on BLOCK_M and BLOCK_N; warps, stages and
-    TMA are autotuned on CUDA). 128 x 64 with 8 warps is the FlashAttention-forward tile of Hopper at D <= 128;
-    D > 128 halves both (a 64 x 256 fp32 accumulator is 128 registers a thread at 4 warps). Interpreter: 16 x 16."""
+    """Tiles of the sorted kernel (BLOCK_M and BLOCK_N fixed, since the walk table depends on them; on CUDA
+    warps, stages and the load kind are autotuned unless the caller passes tiles). 128 x 64 is the
+    FlashAttention-forward tile of Hopper at D <= 128 (8 warps: no spills on sm_90a); D > 128 halves both (a
+    64 x 256 fp32 accumulator is 128 registers a thread at 4 warps). Interpreter: 16 x 16."""
     if device_type != "cuda" or interpreting():
         return CompensationTiles(16, 16, 4, 1)
     if head_dim > 128:
@@ -72,13 +75,13 @@ def _tma_ok(q: torch.Tensor, block_d: int) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _walk(q, first, skip_rows, skip0, skip1, LNB, KC, VM, desc_kc, desc_vm, lst, n_t, kv_row0, qk_scale,
+    def _walk(q, first, bias_rows, bias0, bias1, KC, VM, desc_kc, desc_vm, lst, n_t, kv_row0, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATHER: tl.constexpr,
               STAGES: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr):
-        """Online softmax (base 2, raw-score max) over the listed centroid tiles. Bias per tile: row ``skip0``
-        where ``first`` else row ``skip1`` (tiles within two query clusters), or with GATHER each row's own
-        skip row (``skip_rows``, the rare tiles over three or more clusters). ``STAGES``: the loop's software
-        pipeline depth (1: none, for the rare gather loop, so it adds no shared-memory buffers)."""
+        """Online softmax (base 2, raw-score max) over the listed centroid tiles. Bias per tile: row ``bias0``
+        of the bias table where ``first`` else row ``bias1`` (tiles within two query clusters), or with GATHER
+        each row's own (``bias_rows``, the rare tiles over three or more clusters). ``STAGES``: the loop's
+        software pipeline depth (1: none, for the rare gather loop, so it adds no shared-memory buffers)."""
         n_off = tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         # The max starts finite: a tile with no skipped column leaves the state unchanged (exp2(-inf) = 0).
@@ -94,13 +97,10 @@ if HAS_TRITON:
             else:
                 kc = tl.load(KC + cols[:, None] * BLOCK_D + d[None, :])  # KC, VM: the head's tables
                 vm = tl.load(VM + cols[:, None] * BLOCK_D + d[None, :])
-            lnb = tl.load(LNB + cols)  # ln(n_j) / scale; -inf: empty or padding
             if GATHER:
-                bias = tl.where(tl.load(skip_rows + cols[None, :]) != 0, lnb[None, :], float("-inf"))
+                bias = tl.load(bias_rows + cols[None, :])
             else:
-                b0 = tl.where(tl.load(skip0 + cols) != 0, lnb, float("-inf"))
-                b1 = tl.where(tl.load(skip1 + cols) != 0, lnb, float("-inf"))
-                bias = tl.where(first[:, None], b0[None, :], b1[None, :])
+                bias = tl.where(first[:, None], tl.load(bias0 + cols)[None, :], tl.load(bias1 + cols)[None, :])
             if IEEE:
                 qk = tl.dot(q, tl.trans(kc), input_precision="ieee")
             else:
@@ -120,7 +120,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sorted_kernel(
-        Q, KC, VM, desc_kc, desc_vm, SKIP, LNB, LABS, PERM, LIST, COUNT, O_IN, L_IN, OUT, LSE,
+        Q, KC, VM, desc_kc, desc_vm, BIAS, LABS, PERM, LIST, COUNT, O_IN, L_IN, OUT, LSE,
         qk_scale,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_ph, s_ps,
@@ -137,12 +137,12 @@ if HAS_TRITON:
         bh64 = bh.to(tl.int64)
         offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs < S
-        rows = tl.load(PERM + b * s_pb + h * s_ph + offs * s_ps, mask=row_ok, other=0).to(tl.int64)
+        rows = tl.load(PERM + b * s_pb + h * s_ph + offs * s_ps, mask=row_ok, other=0).to(tl.int32)  # S < 2^31
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         # Labels in walk order (host-gathered, contiguous): loaded beside the permutation, not after it.
-        lab = tl.load(LABS + bh64 * S + offs, mask=row_ok, other=0).to(tl.int64)
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qs + d[None, :] * s_qd,
+        lab = tl.load(LABS + bh64 * S + offs, mask=row_ok, other=0)
+        q = tl.load(Q + b * s_qb + h * s_qh + rows.to(tl.int64)[:, None] * s_qs + d[None, :] * s_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # The tile's label range; rows past S take c0 (valid skip rows, never stored).
         c0 = tl.min(tl.where(row_ok, lab, CQ), 0)
@@ -151,11 +151,11 @@ if HAS_TRITON:
         first = lab == c0
         n_other = tl.sum(((lab != c0) & (lab != c1)).to(tl.int32), 0)
 
-        skip_head = SKIP + bh64 * CQ * CK_PAD
-        skip_rows = skip_head + lab[:, None] * CK_PAD
-        skip0 = skip_head + c0 * CK_PAD
-        skip1 = skip_head + c1 * CK_PAD
-        lnb = LNB + bh64 * CK_PAD
+        # Bias table rows (fp32, raw-score units): ln(n_j) / scale where the cluster skips j, else -inf.
+        bias_head = BIAS + bh64 * CQ * CK_PAD
+        bias_rows = bias_head + lab[:, None] * CK_PAD
+        bias0 = bias_head + c0 * CK_PAD
+        bias1 = bias_head + c1 * CK_PAD
         item = bh64 * NUM_M + pid_m
         lst = LIST + item * NUM_T
         n_t = tl.load(COUNT + item)
@@ -163,20 +163,21 @@ if HAS_TRITON:
         KC = KC + bh64 * CK_PAD * BLOCK_D
         VM = VM + bh64 * CK_PAD * BLOCK_D
         if n_other == 0:  # one or two query clusters (c0 == c1: both rows the same): two vector loads a tile
-            m_i, l_i, acc = _walk(q, first, skip_rows, skip0, skip1, lnb, KC, VM, desc_kc, desc_vm, lst, n_t,
+            m_i, l_i, acc = _walk(q, first, bias_rows, bias0, bias1, KC, VM, desc_kc, desc_vm, lst, n_t,
                                   kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, STAGES, USE_TMA, IEEE)
         else:
-            m_i, l_i, acc = _walk(q, first, skip_rows, skip0, skip1, lnb, KC, VM, desc_kc, desc_vm, lst, n_t,
+            m_i, l_i, acc = _walk(q, first, bias_rows, bias0, bias1, KC, VM, desc_kc, desc_vm, lst, n_t,
                                   kv_row0, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, True, 1, USE_TMA, IEEE)
 
         # l_i = 0: the row skips no non-empty cluster (its centroid set is empty: max -inf).
         m_b = tl.where(l_i > 0, m_i, float("-inf"))
         st_ok = row_ok[:, None] & d_ok[None, :]
         if MERGE:
-            lse_a = tl.load(L_IN + b * s_eb + h * s_eh + rows * s_es, mask=row_ok, other=float("-inf"))
+            lse_a = tl.load(L_IN + b * s_eb + h * s_eh + rows.to(tl.int64) * s_es, mask=row_ok,
+                            other=float("-inf"))
             lse_a = lse_a * 1.4426950408889634
-            out_a = tl.load(O_IN + b * s_ob + h * s_oh + rows[:, None] * s_os + d[None, :] * s_od, mask=st_ok,
-                            other=0.0).to(tl.float32)
+            out_a = tl.load(O_IN + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_os + d[None, :] * s_od,
+                            mask=st_ok, other=0.0).to(tl.float32)
             # Reference point M = max(lse_a, m): w_a, w_b <= 1 and the denominator >= 1 wherever a key exists.
             mx = tl.maximum(lse_a, m_b)
             mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
@@ -192,56 +193,81 @@ if HAS_TRITON:
             l_safe = tl.where(l_i > 0, l_i, 1.0)
             out = acc / l_safe[:, None]
             lse = tl.where(l_i > 0, (m_b + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(OUT + bh64 * S * HEAD_DIM + rows[:, None] * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=st_ok)
+        tl.store(OUT + bh64 * S * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=st_ok)
         tl.store(LSE + bh64 * S + rows, lse, mask=row_ok)
 
-    def _tuned_configs(allow_tma: bool, num_warps: int) -> list:
-        return [triton.Config({"USE_TMA": tma, "STAGES": st}, num_warps=num_warps, num_stages=st)
-                for tma in ((True, False) if allow_tma else (False,)) for st in (2, 3)]
-
     @functools.cache
-    def _tuned_kernel(allow_tma: bool, num_warps: int):
-        """Autotuned over descriptor vs pointer loads and 2 / 3 stages (key: head dim, padded Ck, tiles)."""
-        return triton.autotune(configs=_tuned_configs(allow_tma, num_warps),
-                               key=["HEAD_DIM", "CK_PAD", "BLOCK_M", "BLOCK_N"])(_sorted_kernel)
+    def _tuned_kernel(allow_tma: bool, head_dim: int):
+        """The kernel autotuned over :func:`sorted_autotune_configs` (key: head dim, padded Ck, tiles)."""
+        configs = [triton.Config({"USE_TMA": tma, "STAGES": st}, num_warps=w, num_stages=st)
+                   for tma, w, st in sorted_autotune_configs(allow_tma, head_dim)]
+        return triton.autotune(configs=configs, key=["HEAD_DIM", "CK_PAD", "BLOCK_M", "BLOCK_N"])(_sorted_kernel)
 
 
-def _tune_key(q: torch.Tensor, tiles: CompensationTiles) -> tuple[bool, int]:
-    """Which autotuned kernel a call of this q and these tiles uses: (descriptors allowed, warps)."""
-    return _tma_ok(q, max(16, triton.next_power_of_2(q.shape[-1]))), tiles.num_warps
+def sorted_autotune_configs(allow_tma: bool, head_dim: int) -> list[tuple[bool, int, int]]:
+    """(descriptor loads, warps, stages) the autotuner tries at the default tiles (pruned: four compiles).
+
+    Compiled for sm_90a (Triton 3.8, bf16, D=128, 128 x 64 tiles, merge on): 8 warps 210-234 registers and
+    no spills; 4 warps 255 registers and ~50 spill instructions per loop iteration (of ~780), but two programs
+    per SM hide each other's prologue and softmax (what made 4 warps the measured choice of ``triton_tma``).
+    Descriptor vs pointer loads of the centroid tiles: both. D > 128 runs 64 x 32 tiles with 4 warps."""
+    if head_dim > 128:
+        return [(True, 4, 2), (False, 4, 2)] if allow_tma else [(False, 4, 2), (False, 4, 3)]
+    if allow_tma:
+        return [(True, 8, 2), (True, 4, 2), (False, 8, 2), (False, 8, 3)]
+    return [(False, 8, 2), (False, 8, 3), (False, 4, 2)]
 
 
-def last_sorted_config(q: torch.Tensor, tiles: CompensationTiles | None = None) -> str | None:
-    """The configuration the autotuner picked for calls like ``q`` (with ``tiles``, default
-    :func:`default_sorted_tiles`), for benchmark records; None before the first tuned call."""
+def last_sorted_config(q: torch.Tensor) -> str | None:
+    """The configuration the autotuner picked for calls like ``q`` (device, head dim), for benchmark records;
+    None before the first tuned call."""
     if not HAS_TRITON or _tuned_kernel.cache_info().currsize == 0:
         return None
-    cfg = getattr(_tuned_kernel(*_tune_key(q, tiles or default_sorted_tiles(q.shape[-1], q.device.type))),
-                  "best_config", None)
+    d = q.shape[-1]
+    cfg = getattr(_tuned_kernel(_tma_ok(q, max(16, triton.next_power_of_2(d))), d), "best_config", None)
     return None if cfg is None else str(cfg)
 
 
 # --------------------------------------------------------------------------------------------- host side
 
 
-def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Tensor, sizes: torch.Tensor,
-                block_m: int, block_n: int, ck_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sorted_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: torch.Tensor, skipped: torch.Tensor,
+                  scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's per-head tables: centroids and value means (B, H, CK_PAD, BLOCK_D) in ``dtype`` (zero
+    padding), and the bias table (B, H, Cq, CK_PAD) fp32 in raw-score units: ``ln(n_j) / scale`` where query
+    cluster i skips non-empty key cluster j, else -inf (kept, empty, padding). CK_PAD: Ck rounded up to 128;
+    BLOCK_D: the head dim rounded up to a power of two >= 16. About 49 MB of bias at Wan 14B (300, 1000)."""
+    ck, d = centroids.shape[-2:]
+    ck_pad = -(-ck // _CK_ALIGN) * _CK_ALIGN
+    bd = max(16, 1 << (d - 1).bit_length())
+    kc = _pad_rows(centroids.to(dtype), ck_pad, bd)
+    vm = _pad_rows(value_means.to(dtype), ck_pad, bd)
+    lnb = torch.log(sizes.float()) * (1.0 / float(scale))  # log 0 = -inf: empty clusters weigh 0
+    bias = torch.where(skipped, lnb[:, :, None, :], float("-inf"))
+    bias = torch.nn.functional.pad(bias, (0, ck_pad - ck), value=float("-inf")).contiguous()
+    return kc, vm, bias
+
+
+def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, bias: torch.Tensor, block_m: int,
+                block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The query labels in walk order, and the centroid tiles each query tile walks (listed first, ascending)
     with how many.
 
     Query tile ``m`` of head ``n`` is rows ``q_perm[n, m * block_m:(m + 1) * block_m]``; it must walk centroid tile
     ``t`` (key clusters ``[t * block_n, (t + 1) * block_n)``) when some query cluster of the tile's label range
-    ``[min label, max label]`` skips a non-empty key cluster of it. A range holds every label of the tile, so the
-    list covers every term (sorted rows make the range one or two clusters). Sync-free torch.
+    ``[min label, max label]`` has a finite bias there (skips a non-empty key cluster). A range holds every label
+    of the tile, so the list covers every term (sorted rows make the range one or two clusters). Sync-free.
 
+    Args:
+        bias: (B, H, Cq, CK_PAD) the bias table of :func:`sorted_tables`.
     Returns:
         labels (N, Sq) int32 (``q_labels`` gathered through ``q_perm``),
         list (N * M, T) int32 (first ``count`` entries: tile indices, ascending; the rest: the other tiles),
-        count (N * M,) int32; N = B * H, M = cdiv(Sq, block_m), T = ck_pad // block_n.
+        count (N * M,) int32; N = B * H, M = cdiv(Sq, block_m), T = CK_PAD // block_n.
     """
     b, h, s = q_labels.shape
-    cq, ck = skipped.shape[-2:]
+    cq, ck_pad = bias.shape[-2:]
     n, nm, nt = b * h, -(-s // block_m), ck_pad // block_n
     lab = torch.gather(q_labels, 2, q_perm.long()).reshape(n, s)
     walk_labels = lab.to(torch.int32)
@@ -249,8 +275,7 @@ def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Ten
         lab = torch.cat([lab, lab[:, -1:].expand(n, nm * block_m - s)], 1)
     lab = lab.view(n, nm, block_m)
     c0, c1 = lab.amin(-1), lab.amax(-1)
-    live = skipped.reshape(n, cq, ck) & (sizes.reshape(n, 1, ck) > 0)
-    live = torch.nn.functional.pad(live, (0, ck_pad - ck)).view(n, cq, nt, block_n).any(-1)
+    live = torch.isfinite(bias).view(n, cq, nt, block_n).any(-1)  # (n, cq, nt)
     # Prefix counts over query clusters: "some cluster of [c0, c1] needs tile t" is one difference.
     pref = torch.nn.functional.pad(torch.cumsum(live.to(torch.int32), 1), (0, 0, 1, 0))  # (n, cq + 1, nt)
     hi = torch.gather(pref, 1, (c1 + 1)[..., None].expand(n, nm, nt))
@@ -266,14 +291,14 @@ def walk_tables(q_labels: torch.Tensor, q_perm: torch.Tensor, skipped: torch.Ten
     return walk_labels, lst.reshape(n * nm, nt).contiguous(), count.reshape(n * nm).contiguous()
 
 
-def _launch(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out_in, lse_in, scale, tiles, use_tma):
+def _launch(q, kc, vm, bias, labs, q_perm, lst, count, out_in, lse_in, scale, tiles, use_tma):
     b, h, s, d = q.shape
-    cq, ck_pad = skip.shape[-2:]
+    cq, ck_pad = bias.shape[-2:]
     out = torch.empty((b, h, s, d), dtype=q.dtype if out_in is None else out_in.dtype, device=q.device)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     if s == 0 or b * h == 0:
         return out, lse
-    block_m, block_n, num_warps, num_stages = tiles
+    block_m, block_n, num_warps, num_stages, tuned = tiles
     block_d = kc.shape[-1]
     merge = out_in is not None
     oi = out_in if merge else out  # placeholders: never read without MERGE
@@ -281,8 +306,8 @@ def _launch(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out_in, lse_in, scal
     nm, nt = -(-s // block_m), ck_pad // block_n
     allow_tma = _tma_ok(q, block_d) if use_tma != 0 else False
     if use_tma == 1 and not allow_tma:
-        raise NotImplementedError("descriptor (TMA) loads are unavailable here (Triton >= 3.4 and sm_90+ needed); "
-                                  "pass use_tma=None or False")
+        raise NotImplementedError("descriptor (TMA) loads are unavailable here (Triton >= 3.4, sm_90+ and rows of a "
+                                  "multiple of 16 bytes needed); pass use_tma=None or False")
     kc2, vm2 = kc.view(b * h * ck_pad, block_d), vm.view(b * h * ck_pad, block_d)
     if allow_tma:
         desc_kc = TensorDescriptor.from_tensor(kc2, [block_n, block_d])
@@ -290,7 +315,7 @@ def _launch(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out_in, lse_in, scal
     else:  # placeholders: never read without USE_TMA
         desc_kc, desc_vm = kc2, vm2
     args = (
-        q, kc2, vm2, desc_kc, desc_vm, skip, lnb, labs, q_perm, lst, count, oi, li, out, lse,
+        q, kc2, vm2, desc_kc, desc_vm, bias, labs, q_perm, lst, count, oi, li, out, lse,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         q_perm.stride(0), q_perm.stride(1), q_perm.stride(2),
@@ -301,8 +326,8 @@ def _launch(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out_in, lse_in, scal
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MERGE=merge,
                  IEEE=q.dtype == torch.float32)
     grid = (nm, b * h)
-    if use_tma is None and q.device.type == "cuda" and not interpreting():
-        _tuned_kernel(allow_tma, num_warps)[grid](*args, **flags)
+    if tuned:
+        _tuned_kernel(allow_tma, d)[grid](*args, **flags)
     else:
         _sorted_kernel[grid](*args, **flags, USE_TMA=allow_tma, STAGES=num_stages, num_warps=num_warps,
                              num_stages=num_stages)
@@ -314,8 +339,7 @@ def _sorted_op(
     q: torch.Tensor,
     centroids: torch.Tensor,
     value_means: torch.Tensor,
-    skip: torch.Tensor,
-    lnb: torch.Tensor,
+    bias: torch.Tensor,
     walk_labels: torch.Tensor,
     q_perm: torch.Tensor,
     walk_list: torch.Tensor,
@@ -326,14 +350,15 @@ def _sorted_op(
     tiles: list[int],
     use_tma: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prepared tensors in (see :func:`compensation_attention_sorted`), ``(out, lse)`` out. ``use_tma``: -1
-    autotune (CUDA) / the best available, 0 pointer loads, 1 descriptor loads."""
-    return _launch(q, centroids, value_means, skip, lnb, walk_labels, q_perm, walk_list, walk_count, out, lse, scale,
+    """Prepared tensors in (see :func:`compensation_attention_sorted`), ``(out, lse)`` out. ``tiles``: block_m,
+    block_n, warps, stages, autotuned (1: warps, stages and loads tuned). ``use_tma``: -1 descriptors where
+    available, 0 pointer loads, 1 descriptors (an error where unavailable)."""
+    return _launch(q, centroids, value_means, bias, walk_labels, q_perm, walk_list, walk_count, out, lse, scale,
                    tiles, None if use_tma < 0 else use_tma)
 
 
 @_sorted_op.register_fake
-def _(q, centroids, value_means, skip, lnb, walk_labels, q_perm, walk_list, walk_count, out, lse, scale, tiles,
+def _(q, centroids, value_means, bias, walk_labels, q_perm, walk_list, walk_count, out, lse, scale, tiles,
       use_tma):
     dtype = q.dtype if out is None else out.dtype
     return q.new_empty(q.shape, dtype=dtype), q.new_empty(tuple(q.shape[:3]), dtype=torch.float32)
@@ -360,10 +385,10 @@ def compensation_attention_sorted(
     Args:
         q_perm: (B, H, Sq) the rows in query-cluster order (``layout.q_perm``); None sorts ``q_labels``
             (stable). Any permutation gives the same numbers; a cluster-sorted one is what makes it fast.
-        tiles: BLOCK_M / BLOCK_N (and, with ``use_tma`` given, warps / stages); None:
-            :func:`default_sorted_tiles`.
-        use_tma: None: autotuned on CUDA (descriptor or pointer loads where descriptors work), descriptors
-            where available elsewhere; True / False forces one (True raises where descriptors are unavailable).
+        tiles: launch parameters, all used as given; None: :func:`default_sorted_tiles`, and on CUDA warps,
+            stages and the load kind autotuned (:func:`sorted_autotune_configs`).
+        use_tma: descriptor (TMA) loads of the centroid tiles: True (an error where Triton or the GPU lacks
+            them), False (pointer loads), None (descriptors where available; autotuned when ``tiles`` is None).
     """
     if (out is None) != (lse is None):
         raise ValueError("pass both the sparse out and its lse (to merge) or neither")
@@ -381,18 +406,15 @@ def compensation_attention_sorted(
         raise ValueError(f"q_perm must be (batch, heads, seqlen_q) = {(b, h, sq)}, got {tuple(q_perm.shape)}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0 (the bias ln n / scale is in raw-score units), got {scale}")
+    tuned = tiles is None and q.device.type == "cuda" and not interpreting()
     tiles = tiles or default_sorted_tiles(d, q.device.type)
-    if tiles.block_n > _CK_ALIGN:  # pragma: no cover - CompensationTiles already refuses it
-        raise ValueError(f"block_n {tiles.block_n} > {_CK_ALIGN}")
     if q_perm is None:
         q_perm = torch.sort(q_labels, dim=-1, stable=True).indices
-    kc, vm, skip, log2n = prepare_tables(centroids, value_means, sizes, skipped, q.dtype)
-    lnb = (log2n * (1.0 / (_LOG2E * float(scale)))).contiguous()  # log2 n / (scale log2 e) = ln n / scale
-    ck_pad = skip.shape[-1]
-    labs, lst, count = walk_tables(q_labels, q_perm, skipped, sizes, tiles.block_m, tiles.block_n, ck_pad)
-    return _sorted_op(q, kc, vm, skip, lnb, labs, q_perm, lst, count, out,
+    kc, vm, bias = sorted_tables(centroids, value_means, sizes, skipped, scale, q.dtype)
+    labs, lst, count = walk_tables(q_labels, q_perm, bias, tiles.block_m, tiles.block_n)
+    return _sorted_op(q, kc, vm, bias, labs, q_perm, lst, count, out,
                       None if lse is None else lse.float(), float(scale),
-                      [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
+                      [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, int(tuned)],
                       -1 if use_tma is None else int(use_tma))
 
 
