@@ -173,9 +173,9 @@ if HAS_TRITON:
         m_b = tl.where(l_i > 0, m_i, float("-inf"))
         st_ok = row_ok[:, None] & d_ok[None, :]
         if MERGE:
-            lse_a = tl.load(L_IN + b * s_eb + h * s_eh + rows.to(tl.int64) * s_es, mask=row_ok,
-                            other=float("-inf"))
-            lse_a = lse_a * 1.4426950408889634
+            lse_in = tl.load(L_IN + b * s_eb + h * s_eh + rows.to(tl.int64) * s_es, mask=row_ok,
+                             other=float("-inf"))
+            lse_a = lse_in * 1.4426950408889634
             out_a = tl.load(O_IN + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_os + d[None, :] * s_od,
                             mask=st_ok, other=0.0).to(tl.float32)
             # Reference point M = max(lse_a, m): w_a, w_b <= 1 and the denominator >= 1 wherever a key exists.
@@ -189,6 +189,7 @@ if HAS_TRITON:
             den_safe = tl.where(denom > 0, denom, 1.0)
             out = num / den_safe[:, None]
             lse = tl.where(denom > 0, (mx_safe + tl.math.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+            lse = tl.where(l_i > 0, lse, lse_in)  # a row that skips nothing keeps the sparse LSE bit for bit
         else:
             l_safe = tl.where(l_i > 0, l_i, 1.0)
             out = acc / l_safe[:, None]

@@ -351,8 +351,8 @@ def centroid_attention(
         scale: softmax scale.
         backend: "auto" | "triton" | "triton_sorted" | "flex" | "torch".
     Returns:
-        out (B, H, Sq, D) (float32 on torch, q's dtype on triton / triton_sorted / flex; zeros for rows that skip nothing),
-        lse (B, H, Sq) float32 natural log (-inf for rows that skip nothing), and the backend that ran.
+        out (B, H, Sq, D) (float32 on torch, q's dtype on triton / triton_sorted / flex; zeros for rows that skip
+        nothing), lse (B, H, Sq) float32 natural log (-inf for rows that skip nothing), and the backend that ran.
     """
     _check_comp_inputs(q, summary, skipped, q_labels)
     candidates = _candidates(backend, q, skipped)
@@ -399,6 +399,7 @@ def compensate(
     *,
     backend: str = "auto",
     q_perm: torch.Tensor | None = None,
+    cluster_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Add the skipped clusters' centroid terms to a sparse attention result (see the module docstring).
 
@@ -409,7 +410,10 @@ def compensate(
         summary, skipped, q_labels, scale, backend: as :func:`centroid_attention`.
         q_perm: (B, H, Sq) optional cluster order of the rows (``layout.q_perm``): the triton kernels walk
             their query tiles in that order (tiles within one or two query clusters; same results, token-order
-            outputs); ``triton_sorted`` sorts ``q_labels`` itself without it. Ignored by the other backends.
+            outputs). Ignored by the other backends.
+        cluster_order: (B, H, Sq) the rows sorted by query cluster (``layout.q_perm``) for ``triton_sorted``,
+            which always walks in cluster order (``q_perm`` when this is None; without either it sorts
+            ``q_labels`` itself, one more sort per call). Ignored by the other backends.
     Returns:
         out (B, H, Sq, D) in ``out``'s dtype, lse (B, H, Sq) float32 of the compensated softmax, backend name.
     """
@@ -427,7 +431,8 @@ def compensate(
     fns = {
         # The fused kernel merges in its epilogue: one pass, the merged out written in out's dtype.
         "triton": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse, q_perm),
-        "triton_sorted": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse, q_perm,
+        "triton_sorted": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse,
+                                                            cluster_order if cluster_order is not None else q_perm,
                                                             name="triton_sorted"),
         "flex": lambda: unfused("flex"),
         "torch": lambda: unfused("torch"),
