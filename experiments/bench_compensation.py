@@ -27,7 +27,8 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
 * ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
   metadata);
 * ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
-  and ``ear probe+routing`` alone.
+  and ``ear probe+routing`` alone; on CUDA both also with ``(probe torch)``, the probe in chunked torch ops
+  (the default is the fused Triton probe); ``ear probe (torch)`` / ``ear probe (triton)``: the probe alone.
 
 Times: medians of ``triton.testing.do_bench`` (a call slower than 1 s: median of 3 timed calls instead); on the
 CPU (``--tiny``) medians of ``time.perf_counter``. Prints a Markdown table (ms, ratio to dense, compensation
@@ -236,16 +237,50 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
         if name != "torch" and "torch" in outs:
             rows[f"comp ({name})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"].float()).abs().max())
 
-    if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density) --
-        method = build_method("svg_ear", cfg=cfg_c)
-        state = MethodState()
-        ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
-        method(q, k, v, ctx)  # the cold start
-        rows["svg_ear"] = {"ms": ms(lambda: method(q, k, v, ctx)),
-                           "density": state.resolved_records()[-1]["density"],
-                           "compensation": state.resolved_records()[-1].get("compensation")}
-        site = state.cluster_state(*ctx.site())
-        rows["ear probe+routing"] = {"ms": ms(lambda: method.route(q, k, v, ctx, site)), "note": "incl. k-means"}
+    if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density), with each probe --
+        probes = ["auto"] + (["torch"] if q.device.type == "cuda" else [])
+        for probe in probes:
+            sfx = "" if probe == "auto" else f" (probe {probe})"
+            method = build_method("svg_ear", cfg=cfg_c, probe=probe)
+            state = MethodState()
+            ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
+            method(q, k, v, ctx)  # the cold start
+            site = state.cluster_state(*ctx.site())
+            rows[f"svg_ear{sfx}"] = {"ms": ms(lambda m=method, c=ctx: m(q, k, v, c)),
+                                     "density": state.resolved_records()[-1]["density"],
+                                     "compensation": state.resolved_records()[-1].get("compensation"),
+                                     "probe": site.last_kernels.get("probe")}
+            rows[f"ear probe+routing{sfx}"] = {"ms": ms(lambda m=method, c=ctx, st=site: m.route(q, k, v, c, st)),
+                                               "note": "incl. k-means"}
+        rows.update(ear_probe_rows(q, k, v, layout, ms))
+    return rows
+
+
+def ear_probe_rows(q, k, v, layout, ms) -> dict:
+    """The error probe alone on one layout (its inputs as ``SVGEARMethod.route`` builds them), torch and fused,
+    with the fused one's largest difference from torch in log E."""
+    from svg2_kernels.ear_probe import ear_log_error_triton
+
+    from svg2.methods.svg_ear import ear_log_error
+
+    b, h, s, d = q.shape
+    n, cq, ck = b * h, layout.num_q_clusters, layout.num_k_clusters
+    gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, d))  # noqa: E731
+    ks, vs = gather(k, layout.k_perm).reshape(n, s, d), gather(v, layout.k_perm).reshape(n, s, d)
+    qc = segment_means(gather(q, layout.q_perm), layout.q_sizes).reshape(n, cq, d)
+    sizes = layout.k_sizes.reshape(n, ck)
+    kc = segment_means(ks[:, None], sizes[:, None])[:, 0]
+    vm = segment_means(vs[:, None], sizes[:, None])[:, 0]
+    args = (qc, ks, vs, kc, vm, sizes, 1.0 / math.sqrt(d))
+    rows: dict[str, dict] = {"ear probe (torch)": {"ms": ms(lambda: ear_log_error(*args))}}
+    if q.device.type == "cuda":
+        try:
+            got, want = ear_log_error_triton(*args), ear_log_error(*args)
+            live = want > math.log(1e-8) + 1e-3  # the floor is where both may differ by fp32 noise of an exact fit
+            rows["ear probe (triton)"] = {"ms": ms(lambda: ear_log_error_triton(*args)),
+                                          "max_abs_diff_log_vs_torch": float((got - want)[live].abs().max())}
+        except Exception as e:  # noqa: BLE001 - report why the kernel could not run, keep the other rows
+            rows["ear probe (triton)"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
     return rows
 
 

@@ -21,10 +21,11 @@ def test_tiny_benchmark_writes_table_and_json(tmp_path):
     assert saved["shape"]["seqlen"] == 48 and saved["density"] == 0.25
     rows = saved["results"][0]["rows"]
     expected = {"dense", "svg2", "svg2+lse", "svg2+comp", "svg2 layout reuse", "comp (torch)", "svg_ear",
-                "ear probe+routing"}
+                "ear probe+routing", "ear probe (torch)"}
     assert expected <= set(rows)
     assert all(rows[name]["ms"] > 0 for name in expected)
     assert rows["svg2+comp"]["lse"] == "torch" and rows["svg_ear"]["compensation"] == "torch"
+    assert rows["svg_ear"]["probe"] == "torch"  # auto on the CPU without Triton's interpreter
     assert rows["comp (torch)"]["max_abs_diff_vs_call"] < 1e-5  # the timed step is the compensated call's work
     printed = proc.stdout
     assert "| (3, 6) | comp (torch) |" in printed and "% of the svg2 call" in printed
