@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 COMPENSATION_BACKENDS = ("auto", "triton", "triton_sorted", "flex", "torch")
-_AUTO_ORDER = ("triton", "triton_sorted", "flex", "torch")  # fastest first (measured on an H200); torch: anything
+_AUTO_ORDER = ("triton", "triton_sorted", "flex", "torch")  # H200-measured order; triton_sorted: unmeasured
 _TRITON_BACKENDS = ("triton", "triton_sorted")  # registry kernels (svg2_kernels.registry), merge fused
 # Elements of a (rows x keys) fp32 score block materialised at once by the torch paths: 256 MiB on the CPU,
 # 1 GiB on a GPU (fewer, larger matmuls for the O(S^2) LSE fallback).
