@@ -42,6 +42,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +132,20 @@ def dense_fn(q, k, v):
     return (lambda: F.scaled_dot_product_attention(q, k, v)), "sdpa-default"
 
 
+class _Rows(dict):
+    """The rows of one configuration; each is also printed to stderr as it is measured (a run cut short by a
+    time limit still shows what it measured)."""
+
+    def __setitem__(self, name: str, row: dict) -> None:
+        super().__setitem__(name, row)
+        ms = row.get("ms")
+        print(f"  {name}: {'-' if ms is None else f'{ms:.3f} ms'}", file=sys.stderr, flush=True)
+
+    def update(self, other: dict) -> None:  # type: ignore[override]
+        for name, row in other.items():
+            self[name] = row
+
+
 # Fixed launches of triton_sorted timed beside its autotuned one (which of them the tuner picks is recorded).
 SORTED_FIXED = ((True, 8, 2), (True, 4, 2), (False, 8, 2), (False, 8, 3))
 
@@ -140,7 +155,7 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
     """Every row of one (Cq, Ck) configuration: {row name: {"ms": ..., details}}."""
     cfg = SVG2Config(num_q_centroids=cq, num_k_centroids=ck, target_density=density, dense_steps_frac=0.0,
                      dense_layers=0)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = _Rows()
     dense, dense_backend = dense_fn(q, k, v)
     rows["dense"] = {"ms": ms(dense), "kernel": dense_backend}
 
@@ -332,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     with torch.no_grad():
         for cq, ck in pairs:
-            rows = bench_config(q, k, v, cq, ck, args.density, ms, comp_backends, call_backends, ear=not args.no_ear)
+            print(f"({cq}, {ck}):", file=sys.stderr, flush=True)
+            rows = dict(bench_config(q, k, v, cq, ck, args.density, ms, comp_backends, call_backends,
+                                     ear=not args.no_ear))
             results.append({"config": f"({cq}, {ck})", "cq": cq, "ck": ck, "rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
