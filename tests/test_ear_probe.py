@@ -197,7 +197,7 @@ def test_probe_choice_and_refusals():
     method = build_method("svg_ear", cfg=cfg, probe="triton")
     with pytest.raises(NotImplementedError, match="triton probe cannot run here"):
         method._probe_backend(torch.zeros(1, 1, 4, 16))
-    assert build_method("svg_ear", cfg=cfg)._probe_backend(torch.zeros(1, 1, 4, 16)) == "torch"  # CPU, no interpreter
+    assert build_method("svg_ear", cfg=cfg)._probe_backend(torch.zeros(1, 1, 4, 16)) == "torch"  # auto: torch
     assert "probe" not in build_method("svg_ear", cfg=cfg).describe()  # auto: the description of before
     assert method.describe()["probe"] == "triton"
 

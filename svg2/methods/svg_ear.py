@@ -41,9 +41,10 @@ Deliberate differences (none changes the method at the defaults beyond what is s
   * ``target_density`` (our extension, for matched-density sweeps): the budget is that share of the video token pairs
     per (batch, head), given after the guaranteed clusters greedily by value over all pairs.
   * Counts use ceil (``min_key_clusters``) where theirs truncate; equal whenever ratio x Ck is an integer.
-  * The probe runs as one Triton kernel on CUDA (``svg2_kernels.ear_probe``: fp32 sums, the dot as three TF32
-    products) and as chunked fp32 torch ops elsewhere (``probe="torch"`` forces those); the compensation runs
-    through ``svg2.compensation``. experiments/bench_compensation.py measures both probes.
+  * The probe runs as chunked fp32 torch ops (``probe="torch"``, auto's choice until a GPU run has timed the
+    other) or as one Triton kernel (``probe="triton"``: ``svg2_kernels.ear_probe``, fp32 sums, the dot as three
+    TF32 products on CUDA); the compensation runs through ``svg2.compensation``. experiments/bench_compensation.py
+    measures both probes.
 """
 
 from __future__ import annotations
@@ -189,8 +190,9 @@ class SVGEARMethod(AttentionMethod):
 
     Takes an SVG2Config (clustering, top_p / min_kc_ratio for the budget, schedule, kernels, ``layout_every``);
     ``cfg.compensate`` must be True (the default config here sets it). Own knobs: ``gamma``, ``guaranteed_ratio``,
-    ``probe`` ("auto": the fused Triton probe on CUDA, torch elsewhere; "triton"; "torch"; the one that ran is
-    ``last_kernels["probe"]`` of the call site's ClusterState).
+    ``probe`` ("auto": torch until an H200 run has timed the fused probe; "triton": the fused Triton kernel,
+    CUDA or Triton's interpreter; "torch"; the one that ran is ``last_kernels["probe"]`` of the call site's
+    ClusterState).
     """
 
     def __init__(self, cfg: SVG2Config | None = None, *, gamma: float = 1.0, guaranteed_ratio: float = 0.05,
@@ -206,8 +208,8 @@ class SVGEARMethod(AttentionMethod):
         if not 0.0 <= guaranteed_ratio <= 1.0:
             raise ValueError(f"guaranteed_ratio={guaranteed_ratio} must be in [0, 1]")
         if probe not in EAR_PROBES:
-            raise ValueError(f"probe={probe!r} is not one of {EAR_PROBES} (auto: the Triton kernel on CUDA, torch "
-                             "elsewhere)")
+            raise ValueError(f"probe={probe!r} is not one of {EAR_PROBES} (triton: the fused kernel, torch: chunked "
+                             "torch ops, auto: torch for now)")
         self.probe = probe
         self.cfg = cfg
         self.gamma = float(gamma)
@@ -218,16 +220,15 @@ class SVGEARMethod(AttentionMethod):
 
     def _probe_backend(self, q: torch.Tensor) -> str:
         """The probe that runs on q's device: the named one (triton: CUDA, or the CPU under Triton's interpreter),
-        or for ``auto`` the Triton kernel where it can run, else torch."""
+        or for ``auto`` torch: the fused probe becomes auto's choice only once a GPU run shows it faster and
+        within the error rule of tests/test_ear_probe.py."""
         from svg2_kernels._triton import HAS_TRITON, TRITON_MISSING, interpreting
 
         runs_triton = HAS_TRITON and (q.device.type == "cuda" or interpreting())
         if self.probe == "triton" and not runs_triton:
             why = TRITON_MISSING if not HAS_TRITON else f"device '{q.device.type}' is not cuda"
             raise NotImplementedError(f"the triton probe cannot run here: {why}. Use probe='torch' or 'auto'")
-        if self.probe == "auto":
-            return "triton" if runs_triton else "torch"
-        return self.probe
+        return "torch" if self.probe == "auto" else self.probe
 
     def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, state
               ) -> tuple[ClusterLayout, KeySummary]:
