@@ -386,10 +386,11 @@ def compensation_attention_sorted(
     Args:
         q_perm: (B, H, Sq) the rows in query-cluster order (``layout.q_perm``); None sorts ``q_labels``
             (stable). Any permutation gives the same numbers; a cluster-sorted one is what makes it fast.
-        tiles: launch parameters, all used as given; None: :func:`default_sorted_tiles`, and on CUDA warps,
-            stages and the load kind autotuned (:func:`sorted_autotune_configs`).
+        tiles: launch parameters, all used as given; None: :func:`default_sorted_tiles`, and on CUDA with
+            ``use_tma`` None warps, stages and the load kind autotuned (:func:`sorted_autotune_configs`).
         use_tma: descriptor (TMA) loads of the centroid tiles: True (an error where Triton or the GPU lacks
-            them), False (pointer loads), None (descriptors where available; autotuned when ``tiles`` is None).
+            them), False (pointer loads), None (autotuned on CUDA without ``tiles``, else descriptors where
+            available).
     """
     if (out is None) != (lse is None):
         raise ValueError("pass both the sparse out and its lse (to merge) or neither")
@@ -407,7 +408,7 @@ def compensation_attention_sorted(
         raise ValueError(f"q_perm must be (batch, heads, seqlen_q) = {(b, h, sq)}, got {tuple(q_perm.shape)}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0 (the bias ln n / scale is in raw-score units), got {scale}")
-    tuned = tiles is None and q.device.type == "cuda" and not interpreting()
+    tuned = tiles is None and use_tma is None and q.device.type == "cuda" and not interpreting()
     tiles = tiles or default_sorted_tiles(d, q.device.type)
     if q_perm is None:
         q_perm = torch.sort(q_labels, dim=-1, stable=True).indices
