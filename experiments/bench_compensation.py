@@ -1,6 +1,8 @@
 """GPU cost of compensating skipped clusters, of SVG-EAR and of layout reuse, at Wan 2.1 14B 720p (issue 17).
 
     python experiments/bench_compensation.py --out bench_compensation.json          # H100/H200, ~5 minutes
+    python experiments/bench_compensation.py --configs 300x1000 --no-ear --comp-backends triton,triton_sorted \
+        --out bench_compensation.json                                               # issue 17's rows, ~2-3 min
     python experiments/bench_compensation.py --tiny --out /tmp/b.json               # CPU smoke (tests)
 
 Per (Cq, Ck) configuration, in one process and on the same clustered synthetic Q/K/V (``analysis.synthetic``:
@@ -9,18 +11,24 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
 * ``dense``: cuDNN SDPA (the fastest dense kernel; the backend that ran is recorded);
 * ``svg2``: the public call ``svg2_attention`` on a warm state (2 k-means iterations), compensate off;
 * ``svg2+lse``: the same call returning the kernel's LSE (what compensation needs from the kernel);
-* ``svg2+comp``: the same call with ``compensate=True`` (the kernel's LSE; the compensation backend recorded);
-* ``comp (triton)`` / ``comp (triton, cluster order)`` / ``comp (flex)`` / ``comp (torch)``: the compensation
-  step alone (key-cluster summaries from the permuted K/V, centroid attention, LSE merge) given the sparse
-  output and LSE; ``triton`` is the fused kernel (merge in its epilogue, autotuned: the chosen tiles are
-  recorded), walking query tiles in token order, or in cluster order through ``q_perm``. Target (issue 17):
-  at most 5% of the ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE
-  output included;
+* ``svg2+comp``: the same call with ``compensate=True`` (the kernel's LSE; the compensation backend "auto"
+  picks is recorded), and ``svg2+comp (<backend>)`` with each Triton kernel named
+  (``svg2_attention(..., compensation_backend=...)``); ``overhead`` is the call's time over ``svg2``'s;
+* ``comp (triton)`` / ``comp (triton (cluster order))`` / ``comp (triton_sorted)`` / ``comp (flex)`` /
+  ``comp (torch)``: the compensation step alone (key-cluster summaries from the permuted K/V, centroid
+  attention, LSE merge) given the sparse output and LSE; ``triton`` is the fused kernel (merge in its
+  epilogue, autotuned: the chosen tiles are recorded), walking query tiles in token order, or in cluster order
+  through ``q_perm``; ``triton_sorted`` walks cluster-order tiles with one or two skip rows each and only the
+  centroid tiles they need (autotuned loads / warps / stages, recorded), its host tables included;
+  ``comp (triton_sorted, <loads> <warps>w <stages>s)`` are its fixed launch configurations and
+  ``comp tables (triton_sorted)`` its host-side tables alone. Target (issue 17): at most 5% of the ``svg2``
+  call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
 * ``comp summaries``: the key-cluster summaries alone (the value means; the centroids come from k-means);
 * ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
   metadata);
 * ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
-  and ``ear probe+routing`` alone.
+  and ``ear probe+routing`` alone (the probe ``auto`` runs: torch ops), on CUDA both also with ``(probe
+  triton)``, the fused Triton probe; ``ear probe (torch)`` / ``ear probe (triton)``: the probe alone.
 
 Times: medians of ``triton.testing.do_bench`` (a call slower than 1 s: median of 3 timed calls instead); on the
 CPU (``--tiny``) medians of ``time.perf_counter``. Prints a Markdown table (ms, ratio to dense, compensation
@@ -34,12 +42,20 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from svg2_kernels.compensation import last_tuned_config
+from svg2_kernels.compensation import CompensationTiles, last_tuned_config
+from svg2_kernels.compensation_sorted import (
+    compensation_attention_sorted,
+    default_sorted_tiles,
+    last_sorted_config,
+    sorted_tables,
+    walk_tables,
+)
 
 from analysis.synthetic import synthetic_qkv
 from svg2 import ClusterState, SVG2Config, svg2_attention
@@ -116,11 +132,30 @@ def dense_fn(q, k, v):
     return (lambda: F.scaled_dot_product_attention(q, k, v)), "sdpa-default"
 
 
-def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str]) -> dict:
+class _Rows(dict):
+    """The rows of one configuration; each is also printed to stderr as it is measured (a run cut short by a
+    time limit still shows what it measured)."""
+
+    def __setitem__(self, name: str, row: dict) -> None:
+        super().__setitem__(name, row)
+        ms = row.get("ms")
+        print(f"  {name}: {'-' if ms is None else f'{ms:.3f} ms'}", file=sys.stderr, flush=True)
+
+    def update(self, other: dict) -> None:  # type: ignore[override]
+        for name, row in other.items():
+            self[name] = row
+
+
+# Fixed launches of triton_sorted timed beside its autotuned one (which of them the tuner picks is recorded).
+SORTED_FIXED = ((True, 8, 2), (True, 4, 2), (False, 8, 2), (False, 8, 3))
+
+
+def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str],
+                 call_backends: list[str], ear: bool = True) -> dict:
     """Every row of one (Cq, Ck) configuration: {row name: {"ms": ..., details}}."""
     cfg = SVG2Config(num_q_centroids=cq, num_k_centroids=ck, target_density=density, dense_steps_frac=0.0,
                      dense_layers=0)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = _Rows()
     dense, dense_backend = dense_fn(q, k, v)
     rows["dense"] = {"ms": ms(dense), "kernel": dense_backend}
 
@@ -132,10 +167,19 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
                     "kmeans_kernel": st.last_kernels.get("kmeans")}
     rows["svg2+lse"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg, st, check_finite=False, return_lse=True))}
     cfg_c = cfg.replace(compensate=True)
-    st_c = ClusterState()
-    svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)
-    rows["svg2+comp"] = {"ms": ms(lambda: svg2_attention(q, k, v, cfg_c, st_c, check_finite=False)),
-                         "lse": st_c.last_kernels.get("lse"), "compensation": st_c.last_kernels.get("compensation")}
+    for backend in ["auto", *call_backends]:
+        name = "svg2+comp" if backend == "auto" else f"svg2+comp ({backend})"
+        st_c = ClusterState()
+
+        def call(st_c=st_c, backend=backend):
+            return svg2_attention(q, k, v, cfg_c, st_c, check_finite=False, compensation_backend=backend)
+
+        try:
+            call()
+            rows[name] = {"ms": ms(call), "lse": st_c.last_kernels.get("lse"),
+                          "compensation": st_c.last_kernels.get("compensation")}
+        except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
+            rows[name] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
     st_r = ClusterState()
     cfg_r = cfg.replace(layout_every=1_000_000)
     svg2_attention(q, k, v, cfg_r, st_r, check_finite=False)  # builds the layout (and plan); later calls reuse it
@@ -146,28 +190,61 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
     gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))  # noqa: E731
     ks, vs = gather(k, layout.k_perm), gather(v, layout.k_perm)
     scale = 1.0 / math.sqrt(q.shape[-1])
+    skipped = ~layout.block_map
     # A fresh layout's centroids come from k-means' last update (free); take this layout's exact ones.
     centroids = segment_means(ks, layout.k_sizes)
     rows["comp summaries"] = {"ms": ms(lambda: summarize_key_clusters(ks, vs, layout.k_sizes, centroids))}
-    outs = {}
+    steps = {}
     for backend in comp_backends:
         name, q_perm = backend, None
         if backend == "triton (cluster order)":
             backend, q_perm = "triton", layout.q_perm
+        if backend == "triton_sorted":
+            q_perm = layout.q_perm  # what svg2_attention passes it (cluster_order)
 
         def step(backend=backend, q_perm=q_perm):
             summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
-            return compensate(out_s, lse, q, summary, ~layout.block_map, layout.q_labels, scale, backend=backend,
+            return compensate(out_s, lse, q, summary, skipped, layout.q_labels, scale, backend=backend,
                               q_perm=q_perm)
 
+        steps[name] = (step, backend)
+        if backend == "triton_sorted" and q.device.type == "cuda":
+            for tma, warps, stages in SORTED_FIXED:
+                tiles = CompensationTiles(128, 64, warps, stages)
+
+                def fixed(tiles=tiles, tma=tma):
+                    summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
+                    out, lse_c = compensation_attention_sorted(q, summary.centroids, summary.value_means,
+                                                               summary.sizes, skipped, layout.q_labels, scale,
+                                                               out_s, lse, q_perm=layout.q_perm, tiles=tiles,
+                                                               use_tma=tma)
+                    return out, lse_c, "triton_sorted"
+
+                steps[f"triton_sorted, {'tma' if tma else 'ptr'} {warps}w {stages}s"] = (fixed, None)
+    outs = {}
+    for name, (step, backend) in steps.items():
         try:
             out_c, _, used = step()
             outs[name] = out_c
             rows[f"comp ({name})"] = {"ms": ms(step), "compensation": used}
             if backend == "triton":
                 rows[f"comp ({name})"]["tiles"] = last_tuned_config(q.shape[-1])
+            if backend == "triton_sorted":
+                rows[f"comp ({name})"]["tiles"] = last_sorted_config(q)
         except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
             rows[f"comp ({name})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
+    if "triton_sorted" in outs:
+        tiles = default_sorted_tiles(q.shape[-1], q.device.type)
+
+        vmeans = segment_means(vs, layout.k_sizes)
+
+        def tables():
+            _, _, bias = sorted_tables(centroids, vmeans, layout.k_sizes, skipped, scale, q.dtype)
+            return walk_tables(layout.q_labels, layout.q_perm, bias, tiles.block_m, tiles.block_n)
+
+        _, _, count = tables()
+        walked = float(count.float().mean()) * tiles.block_n / (-(-ck // 128) * 128)
+        rows["comp tables (triton_sorted)"] = {"ms": ms(tables), "walked_fraction": round(walked, 4)}
     # Correctness of the timed steps: against the compensated public call and against the torch backend.
     call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
     for name, out_c in outs.items():
@@ -175,20 +252,56 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
         if name != "torch" and "torch" in outs:
             rows[f"comp ({name})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"].float()).abs().max())
 
-    # -- SVG-EAR (a warm sparse call of the method at the same density) --
-    ear = build_method("svg_ear", cfg=cfg_c)
-    state = MethodState()
-    ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
-    ear(q, k, v, ctx)  # the cold start
-    rows["svg_ear"] = {"ms": ms(lambda: ear(q, k, v, ctx)), "density": state.resolved_records()[-1]["density"],
-                       "compensation": state.resolved_records()[-1].get("compensation")}
-    site = state.cluster_state(*ctx.site())
-    rows["ear probe+routing"] = {"ms": ms(lambda: ear.route(q, k, v, ctx, site)), "note": "incl. k-means"}
+    if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density), with each probe --
+        probes = ["auto"] + (["triton"] if q.device.type == "cuda" else [])
+        for probe in probes:
+            sfx = "" if probe == "auto" else f" (probe {probe})"
+            method = build_method("svg_ear", cfg=cfg_c, probe=probe)
+            state = MethodState()
+            ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
+            method(q, k, v, ctx)  # the cold start
+            site = state.cluster_state(*ctx.site())
+            rows[f"svg_ear{sfx}"] = {"ms": ms(lambda m=method, c=ctx: m(q, k, v, c)),
+                                     "density": state.resolved_records()[-1]["density"],
+                                     "compensation": state.resolved_records()[-1].get("compensation"),
+                                     "probe": site.last_kernels.get("probe")}
+            rows[f"ear probe+routing{sfx}"] = {"ms": ms(lambda m=method, c=ctx, st=site: m.route(q, k, v, c, st)),
+                                               "note": "incl. k-means"}
+        rows.update(ear_probe_rows(q, k, v, layout, ms))
+    return rows
+
+
+def ear_probe_rows(q, k, v, layout, ms) -> dict:
+    """The error probe alone on one layout (its inputs as ``SVGEARMethod.route`` builds them), torch and fused,
+    with the fused one's largest difference from torch in log E."""
+    from svg2_kernels.ear_probe import ear_log_error_triton
+
+    from svg2.methods.svg_ear import ear_log_error
+
+    b, h, s, d = q.shape
+    n, cq, ck = b * h, layout.num_q_clusters, layout.num_k_clusters
+    gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, d))  # noqa: E731
+    ks, vs = gather(k, layout.k_perm).reshape(n, s, d), gather(v, layout.k_perm).reshape(n, s, d)
+    qc = segment_means(gather(q, layout.q_perm), layout.q_sizes).reshape(n, cq, d)
+    sizes = layout.k_sizes.reshape(n, ck)
+    kc = segment_means(ks[:, None], sizes[:, None])[:, 0]
+    vm = segment_means(vs[:, None], sizes[:, None])[:, 0]
+    args = (qc, ks, vs, kc, vm, sizes, 1.0 / math.sqrt(d))
+    rows: dict[str, dict] = {"ear probe (torch)": {"ms": ms(lambda: ear_log_error(*args))}}
+    if q.device.type == "cuda":
+        try:
+            got, want = ear_log_error_triton(*args), ear_log_error(*args)
+            live = want > math.log(1e-8) + 1e-3  # the floor is where both may differ by fp32 noise of an exact fit
+            rows["ear probe (triton)"] = {"ms": ms(lambda: ear_log_error_triton(*args)),
+                                          "max_abs_diff_log_vs_torch": float((got - want)[live].abs().max())}
+        except Exception as e:  # noqa: BLE001 - report why the kernel could not run, keep the other rows
+            rows["ear probe (triton)"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
     return rows
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| (Cq, Ck) | row | ms | ratio to dense | % of the svg2 call | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| (Cq, Ck) | row | ms | ratio to dense | % of the svg2 call | overhead | notes |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
         rows = res["rows"]
         dense, sparse = rows["dense"]["ms"], rows["svg2"]["ms"]
@@ -196,10 +309,11 @@ def table(results: list[dict]) -> str:
             t = row.get("ms")
             notes = ", ".join(f"{k}={v}" for k, v in row.items() if k != "ms" and v is not None)
             if t is None:
-                lines.append(f"| {res['config']} | {name} | - | - | - | {notes} |")
+                lines.append(f"| {res['config']} | {name} | - | - | - | - | {notes} |")
                 continue
             pct = f"{100 * t / sparse:.1f}%" if name.startswith(("comp", "ear probe")) else ""
-            lines.append(f"| {res['config']} | {name} | {t:.2f} | {t / dense:.3f} | {pct} | {notes} |")
+            over = f"+{100 * (t - sparse) / sparse:.1f}%" if name.startswith("svg2+comp") else ""
+            lines.append(f"| {res['config']} | {name} | {t:.2f} | {t / dense:.3f} | {pct} | {over} | {notes} |")
     return "\n".join(lines)
 
 
@@ -211,18 +325,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--comp-backends", default=None,
+                    help="compensation step rows, comma-separated (default: every backend the device runs; "
+                         "'triton (cluster order)' is the triton kernel walking q_perm)")
+    ap.add_argument("--no-ear", action="store_true", help="skip the SVG-EAR rows")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     shape = TINY if args.tiny else WAN14B
     configs = args.configs or ("4x8,3x6" if args.tiny else "300x1000,100x500")
     pairs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
-    comp_backends = ["torch"] if device.type == "cpu" else ["triton", "triton (cluster order)", "flex", "torch"]
+    if args.comp_backends:
+        comp_backends = [b.strip() for b in args.comp_backends.split(",") if b.strip()]
+    elif device.type == "cpu":
+        comp_backends = ["torch"]
+    else:
+        comp_backends = ["triton", "triton (cluster order)", "triton_sorted", "flex", "torch"]
+    # The public call with each Triton kernel named (auto's choice is the plain "svg2+comp" row).
+    call_backends = [b for b in ("triton", "triton_sorted") if b in comp_backends]
     ms = timer(device, args.warmup, args.rep)
     q, k, v = make_qkv(shape, device)
     results = []
     with torch.no_grad():
         for cq, ck in pairs:
-            rows = bench_config(q, k, v, cq, ck, args.density, ms, comp_backends)
+            print(f"({cq}, {ck}):", file=sys.stderr, flush=True)
+            rows = dict(bench_config(q, k, v, cq, ck, args.density, ms, comp_backends, call_backends,
+                                     ear=not args.no_ear))
             results.append({"config": f"({cq}, {ck})", "cq": cq, "ck": ck, "rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()

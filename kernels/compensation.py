@@ -441,3 +441,7 @@ class TritonCompensation(CompensationVariant):
 
 
 register_compensation_variant(TritonCompensation())
+
+# The cluster-order variant ``triton_sorted`` shares this module's tables and tiles; importing it here registers
+# it wherever the registry loads this module.
+from svg2_kernels import compensation_sorted as _compensation_sorted  # noqa: E402,F401

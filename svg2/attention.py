@@ -283,6 +283,7 @@ def svg2_attention(
     return_lse: bool = False,
     key_summary: KeySummary | None = None,
     heads: HeadSlice | None = None,
+    compensation_backend: str = "auto",
 ) -> tuple[torch.Tensor, ClusterLayout] | tuple[torch.Tensor, torch.Tensor, ClusterLayout]:
     """Sparse VideoGen2 attention.
 
@@ -307,6 +308,8 @@ def svg2_attention(
             fresh layout, segment means over the permuted clusters otherwise).
         heads: when q, k, v hold only some of the model's heads (a sequence-parallel rank's share), which ones:
             cold k-means starts then draw what an all-heads call draws for them (None: all heads).
+        compensation_backend: with ``cfg.compensate``, the compensation kernel (``svg2.compensation``:
+            "auto", "triton", "triton_sorted", "flex", "torch"); recorded as ``state.last_kernels["compensation"]``.
     With ``cfg.compensate`` every skipped video key cluster contributes through its centroid and mean value,
     merged with the kernel's output through the kernel's LSE (``svg2.compensation``); text stays exact. With
     ``cfg.layout_every > 1`` and a ``state``, the layout (and its kernel plan) built at one call serves the next
@@ -386,7 +389,8 @@ def svg2_attention(
             # Text keys (the plan's extra key cluster) are always computed: only skipped video clusters add terms.
             out_video, lse_video, comp_backend = compensate(
                 out_video, lse_video, q[:, :, :sv], key_summary, ~layout.block_map, layout.q_labels,
-                1.0 / math.sqrt(d) if scale is None else scale)
+                1.0 / math.sqrt(d) if scale is None else scale, backend=compensation_backend,
+                cluster_order=layout.q_perm)
         if state is not None:
             state.last_kernels["lse"] = plan.kernel
             state.last_kernels["compensation"] = comp_backend

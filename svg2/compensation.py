@@ -26,6 +26,9 @@ Centroid attention backends (recorded as ``compensation``), in ``auto``'s order 
 * ``triton`` (:mod:`svg2_kernels.compensation`, CUDA; CPU only under the Triton interpreter): one fused kernel
   that walks all key centroids per tile of query rows with an online softmax and merges with the sparse
   output and LSE in its epilogue, so :func:`compensate` needs no separate merge pass;
+* ``triton_sorted`` (:mod:`svg2_kernels.compensation_sorted`, same platforms and numbers): the same fusion with
+  query tiles in cluster order (``q_perm``; one or two skip rows per tile instead of a per-row gather), only
+  the centroid tiles a query tile skips something in, and descriptor (TMA) loads of the centroid tiles;
 * ``flex`` (FlexAttention with a ``score_mod`` carrying the bias and the skip mask: one fused GPU kernel that
   never materialises the (Sq x Ck) scores; the merge runs in torch);
 * ``torch`` (chunked fp32 matmuls, any device: the reference).
@@ -55,8 +58,9 @@ __all__ = [
     "COMPENSATION_BACKENDS",
 ]
 
-COMPENSATION_BACKENDS = ("auto", "triton", "flex", "torch")
-_AUTO_ORDER = ("triton", "flex", "torch")  # fastest first; torch accepts everything
+COMPENSATION_BACKENDS = ("auto", "triton", "triton_sorted", "flex", "torch")
+_AUTO_ORDER = ("triton", "triton_sorted", "flex", "torch")  # H200-measured order; triton_sorted: unmeasured
+_TRITON_BACKENDS = ("triton", "triton_sorted")  # registry kernels (svg2_kernels.registry), merge fused
 # Elements of a (rows x keys) fp32 score block materialised at once by the torch paths: 256 MiB on the CPU,
 # 1 GiB on a GPU (fewer, larger matmuls for the O(S^2) LSE fallback).
 _CHUNK_ELEMS = 1 << 26
@@ -232,20 +236,20 @@ def _triton_kernels():
     return kc
 
 
-def _triton_unsupported(q: torch.Tensor, skipped: torch.Tensor) -> list[str]:
-    """The Triton kernel's refusals, from its registry entry (device, dtype, head dim, Triton installed)."""
+def _triton_unsupported(q: torch.Tensor, skipped: torch.Tensor, name: str = "triton") -> list[str]:
+    """A Triton kernel's refusals, from its registry entry (device, dtype, head dim, Triton installed)."""
     from svg2_kernels._triton import TRITON_MISSING
 
     if _triton_kernels() is None:
         return [TRITON_MISSING]
     from svg2_kernels.registry import CompensationInputs, get_compensation_variant
 
-    return get_compensation_variant("triton").not_supported_reasons(CompensationInputs.of(q, skipped))
+    return get_compensation_variant(name).not_supported_reasons(CompensationInputs.of(q, skipped))
 
 
 def _unsupported(backend: str, q: torch.Tensor, skipped: torch.Tensor) -> list[str]:
-    if backend == "triton":
-        return _triton_unsupported(q, skipped)
+    if backend in _TRITON_BACKENDS:
+        return _triton_unsupported(q, skipped, backend)
     if backend == "flex":
         return _flex_unsupported(q)
     return []
@@ -285,10 +289,13 @@ def _run_first(candidates: list[str], auto: bool, fns: dict):
 
 
 def _centroid_attention_triton(q, summary: KeySummary, skipped, q_labels, scale, out=None, lse=None,
-                               q_perm=None):
-    """The fused Triton kernel; with ``out`` / ``lse`` it returns the merged (compensated) result."""
-    return _triton_kernels().compensation_attention(q, summary.centroids, summary.value_means, summary.sizes,
-                                                    skipped, q_labels, scale, out, lse, q_perm=q_perm)
+                               q_perm=None, name: str = "triton"):
+    """A fused Triton kernel (``name``: its registry entry); with ``out`` / ``lse`` it returns the merged
+    (compensated) result."""
+    from svg2_kernels.registry import get_compensation_variant
+
+    return get_compensation_variant(name).run(q, summary.centroids, summary.value_means, summary.sizes, skipped,
+                                              q_labels, scale, out, lse, q_perm=q_perm)
 
 
 def _centroid_attention_flex(q, summary: KeySummary, bias, q_labels, scale, compiled: bool = True):
@@ -342,16 +349,18 @@ def centroid_attention(
         skipped: (B, H, Cq, Ck) bool: query cluster i does not compute key cluster j exactly.
         q_labels: (B, H, Sq) int: query cluster of every row of q.
         scale: softmax scale.
-        backend: "auto" | "triton" | "flex" | "torch".
+        backend: "auto" | "triton" | "triton_sorted" | "flex" | "torch".
     Returns:
-        out (B, H, Sq, D) (float32 on torch, q's dtype on triton / flex; zeros for rows that skip nothing),
-        lse (B, H, Sq) float32 natural log (-inf for rows that skip nothing), and the backend that ran.
+        out (B, H, Sq, D) (float32 on torch, q's dtype on triton / triton_sorted / flex; zeros for rows that skip
+        nothing), lse (B, H, Sq) float32 natural log (-inf for rows that skip nothing), and the backend that ran.
     """
     _check_comp_inputs(q, summary, skipped, q_labels)
     candidates = _candidates(backend, q, skipped)
     bias = functools.cache(lambda: compensation_bias(summary.sizes, skipped))  # the (Cq, Ck) table: flex, torch
     fns = {
         "triton": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale),
+        "triton_sorted": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale,
+                                                            name="triton_sorted"),
         "flex": lambda: _centroid_attention_flex(q, summary, bias(), q_labels, scale),
         "torch": lambda: _centroid_attention_torch(q, summary, bias(), q_labels, scale),
     }
@@ -390,6 +399,7 @@ def compensate(
     *,
     backend: str = "auto",
     q_perm: torch.Tensor | None = None,
+    cluster_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Add the skipped clusters' centroid terms to a sparse attention result (see the module docstring).
 
@@ -398,9 +408,12 @@ def compensate(
         lse: (B, H, Sq) float32 natural-log LSE of the sparse scores (-inf for rows that attended nothing).
         q: (B, H, Sq, D) the same query rows, in the same order as ``out``.
         summary, skipped, q_labels, scale, backend: as :func:`centroid_attention`.
-        q_perm: (B, H, Sq) optional cluster order of the rows (``layout.q_perm``): the triton kernel then walks
-            its query tiles in that order (tiles within one or two query clusters; same results, token-order
+        q_perm: (B, H, Sq) optional cluster order of the rows (``layout.q_perm``): the triton kernels walk
+            their query tiles in that order (tiles within one or two query clusters; same results, token-order
             outputs). Ignored by the other backends.
+        cluster_order: (B, H, Sq) the rows sorted by query cluster (``layout.q_perm``) for ``triton_sorted``,
+            which always walks in cluster order (``q_perm`` when this is None; without either it sorts
+            ``q_labels`` itself, one more sort per call). Ignored by the other backends.
     Returns:
         out (B, H, Sq, D) in ``out``'s dtype, lse (B, H, Sq) float32 of the compensated softmax, backend name.
     """
@@ -418,6 +431,9 @@ def compensate(
     fns = {
         # The fused kernel merges in its epilogue: one pass, the merged out written in out's dtype.
         "triton": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse, q_perm),
+        "triton_sorted": lambda: _centroid_attention_triton(q, summary, skipped, q_labels, scale, out, lse,
+                                                            cluster_order if cluster_order is not None else q_perm,
+                                                            name="triton_sorted"),
         "flex": lambda: unfused("flex"),
         "torch": lambda: unfused("torch"),
     }

@@ -21,11 +21,28 @@ def test_tiny_benchmark_writes_table_and_json(tmp_path):
     assert saved["shape"]["seqlen"] == 48 and saved["density"] == 0.25
     rows = saved["results"][0]["rows"]
     expected = {"dense", "svg2", "svg2+lse", "svg2+comp", "svg2 layout reuse", "comp (torch)", "svg_ear",
-                "ear probe+routing"}
+                "ear probe+routing", "ear probe (torch)"}
     assert expected <= set(rows)
     assert all(rows[name]["ms"] > 0 for name in expected)
     assert rows["svg2+comp"]["lse"] == "torch" and rows["svg_ear"]["compensation"] == "torch"
+    assert rows["svg_ear"]["probe"] == "torch"  # auto: torch until the fused probe is timed
     assert rows["comp (torch)"]["max_abs_diff_vs_call"] < 1e-5  # the timed step is the compensated call's work
     printed = proc.stdout
     assert "| (3, 6) | comp (torch) |" in printed and "% of the svg2 call" in printed
     assert saved["results"][0]["cq"] == 3
+
+
+def test_tiny_benchmark_row_selection(tmp_path):
+    """--no-ear drops the SVG-EAR rows; --comp-backends picks the step rows, and a backend that cannot run
+    leaves a row with its error (the other rows still run); the svg2+comp rows report their overhead."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_compensation.py"), "--tiny", "--configs",
+                           "3x6", "--no-ear", "--comp-backends", "torch,no_such_backend", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert "svg_ear" not in rows and "ear probe+routing" not in rows
+    assert rows["comp (torch)"]["ms"] > 0
+    assert rows["comp (no_such_backend)"]["ms"] is None and "unknown" in rows["comp (no_such_backend)"]["error"]
+    assert "| (3, 6) | svg2+comp |" in proc.stdout and "| overhead |" in proc.stdout

@@ -93,7 +93,7 @@ def _lse_err(a, b):
 # -------------------------------------------------------------------------------- interpreter cases (worker)
 
 
-def merged_case(name, dtype, d=32, sv=150, ck=17, cq=6, h=2, permuted=False, seed=0):
+def merged_case(name, dtype, d=32, sv=150, ck=17, cq=6, h=2, permuted=False, seed=0, backend="triton"):
     """The fused merge against the float64 formula: out within 2x the same-precision torch path's error
     (+ floor), LSE within 2x the same-precision LSE's error (+ floor), rows skipping nothing untouched."""
     from svg2.compensation import compensate
@@ -103,7 +103,7 @@ def merged_case(name, dtype, d=32, sv=150, ck=17, cq=6, h=2, permuted=False, see
     scale = d**-0.5
     out_s, lse_s = sparse_result(q, k, v, layout, scale)
     summ = summary_of(k, v, layout)
-    out, lse, used = compensate(out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale, backend="triton",
+    out, lse, used = compensate(out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale, backend=backend,
                                 q_perm=layout.q_perm if permuted else None)
     ref = compensated_reference(q, k, v, layout, scale)
     low = compensated_reference(q, k, v, layout, scale, dtype=dtype)  # the same-precision torch path
@@ -115,7 +115,7 @@ def merged_case(name, dtype, d=32, sv=150, ck=17, cq=6, h=2, permuted=False, see
     lerr, lbase = _lse_err(lse, lref), _lse_err(llow, lref)
     rows_all = torch.gather(layout.block_map.all(-1), 2, layout.q_labels)  # query cluster skips nothing
     untouched = torch.equal(out[rows_all], out_s[rows_all])
-    ok = (used == "triton" and out.dtype == dtype and lse.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    ok = (used == backend and out.dtype == dtype and lse.dtype == torch.float32 and bool(torch.isfinite(out).all())
           and err <= 2 * base + floor and lerr <= 2 * lbase + floor and untouched and bool(rows_all.any()))
     return name, ok, (f"err {err:.3g} vs same-precision torch path {base:.3g} (torch backend {err_t:.3g}); "
                       f"lse err {lerr:.3g} vs {lbase:.3g}; floor {floor}; rows skipping nothing untouched "
@@ -238,6 +238,153 @@ def opcheck_case():
     return "opcheck", True, "schema and fake tensor ok"
 
 
+# ------------------------------------------------------------------- triton_sorted (cluster-order kernel) cases
+
+
+def tile_kinds(q_labels, q_perm, block_m):
+    """How many query tiles of ``block_m`` rows (in ``q_perm`` order) hold one, two, or more query clusters."""
+    lab = torch.gather(q_labels, 2, q_perm)
+    kinds = [0, 0, 0]
+    for row in lab.reshape(-1, lab.shape[-1]):
+        for t in row.split(block_m):
+            kinds[min(2, len(set(t.tolist())) - 1)] += 1
+    return kinds
+
+
+def sorted_modes_case(name, dtype, use_tma, perm="sorted", seed=7):
+    """triton_sorted at fixed 16 x 16 tiles against the torch backend, with a layout whose cluster-order tiles
+    hold one, two and three or more query clusters (the vector loop and the gather loop), descriptor or
+    pointer loads; a shuffled walk order (most tiles: gather loop) gives the same numbers."""
+    from svg2_kernels.compensation import CompensationTiles
+    from svg2_kernels.compensation_sorted import compensation_attention_sorted
+
+    from svg2.compensation import compensate
+
+    q, k, v, layout = make_case(h=2, sv=170, d=32, cq=12, ck=45, dtype=dtype, seed=seed)
+    order = layout.q_perm
+    if perm == "shuffled":
+        g = torch.Generator().manual_seed(seed)
+        order = torch.stack([torch.stack([torch.randperm(170, generator=g) for _ in range(2)])])
+    kinds = tile_kinds(layout.q_labels, order, 16)
+    scale = 32**-0.5
+    out_s, lse_s = sparse_result(q, k, v, layout, scale)
+    summ = summary_of(k, v, layout)
+    skipped = ~layout.block_map
+    out, lse = compensation_attention_sorted(q, summ.centroids, summ.value_means, summ.sizes, skipped,
+                                             layout.q_labels, scale, out_s, lse_s, q_perm=order,
+                                             tiles=CompensationTiles(16, 16, 4, 1), use_tma=use_tma)
+    want, lwant, _ = compensate(out_s, lse_s, q, summ, skipped, layout.q_labels, scale, backend="torch")
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    err, lerr = _max_err(out, want), _lse_err(lse, lwant)
+    need = [1, 1, 1] if perm == "sorted" else [0, 0, 1]
+    ok = all(k >= n for k, n in zip(kinds, need)) and err <= tol and lerr <= tol and out.dtype == dtype
+    return name, ok, f"tiles with 1/2/3+ clusters {kinds}; err {err:.3g}, lse {lerr:.3g} (tol {tol})"
+
+
+def nothing_skipped_equals_dense_case(name, backend, dtype=torch.float32):
+    """Every query cluster computes every key cluster: the compensated call is dense attention (the kernel
+    leaves every row as the sparse kernel wrote it, and that is dense)."""
+    from svg2 import ClusterLayout
+    from svg2.compensation import compensate
+
+    q, k, v, layout = make_case(h=2, sv=90, d=16, cq=5, ck=9, dtype=dtype, seed=8)
+    layout = ClusterLayout.from_labels(layout.q_labels, layout.k_labels, torch.ones_like(layout.block_map))
+    scale = 0.25
+    out_s, lse_s = sparse_result(q, k, v, layout, scale)
+    summ = summary_of(k, v, layout)
+    out, lse, used = compensate(out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale, backend=backend,
+                                cluster_order=layout.q_perm)
+    dense = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1) @ v.double()
+    dense_lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * scale, -1)
+    err, lerr = _max_err(out, dense), _lse_err(lse, dense_lse)
+    # triton_sorted keeps such rows' LSE bit for bit; triton recomputes it through the merge (the same value).
+    same_lse = torch.equal(lse, lse_s) if backend == "triton_sorted" else _lse_err(lse, lse_s) <= 1e-6
+    ok = used == backend and torch.equal(out, out_s) and same_lse and err <= 1e-5 and lerr <= 1e-5
+    return name, ok, f"out untouched {torch.equal(out, out_s)}, lse {same_lse}; err vs dense {err:.3g}, lse {lerr:.3g}"
+
+
+def sorted_centroid_only_case(dtype=torch.float16):
+    """Without a sparse result triton_sorted is centroid attention alone (rows that skip nothing: out 0, lse
+    -inf; stale centroids of empty clusters weigh nothing), equal to the torch backend."""
+    from svg2.compensation import KeySummary, centroid_attention
+
+    q, k, v, layout = make_case(sv=120, d=16, cq=5, ck=40, dtype=dtype, seed=1)
+    summ = summary_of(k, v, layout)
+    stale = KeySummary(summ.centroids.clone(), summ.value_means.clone(), summ.sizes)
+    stale.centroids[..., 38, :] = 1e3
+    stale.value_means[..., 38, :] = -1e3
+    skipped = ~layout.block_map
+    out, lse, used = centroid_attention(q, stale, skipped, layout.q_labels, 0.2, backend="triton_sorted")
+    out_t, lse_t, _ = centroid_attention(q.float(), summ, skipped, layout.q_labels, 0.2, backend="torch")
+    nothing = torch.gather(layout.block_map.all(-1), 2, layout.q_labels)
+    err, lerr = _max_err(out, out_t), _lse_err(lse, lse_t)
+    ok = (used == "triton_sorted" and err <= 2e-2 and lerr <= 2e-2 and bool(torch.isneginf(lse[nothing]).all())
+          and bool((out[nothing] == 0).all()) and bool(nothing.any()))
+    return "sorted_centroid_only", ok, f"out err vs torch backend {err:.3g}, lse err {lerr:.3g}"
+
+
+def sorted_strided_and_empty_sparse_case():
+    """triton_sorted on strided q / out views and a sparse result with no key (lse -inf, out NaN)."""
+    from svg2.compensation import compensate
+
+    q, k, v, layout = make_case(sv=100, d=16, ck=9, dtype=torch.float32, seed=4)
+    big = torch.randn(1, 2, 110, 16)
+    big[:, :, :100] = q
+    qv = big[:, :, :100]
+    out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
+    empty = torch.isneginf(lse_s)
+    clean = out_s.clone()
+    out_s = out_s.clone()
+    out_s[empty] = float("nan")
+    out_t = torch.zeros(1, 2, 100, 40)[..., 3:19]
+    out_t.copy_(out_s)
+    summ = summary_of(k, v, layout)
+    args = (q, summ, ~layout.block_map, layout.q_labels, 0.25)
+    got, lse, _ = compensate(out_t, lse_s, qv, *args[1:], backend="triton_sorted")
+    want, lwant, _ = compensate(clean, lse_s, *args, backend="torch")
+    err, lerr = _max_err(got, want), _lse_err(lse, lwant)
+    ok = bool(empty.any()) and bool(torch.isfinite(got).all()) and err <= 1e-4 and lerr <= 1e-4
+    return "sorted_strided_and_empty_sparse", ok, f"{int(empty.sum())} rows with no key; err {err:.3g}, lse {lerr:.3g}"
+
+
+def sorted_end_to_end_case():
+    """svg2_attention(compensate=True, compensation_backend="triton_sorted") with joint text: the named kernel
+    runs (recorded), within 2x the fp32 torch path's error of the float64 formula."""
+    from svg2 import ClusterState, SVG2Config, svg2_attention
+    from tests.helpers import clustered_qkv, compensated_reference
+
+    q, k, v = clustered_qkv(b=2, h=2, s=96, d=32, clusters=5)
+    tm = torch.ones(2, 6, dtype=torch.bool)
+    tm[1, 4:] = False
+    cfg = SVG2Config(num_q_centroids=6, num_k_centroids=12, target_density=0.3, kmeans_iters_init=3,
+                     compensate=True)
+    st = ClusterState()
+    out, layout = svg2_attention(q, k, v, cfg, st, num_text_tokens=6, text_mask=tm,
+                                 compensation_backend="triton_sorted")
+    ref = compensated_reference(q, k, v, layout, text_mask=tm)
+    low = compensated_reference(q, k, v, layout, text_mask=tm, dtype=torch.float32)
+    err, base = _max_err(out, ref), _max_err(low, ref)
+    ok = st.last_kernels.get("compensation") == "triton_sorted" and err <= 2 * base + 1e-5
+    used = st.last_kernels.get("compensation")
+    return "sorted_end_to_end_text", ok, f"compensation={used}; err {err:.3g} vs fp32 {base:.3g}"
+
+
+def sorted_opcheck_case():
+    """Schema and fake-tensor checks of the triton_sorted custom op (merged and centroid-only)."""
+    from svg2_kernels.compensation_sorted import _sorted_op, sorted_tables, walk_tables
+
+    q, k, v, layout = make_case(sv=40, d=16, ck=7, cq=4, dtype=torch.float16, seed=6)
+    summ = summary_of(k, v, layout)
+    out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
+    kc, vm, bias = sorted_tables(summ.centroids, summ.value_means, summ.sizes, ~layout.block_map, 0.25, q.dtype)
+    labs, lst, count = walk_tables(layout.q_labels, layout.q_perm, bias, 16, 16)
+    base = (q, kc, vm, bias, labs, layout.q_perm, lst, count)
+    for o, lo in ((None, None), (out_s, lse_s)):
+        torch.library.opcheck(_sorted_op, (*base, o, lo, 0.25, [16, 16, 4, 1, 0], -1),
+                              test_utils=("test_schema", "test_faketensor"))
+    return "sorted_opcheck", True, "schema and fake tensor ok"
+
+
 _DT = {"fp16": torch.float16, "fp32": torch.float32}
 INTERP_CASES = {
     "merged_fp16": lambda: merged_case("merged_fp16", torch.float16),
@@ -253,6 +400,24 @@ INTERP_CASES = {
     "segment_means": segment_means_case,
     "end_to_end_text": end_to_end_text_case,
     "opcheck": opcheck_case,
+    "sorted_merged_fp16": lambda: merged_case("sorted_merged_fp16", torch.float16, backend="triton_sorted",
+                                              permuted=True),
+    "sorted_merged_fp32_no_perm": lambda: merged_case("sorted_merged_fp32_no_perm", torch.float32, ck=40, cq=8,
+                                                      sv=200, backend="triton_sorted"),
+    "sorted_merged_fp16_d48": lambda: merged_case("sorted_merged_fp16_d48", torch.float16, d=48, ck=23, seed=2,
+                                                  permuted=True, backend="triton_sorted"),
+    "sorted_modes_tma_fp16": lambda: sorted_modes_case("sorted_modes_tma_fp16", torch.float16, True),
+    "sorted_modes_pointer_fp32": lambda: sorted_modes_case("sorted_modes_pointer_fp32", torch.float32, False),
+    "sorted_shuffled_walk_fp32": lambda: sorted_modes_case("sorted_shuffled_walk_fp32", torch.float32, None,
+                                                           perm="shuffled"),
+    "nothing_skipped_equals_dense_triton": lambda: nothing_skipped_equals_dense_case("nothing_skipped_triton",
+                                                                                     "triton"),
+    "nothing_skipped_equals_dense_sorted": lambda: nothing_skipped_equals_dense_case("nothing_skipped_sorted",
+                                                                                     "triton_sorted"),
+    "sorted_centroid_only": sorted_centroid_only_case,
+    "sorted_strided_and_empty_sparse": sorted_strided_and_empty_sparse_case,
+    "sorted_end_to_end_text": sorted_end_to_end_case,
+    "sorted_opcheck": sorted_opcheck_case,
 }
 
 
@@ -293,7 +458,7 @@ def test_interpreter(interp_results, case):
 def test_registry_entry_and_refusals():
     from svg2_kernels import registry
 
-    assert registry.available_compensation_variants() == ["triton"]
+    assert registry.available_compensation_variants() == ["triton", "triton_sorted"]  # triton first until measured
     cpu = registry.CompensationInputs("cpu", torch.bfloat16, 128, 75600, 300, 1000)
     variant, skipped = registry.select_compensation_variant("triton", registry.CompensationInputs(
         "cuda", torch.bfloat16, 128, 75600, 300, 1000), with_skipped=True)
@@ -308,13 +473,15 @@ def test_registry_entry_and_refusals():
 def test_backend_choice_on_cpu():
     from svg2.compensation import COMPENSATION_BACKENDS, compensate
 
-    assert COMPENSATION_BACKENDS == ("auto", "triton", "flex", "torch")
+    assert COMPENSATION_BACKENDS == ("auto", "triton", "triton_sorted", "flex", "torch")
     q, k, v, layout = make_case(dtype=torch.float32, sv=40, d=16, ck=6, cq=4)
     out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
     summ = summary_of(k, v, layout)
     args = (out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, 0.25)
     with pytest.raises(NotImplementedError, match="triton compensation cannot run here: device 'cpu'"):
         compensate(*args, backend="triton")
+    with pytest.raises(NotImplementedError, match="triton_sorted compensation cannot run here: device 'cpu'"):
+        compensate(*args, backend="triton_sorted")
     _, _, used = compensate(*args)  # auto on the CPU without the interpreter: triton and flex refuse
     assert used == "torch"
 
@@ -326,7 +493,7 @@ def test_auto_falls_back_when_triton_fails_and_says_so(monkeypatch):
     out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
     summ = summary_of(k, v, layout)
     args = (out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, 0.25)
-    monkeypatch.setattr(comp, "_triton_unsupported", lambda q, s: [])  # pretend the kernel could run here
+    monkeypatch.setattr(comp, "_triton_unsupported", lambda *a: [])  # pretend the kernels could run here
 
     def broken(*a, **kw):
         raise RuntimeError("ptxas died")
@@ -334,7 +501,7 @@ def test_auto_falls_back_when_triton_fails_and_says_so(monkeypatch):
     monkeypatch.setattr(comp, "_centroid_attention_triton", broken)
     with pytest.warns(RuntimeWarning, match="ptxas died"):
         out, lse, used = comp.compensate(*args)
-    assert used == "torch (triton failed)"
+    assert used == "torch (triton, triton_sorted failed)"  # both Triton kernels "failed": each warned, torch ran
     ref, ref_lse, _ = comp.compensate(*args, backend="torch")
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     with pytest.raises(RuntimeError, match="ptxas"):  # named explicitly: no fallback
@@ -374,6 +541,89 @@ def test_prepare_tables_pads_with_zero_weight():
     assert not kc[..., 5:, :].any() and not kc[..., 24:].any()
 
 
+def _brute_force_walk(q_labels, q_perm, skipped, sizes, block_m, block_n, ck_pad):
+    """Per query tile (in q_perm order): the centroid tiles holding a key cluster that one of the tile's own
+    query clusters skips and that is non-empty."""
+    b, h, s = q_labels.shape
+    out = []
+    for n in range(b * h):
+        lab = q_labels.reshape(b * h, s)[n][q_perm.reshape(b * h, s)[n]]
+        sk = skipped.reshape(b * h, *skipped.shape[-2:])[n] & (sizes.reshape(b * h, -1)[n] > 0)
+        for m0 in range(0, s, block_m):
+            clusters = set(lab[m0:m0 + block_m].tolist())
+            cols = {int(j) // block_n for c in clusters for j in torch.nonzero(sk[c]).flatten()}
+            out.append(sorted(cols))
+    return out
+
+
+@pytest.mark.parametrize("block_m,block_n,shuffle", [(16, 16, False), (32, 16, False), (16, 32, True)])
+def test_walk_tables_cover_every_skipped_cluster(block_m, block_n, shuffle):
+    """The walk list of a query tile holds (ascending, first) every centroid tile where one of its clusters skips
+    a non-empty key cluster; in cluster order it holds nothing more (the label range is one or two clusters,
+    or holds the clusters between); shuffled rows may walk more tiles, never fewer."""
+    from svg2_kernels.compensation_sorted import sorted_tables, walk_tables
+
+    q, k, v, layout = make_case(h=2, sv=150, cq=9, ck=40, seed=11)
+    skipped = ~layout.block_map
+    sizes = layout.k_sizes
+    perm = layout.q_perm
+    if shuffle:
+        g = torch.Generator().manual_seed(0)
+        perm = torch.stack([torch.stack([torch.randperm(150, generator=g) for _ in range(2)])])
+    summ = summary_of(k, v, layout)
+    kc, vm, bias = sorted_tables(summ.centroids, summ.value_means, sizes, skipped, 0.3, torch.float16)
+    labs, lst, count = walk_tables(layout.q_labels, perm, bias, block_m, block_n)
+    ck_pad = bias.shape[-1]
+    assert ck_pad == 128 and lst.shape == (2 * 10 if block_m == 16 else 2 * 5, ck_pad // block_n)
+    assert torch.equal(labs.long(), torch.gather(layout.q_labels, 2, perm).reshape(2, 150))
+    want = _brute_force_walk(layout.q_labels, perm, skipped, sizes, block_m, block_n, ck_pad)
+    per_head = -(-150 // block_m)
+    for i, cols in enumerate(want):
+        got = lst[i, :count[i]].tolist()
+        assert got == sorted(got) and set(cols) <= set(got)
+        assert sorted(lst[i].tolist()) == list(range(ck_pad // block_n))  # a permutation of the tiles
+        n, m = divmod(i, per_head)
+        if not shuffle and len(set(labs[n, m * block_m:(m + 1) * block_m].tolist())) <= 2:
+            assert got == cols  # cluster order, at most two clusters: exactly the needed tiles
+    assert int(count.sum()) < lst.numel()  # some tiles are skipped in this layout
+
+
+def test_sorted_tables_bias_in_raw_score_units():
+    from svg2_kernels.compensation_sorted import sorted_tables
+
+    g = torch.Generator().manual_seed(0)
+    cent, vm = torch.randn(1, 2, 5, 24, generator=g), torch.randn(1, 2, 5, 24, generator=g)
+    sizes = torch.tensor([3, 0, 1, 2, 7]).expand(1, 2, 5)
+    skipped = torch.rand(1, 2, 3, 5, generator=g) < 0.5
+    skipped[..., 1] = True  # skipped but empty: weighs nothing
+    kc, vmp, bias = sorted_tables(cent, vm, sizes, skipped, 0.125, torch.float16)
+    assert kc.shape == vmp.shape == (1, 2, 128, 32) and kc.dtype == torch.float16 and kc.is_contiguous()
+    assert bias.shape == (1, 2, 3, 128) and bias.dtype == torch.float32 and bias.is_contiguous()
+    live = skipped & (sizes > 0)[:, :, None, :]
+    assert torch.equal(torch.isfinite(bias[..., :5]), live) and torch.isneginf(bias[..., 5:]).all()
+    want = torch.log(sizes.float())[:, :, None, :].expand(1, 2, 3, 5) / 0.125
+    torch.testing.assert_close(bias[..., :5][live], want[live])
+    assert not kc[..., 5:, :].any() and not kc[..., 24:].any()
+
+
+def test_sorted_refuses_bad_calls():
+    from svg2_kernels.compensation import CompensationTiles
+    from svg2_kernels.compensation_sorted import compensation_attention_sorted, default_sorted_tiles
+
+    q, k, v, layout = make_case(sv=40, d=16, ck=6, cq=4)
+    summ = summary_of(k, v, layout)
+    args = (q, summ.centroids, summ.value_means, summ.sizes, ~layout.block_map, layout.q_labels)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        compensation_attention_sorted(*args, -0.1)
+    with pytest.raises(ValueError, match="q_perm must be"):
+        compensation_attention_sorted(*args, 0.25, q_perm=layout.q_perm[..., :10])
+    with pytest.raises(ValueError, match="both the sparse out and its lse"):
+        compensation_attention_sorted(*args, 0.25, q)
+    assert default_sorted_tiles(16, "cpu") == CompensationTiles(16, 16, 4, 1)
+    assert default_sorted_tiles(128, "cuda") == CompensationTiles(128, 64, 8, 2)
+    assert default_sorted_tiles(256, "cuda").block_m == 64
+
+
 # ------------------------------------------------------------------------------------------------ GPU tests
 
 
@@ -410,6 +660,64 @@ def test_gpu_merged_within_twice_the_torch_error(dtype):
     assert _max_err(out, out_t) < 3e-2
     out_p, lse_p, _ = compensate(*args, q_perm=layout.q_perm)  # cluster-order walk: the same numbers
     assert _max_err(out_p, out) <= 1e-2 and _lse_err(lse_p, lse) <= 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_sorted_within_twice_the_torch_error_and_like_triton(dtype):
+    """triton_sorted (autotuned, and each fixed load kind / warp count) on the GPU: within 2x the same-precision
+    torch path's error of the float64 formula, and the numbers of ``triton``."""
+    from svg2_kernels.compensation import CompensationTiles
+    from svg2_kernels.compensation_sorted import compensation_attention_sorted
+
+    from svg2.compensation import compensate
+    from tests.helpers import compensated_reference
+
+    q, k, v, layout = _gpu_case(dtype=dtype, sv=2048, h=2, ck=200)
+    scale = q.shape[-1] ** -0.5
+    out_s, lse_s = sparse_result(q, k, v, layout, scale)
+    summ = summary_of(k, v, layout)
+    args = (out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale)
+    out, lse, used = compensate(*args, backend="triton_sorted", cluster_order=layout.q_perm)
+    assert used == "triton_sorted"
+    ref = compensated_reference(q, k, v, layout, scale)
+    low = compensated_reference(q, k, v, layout, scale, dtype=dtype)
+    assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
+    lref, llow = reference_lse(q, k, layout, scale), reference_lse(q, k, layout, scale, dtype=dtype)
+    assert _lse_err(lse, lref) <= 2 * _lse_err(llow, lref) + 1e-3
+    out_t, lse_t, _ = compensate(*args, backend="triton")
+    assert _max_err(out, out_t) <= 1e-2 and _lse_err(lse, lse_t) <= 1e-4
+    for tma, warps, stages in ((True, 8, 2), (True, 4, 2), (False, 8, 3)):
+        o, lo = compensation_attention_sorted(q, summ.centroids, summ.value_means, summ.sizes, ~layout.block_map,
+                                              layout.q_labels, scale, out_s, lse_s, q_perm=layout.q_perm,
+                                              tiles=CompensationTiles(128, 64, warps, stages), use_tma=tma)
+        assert _max_err(o, out) <= 1e-2 and _lse_err(lo, lse) <= 1e-4, (tma, warps, stages)
+
+
+@cuda
+def test_gpu_sorted_cuda_graph_capture_and_replay():
+    from svg2.compensation import compensate
+
+    q, k, v, layout = _gpu_case(sv=1024, h=2, ck=100)
+    scale = q.shape[-1] ** -0.5
+    out_s, lse_s = sparse_result(q, k, v, layout, scale)
+    summ = summary_of(k, v, layout)
+    args = (out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale)
+    kw = dict(backend="triton_sorted", cluster_order=layout.q_perm)
+    want, _, _ = compensate(*args, **kw)  # compiles and tunes outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        compensate(*args, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got, got_lse, _ = compensate(*args, **kw)
+    out_s.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh, fresh_lse, _ = compensate(*args, **kw)
+    assert torch.equal(got, fresh) and torch.equal(got_lse, fresh_lse) and not torch.equal(got, want)
 
 
 @cuda
@@ -453,6 +761,8 @@ def test_gpu_public_call_records_triton():
     low = compensated_reference(q, k, v, layout, dtype=torch.bfloat16)
     assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
     assert math.isfinite(_max_err(out, ref))
+    out2, layout2 = svg2_attention(q, k, v, cfg, layout=layout, compensation_backend="triton_sorted")
+    assert _max_err(out2, ref) <= 2 * _max_err(low, ref) + 1e-3
 
 
 if __name__ == "__main__":

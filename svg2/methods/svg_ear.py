@@ -41,8 +41,10 @@ Deliberate differences (none changes the method at the defaults beyond what is s
   * ``target_density`` (our extension, for matched-density sweeps): the budget is that share of the video token pairs
     per (batch, head), given after the guaranteed clusters greedily by value over all pairs.
   * Counts use ceil (``min_key_clusters``) where theirs truncate; equal whenever ratio x Ck is an integer.
-  * The probe runs as chunked fp32 torch ops and the compensation through ``svg2.compensation`` (theirs: fused Triton
-    kernels): the same arithmetic with more memory traffic; experiments/bench_compensation.py measures the cost.
+  * The probe runs as chunked fp32 torch ops (``probe="torch"``, auto's choice until a GPU run has timed the
+    other) or as one Triton kernel (``probe="triton"``: ``svg2_kernels.ear_probe``, fp32 sums, the dot as three
+    TF32 products on CUDA); the compensation runs through ``svg2.compensation``. experiments/bench_compensation.py
+    measures both probes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any
 
 import torch
 from svg2_kernels import AttentionInputs, select_attention_variant
+from svg2_kernels.ear_probe import ear_log_error_triton
 
 from svg2.attention import _build_clusters, build_layout, dense_attention, svg2_attention, validate_qkv
 from svg2.compensation import KeySummary, segment_ids, segment_means, summarize_key_clusters
@@ -65,6 +68,7 @@ from svg2.selection import centroid_scores, min_key_clusters
 __all__ = ["SVGEARMethod", "ear_log_error", "ear_select"]
 
 _EPS = 1e-8  # floor of the estimated error, as the authors'
+EAR_PROBES = ("auto", "triton", "torch")
 _CHUNK_ELEMS = 1 << 26
 
 
@@ -185,11 +189,14 @@ class SVGEARMethod(AttentionMethod):
     """SVG-EAR: SVG2 clusters, error-aware routing, compensation of every skipped cluster (always on).
 
     Takes an SVG2Config (clustering, top_p / min_kc_ratio for the budget, schedule, kernels, ``layout_every``);
-    ``cfg.compensate`` must be True (the default config here sets it). Own knobs: ``gamma``, ``guaranteed_ratio``.
+    ``cfg.compensate`` must be True (the default config here sets it). Own knobs: ``gamma``, ``guaranteed_ratio``,
+    ``probe`` ("auto": torch until an H200 run has timed the fused probe; "triton": the fused Triton kernel,
+    CUDA or Triton's interpreter; "torch"; the one that ran is ``last_kernels["probe"]`` of the call site's
+    ClusterState).
     """
 
     def __init__(self, cfg: SVG2Config | None = None, *, gamma: float = 1.0, guaranteed_ratio: float = 0.05,
-                 **overrides: Any) -> None:
+                 probe: str = "auto", **overrides: Any) -> None:
         cfg = cfg or SVG2Config(compensate=True)
         cfg = cfg.replace(**overrides) if overrides else cfg
         if not cfg.compensate:
@@ -200,12 +207,28 @@ class SVGEARMethod(AttentionMethod):
             raise ValueError(f"gamma={gamma} must be a finite number >= 0 (1 = error per token pair)")
         if not 0.0 <= guaranteed_ratio <= 1.0:
             raise ValueError(f"guaranteed_ratio={guaranteed_ratio} must be in [0, 1]")
+        if probe not in EAR_PROBES:
+            raise ValueError(f"probe={probe!r} is not one of {EAR_PROBES} (triton: the fused kernel, torch: chunked "
+                             "torch ops, auto: torch for now)")
+        self.probe = probe
         self.cfg = cfg
         self.gamma = float(gamma)
         self.guaranteed_ratio = float(guaranteed_ratio)
 
     def is_dense_call(self, ctx: AttentionContext) -> bool:
         return dense_schedule(self.cfg.dense_steps_frac, self.cfg.dense_layers, ctx)
+
+    def _probe_backend(self, q: torch.Tensor) -> str:
+        """The probe that runs on q's device: the named one (triton: CUDA, or the CPU under Triton's interpreter),
+        or for ``auto`` torch: the fused probe becomes auto's choice only once a GPU run shows it faster and
+        within the error rule of tests/test_ear_probe.py."""
+        from svg2_kernels._triton import HAS_TRITON, TRITON_MISSING, interpreting
+
+        runs_triton = HAS_TRITON and (q.device.type == "cuda" or interpreting())
+        if self.probe == "triton" and not runs_triton:
+            why = TRITON_MISSING if not HAS_TRITON else f"device '{q.device.type}' is not cuda"
+            raise NotImplementedError(f"the triton probe cannot run here: {why}. Use probe='torch' or 'auto'")
+        return "torch" if self.probe == "auto" else self.probe
 
     def route(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, state
               ) -> tuple[ClusterLayout, KeySummary]:
@@ -230,8 +253,11 @@ class SVGEARMethod(AttentionMethod):
                 qc = segment_means(gather(q[:, :, :sv], lay.q_perm), lay.q_sizes)
             n, cq, ck = b * h, lay.num_q_clusters, lay.num_k_clusters
             kc = summary.centroids.reshape(n, ck, d)
-            log_err = ear_log_error(qc.reshape(n, cq, d), ks.reshape(n, sv, d), vs.reshape(n, sv, d), kc,
-                                    summary.value_means.reshape(n, ck, d), lay.k_sizes.reshape(n, ck), scale)
+            probe = self._probe_backend(q)
+            probe_fn = ear_log_error_triton if probe == "triton" else ear_log_error
+            log_err = probe_fn(qc.reshape(n, cq, d), ks.reshape(n, sv, d), vs.reshape(n, sv, d), kc,
+                               summary.value_means.reshape(n, ck, d), lay.k_sizes.reshape(n, ck), scale)
+            state.last_kernels["probe"] = probe
             scores = centroid_scores(qc.reshape(n, cq, d), kc, lay.k_sizes.reshape(n, ck), scale)
             block_map = ear_select(log_err, scores, lay.q_sizes.reshape(n, cq), lay.k_sizes.reshape(n, ck),
                                    top_p=cfg.top_p, min_kc_ratio=cfg.min_kc_ratio,
@@ -266,5 +292,6 @@ class SVGEARMethod(AttentionMethod):
         return out
 
     def describe(self) -> dict[str, Any]:
+        extra = {} if self.probe == "auto" else {"probe": self.probe}  # auto: as before the option existed
         return {"method": self.name, **self.cfg.to_dict(), "gamma": self.gamma,
-                "guaranteed_ratio": self.guaranteed_ratio}
+                "guaranteed_ratio": self.guaranteed_ratio, **extra}
