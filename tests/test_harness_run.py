@@ -96,7 +96,7 @@ def test_multirun_kill_and_relaunch(tmp_path, monkeypatch):
     assert len(part) == 2 and set(part["method"]) == {"dense"}
     # ... and relaunched: finished rows are skipped, the rest run, nothing is duplicated.
     proc = _svg2_run(killed, tmp_path)
-    assert "already done" in proc.stderr
+    assert "already done" in proc.stdout + proc.stderr  # the per-job line is logged (console and run.log)
     resumed = _rows(tmp_path / "resumed" / "results")
     assert len(resumed) == 4 and set(resumed["key"]) == expected
     a = full.set_index("key").sort_index()

@@ -121,7 +121,9 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
     try:
         full = SVG2Config.from_dict(merged)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"invalid SVG2 settings (model.svg2 + method.cfg + kernel) for method {m.name!r}: {e}") from e
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        raise ValueError(f"invalid SVG2 settings (model.svg2 + method.cfg + kernel) for method {m.name!r}: "
+                         f"{why}") from e
     label = m.label or m.name
     if cls.stock:
         return MethodSpec(m.name, label, True, None, {}, cls)
@@ -285,7 +287,8 @@ class _Job:
         except Exception as e:  # noqa: BLE001
             self.fail_rows(e, "load")
         device = self.loaded.device
-        self.env = environment_info(device)
+        # pipeline_load_s: loading (or building) the pipeline this job uses; a reused one keeps its first time
+        self.env = {**environment_info(device), "pipeline_load_s": self.loaded.load_s}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cache = ReferenceCache(Path(os.path.expanduser(cfg.cache.dir)), dtype=cfg.cache.dtype,
@@ -389,6 +392,7 @@ class _Job:
                         self.store.write(row)
                         raise
                 self.store.write(row)
+                log.info("[%s] row %s (%s, seed %d): %s", self.tag, row["key"], p.id, s, row["status"])
                 self.logger.log_row(row, video_path)
                 bar.update(1)
         bar.close()
@@ -475,6 +479,7 @@ class _Job:
             video_path = write_mp4(self.store.root / "videos" / f"{row['key']}.mp4", res.frames, fps=cfg.model.fps)
             row["video_path"] = str(video_path)
         scalars, per_frame = {}, {}
+        t_metrics = time.perf_counter()
         if "memory" in self.compare_on:
             sc, pf = suite(ref.frames, res.frames)
             scalars.update(sc)
@@ -483,7 +488,7 @@ class _Job:
             sc, pf = suite(read_mp4(ref.mp4), read_mp4(video_path), suffix="_mp4")
             scalars.update(sc)
             per_frame.update(pf)
-        row.update(scalars)
+        row.update(scalars, metrics_s=time.perf_counter() - t_metrics)  # PSNR/SSIM/LPIPS (+ MP4 decode)
         row.update(suite.describe())
         row.update(compared_on=",".join(self.compare_on), mp4_skipped_reason=self.mp4_why,
                    mp4_settings_json=_json(MP4_SETTINGS), per_frame_json=_json(per_frame), status="ok",
@@ -541,6 +546,9 @@ def _latency_fields(res: GenerationResult, warmup_s: float) -> dict[str, Any]:
         "median_step_s": float(np.median(steps)) if steps else math.nan,
         "warmup_s": warmup_s,
         "peak_mem_gb": res.peak_mem_gb,
+        # the call's stages (nan when not measured): text encoder forwards; VAE decode + frames after the last step
+        "text_encode_s": res.stage_s.get("text_encode", math.nan),
+        "decode_s": res.stage_s.get("decode", math.nan),
     }
 
 
