@@ -99,7 +99,7 @@ def summary_lines(session: RunSession) -> list[str]:
         failed = [j.tag for j in jobs if j.counts.get("failed")]
         lines.append(f"[svg2-run] FAILED: {t['failed']} row(s) in {len(failed)} job(s) ({'; '.join(failed[:5])}"
                      f"{' ...' if len(failed) > 5 else ''}). Each failed row holds its stage, error and traceback "
-                     f"(`svg2-report` lists them). {_retry_hint(stores)}")
+                     f"(the report's failures.md lists them). {_retry_hint(stores)}")
     return lines
 
 
