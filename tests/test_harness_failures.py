@@ -109,3 +109,19 @@ def test_store_files_follow_the_umask_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert (store.rows_dir / "k2.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_run_job_records_bad_model_values_as_config_failures(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from svg2.harness.runner import run_job
+    from svg2.harness.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=[*TINY, "model.num_steps=0", f"cache.dir={tmp_path / 'cache'}"])
+    GlobalHydra.instance().clear()
+    assert run_job(cfg, tmp_path / "results") == {"total": 1, "skipped": 0, "ok": 0, "failed": 1}
+    (row,) = ResultsStore(tmp_path / "results").rows()  # was an IndexError at the first step, after a model load
+    assert row["failed_stage"] == "config" and "model.num_steps=0: use a whole number >= 1" in row["error"]

@@ -45,6 +45,7 @@ from svg2.harness.ranks import RankPolicy, rank_policy
 from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.session import LoadedPipeline, RunSession
 from svg2.harness.store import ResultsStore
+from svg2.harness.validation import check_model
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
 from svg2.methods import AttentionMethod, method_class
 
@@ -262,6 +263,9 @@ class _Job:
             "method": cfg.method.name, "method_label": cfg.method.label or cfg.method.name,
             **self.policy.row_fields(), "config_json": _json(_plain(cfg))}
         try:
+            bad_model = check_model(cfg.model, weights=False)  # e.g. num_steps=0: a config failure, not an IndexError
+            if bad_model:
+                raise ValueError("; ".join(bad_model))
             self.spec = method_spec(cfg)
             self.identity = job_identity(cfg, self.spec, self.policy)
         except Exception as e:  # noqa: BLE001 - a bad method config is a failed job, not a dead sweep

@@ -58,8 +58,9 @@ def _weights_problem(m: Any) -> str | None:
     return f"model {m.get('name')!r}: {load_hint(m)}"
 
 
-def check_model(m: Any) -> list[str]:
-    """Problems of a ``model`` node (a ModelConfig)."""
+def check_model(m: Any, weights: bool = True) -> list[str]:
+    """Problems of a ``model`` node (a ModelConfig); ``weights``: also whether pretrained weights can load (a local
+    folder exists; offline, the Hub id is cached)."""
     out: list[str] = []
     for key in ("height", "width", "num_frames", "num_steps", "fps"):
         v = m.get(key)
@@ -113,7 +114,7 @@ def check_model(m: Any) -> list[str]:
     elif loader == "diffusers":
         if not m.get("repo_id"):
             out.append(f"model {m.get('name')!r}: loader=diffusers needs model.repo_id (a Hub id or a local folder)")
-        else:
+        elif weights:
             why = _weights_problem(m)
             if why:
                 out.append(why)
