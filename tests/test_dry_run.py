@@ -58,6 +58,26 @@ def test_every_shipped_arch_has_a_preset():
     assert set(ARCHS) <= presets
 
 
+def test_dtypes_are_those_of_a_loaded_checkpoint():
+    from svg2.harness.random_weights import random_pipeline
+
+    tiny = {"transformer": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64,
+                            "text_dim": 32, "freq_dim": 32},
+            "text_encoder": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 2},
+            "vae": {"base_dim": 8}}
+    pipe = random_pipeline("Wan-AI/Wan2.1-T2V-14B-Diffusers", torch.device("cpu"), torch.bfloat16, tiny)
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+    t = dict(pipe.transformer.named_parameters())
+    # diffusers keeps the Wan transformer's norms, time embedder and scale-shift tables in float32 at bf16 ...
+    assert t["scale_shift_table"].dtype == torch.float32 and t["blocks.0.scale_shift_table"].dtype == torch.float32
+    assert t["condition_embedder.time_embedder.linear_1.weight"].dtype == torch.float32
+    assert t["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16
+    # ... transformers keeps UMT5's `wo` in float32 only at float16: at bf16 all of it is bf16
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+    assert pipe.text_encoder.config.vocab_size == 256384 and pipe._svg2_max_sequence_length == 512
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any connection attempt fails the test (HF_HUB_OFFLINE=1 is set by conftest as well)."""

@@ -94,14 +94,23 @@ def _building(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(prev)
 
 
-def _keep_fp32(model: torch.nn.Module) -> None:
-    """Cast the modules a diffusers checkpoint load keeps in float32 (``_keep_in_fp32_modules``) to float32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if not keep:
+def _keep_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast to float32 what a checkpoint load keeps in float32: diffusers keeps ``_keep_in_fp32_modules`` in
+    float32 at any dtype (the Wan transformer's norms, time embedder, scale-shift tables); transformers only at
+    float16, and ``_keep_in_fp32_modules_strict`` at float16 and bfloat16 (UMT5 has none: all bfloat16)."""
+    if dtype == torch.float32:
         return
-    for name, mod in model.named_modules():
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        keep = set(model._keep_in_fp32_modules or [])
+    else:
+        keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype == torch.float16:
+            keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
         if keep & set(name.split(".")):
-            mod.float()
+            t.data = t.data.float()
 
 
 def _gib(model: torch.nn.Module) -> tuple[float, float]:
@@ -125,7 +134,7 @@ def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype, overrid
         text_encoder = UMT5EncoderModel(UMT5Config(**cfgs["text_encoder"]))
         vae = AutoencoderKLWan(**cfgs["vae"])
     for m in (transformer, text_encoder, vae):
-        _keep_fp32(m)
+        _keep_fp32(m, dtype)
         m.eval().requires_grad_(False)
     sizes = {name: _gib(m) for name, m in (("transformer", transformer), ("text encoder", text_encoder),
                                             ("VAE", vae))}
