@@ -145,5 +145,6 @@ def test_missing_weights_give_one_clear_message(tmp_path):
     assert counts["failed"] == 2
     rows = _rows(tmp_path / "results")
     assert set(rows["failed_stage"]) == {"load"} and set(rows["error_type"]) == {"ModelLoadError"}
-    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in rows["error"].iloc[0]
-    assert "model=tiny" in rows["error"].iloc[0]
+    # the command is `hf`: huggingface_hub 2.x installs no huggingface-cli
+    assert "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers`" in rows["error"].iloc[0]
+    assert "model=tiny" in rows["error"].iloc[0] and "huggingface-cli" not in rows["error"].iloc[0]

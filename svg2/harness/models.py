@@ -117,7 +117,7 @@ def hub_offline() -> bool:
 
 def load_hint(cfg: Any) -> str:
     """What to do when the weights of ``cfg`` (a ModelConfig) cannot be loaded. A Hub id: download it with the
-    ``hf`` command of huggingface_hub (its ``huggingface-cli`` is gone since huggingface_hub 1.0); a local
+    ``hf`` command (huggingface_hub 2.x installs no ``huggingface-cli``); a local
     folder: it must hold the diffusers layout (model_index.json)."""
     from svg2.harness.random_weights import ARCHS
 
