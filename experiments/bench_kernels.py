@@ -65,7 +65,21 @@ def parse_overrides(argv: list[str]) -> BenchConfig:
                 values[key] = [w.strip() for w in raw[1:-1].split(",") if w.strip()]
             else:
                 values[key] = raw
-    return BenchConfig(**values)
+    cfg = BenchConfig(**values)
+    unknown = [s for s in cfg.shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"svg2-bench: unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
+    return cfg
+
+
+def require_gpu() -> None:
+    """Refuse at once without a CUDA GPU: the timings are CUDA events against cuDNN, and the default shapes
+    are full-size Wan attention calls (minutes each on a CPU, then meaningless numbers)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("svg2-bench times CUDA kernels against cuDNN and needs an NVIDIA GPU; none is visible "
+                         "(torch.cuda.is_available() is False), so nothing was run. On a CPU, "
+                         "`python experiments/bench_e2e.py --tiny --out /tmp/e2e` is a smoke run of the benchmark "
+                         "code, and the kernel tests run in Triton's interpreter.")
 
 
 COLUMNS = ["shape", "clusters", "density", "kernel", "dense_ms", "attn_ms", "efficiency", "flex_ms",
@@ -74,8 +88,7 @@ COLUMNS = ["shape", "clusters", "density", "kernel", "dense_ms", "attn_ms", "eff
 
 
 def run(cfg: BenchConfig) -> list[dict[str, Any]]:
-    if not torch.cuda.is_available():
-        raise SystemExit("svg2-bench needs a CUDA GPU (the timings are CUDA events against cuDNN)")
+    require_gpu()
     dev = torch.device("cuda")
     dtype = getattr(torch, cfg.dtype)
     rows: list[dict[str, Any]] = []
@@ -125,6 +138,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_gpu()  # before anything else: no config parsing, no tensors
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
     rows = run(cfg)
     env = f"torch {torch.__version__}, {torch.cuda.get_device_name()}"

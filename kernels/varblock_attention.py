@@ -5,7 +5,7 @@ attends with an exact online softmax to the union of the selected key clusters `
 j]``), each a contiguous ``(start, length)`` range of the cluster-sorted K/V. Semantics are those of
 :func:`svg2_kernels.reference.varblock_attention_reference`.
 
-How the work is laid out (DESIGN.md section 4):
+How the work is laid out:
 
 * **Key side.** Selected, adjacent, non-empty key clusters are merged into *runs*; every run is cut into
   pieces listed in one table per query cluster (:func:`svg2_kernels.varblock_chunks.build_chunk_table`):

@@ -1,4 +1,4 @@
-"""SVG2 attention: cluster, select, permute, variable-block attention, un-permute (DESIGN.md section 1).
+"""SVG2 attention: cluster, select, permute, variable-block attention, un-permute (the algorithm of the paper).
 
 Public functions:
     svg2_attention(q, k, v, cfg, state=None, ...) -> (out, layout), or (out, lse, layout) with return_lse
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -28,6 +29,17 @@ from svg2.timing import ComponentTimer
 __all__ = ["ClusterState", "svg2_attention", "dense_attention", "build_layout", "validate_qkv"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_config(cfg: SVG2Config | Mapping | None) -> SVG2Config:
+    """An SVG2Config from ``cfg``: itself, a mapping of its fields (as ``enable_svg2`` takes), or the defaults."""
+    if cfg is None:
+        return SVG2Config()
+    if isinstance(cfg, SVG2Config):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return SVG2Config.from_dict(dict(cfg))
+    raise TypeError(f"cfg must be an SVG2Config or a mapping of its fields, got {type(cfg).__name__}")
 
 
 @dataclass
@@ -182,7 +194,7 @@ def _chain_ordered(rk):
 def build_layout(
     q: torch.Tensor,
     k: torch.Tensor,
-    cfg: SVG2Config,
+    cfg: SVG2Config | Mapping,
     state: ClusterState | None = None,
     *,
     num_text_tokens: int = 0,
@@ -196,8 +208,8 @@ def build_layout(
     Updates ``state`` (warm-start centroids) in place when given. Shapes (batch, heads, seqlen, headdim).
     ``heads``: which of the model's heads q and k hold when they hold only some (see ``svg2_attention``).
     """
-    return _build_clusters(q, k, cfg, state, num_text_tokens=num_text_tokens, text_mask=text_mask, scale=scale,
-                           timer=timer, heads=heads).layout
+    return _build_clusters(q, k, _as_config(cfg), state, num_text_tokens=num_text_tokens, text_mask=text_mask,
+                           scale=scale, timer=timer, heads=heads).layout
 
 
 class _Built(NamedTuple):
@@ -270,7 +282,7 @@ def svg2_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cfg: SVG2Config | None = None,
+    cfg: SVG2Config | Mapping | None = None,
     state: ClusterState | None = None,
     *,
     num_text_tokens: int = 0,
@@ -290,7 +302,7 @@ def svg2_attention(
     Args:
         q, k, v: (batch, heads, seqlen, headdim), fp32/fp16/bf16, after QK-norm and RoPE. With joint text,
             the last ``num_text_tokens`` positions are text tokens (HunyuanVideo layout).
-        cfg: SVG2Config (defaults if None).
+        cfg: SVG2Config, or a mapping of its fields (``{"top_p": 0.8}``); defaults if None.
         state: ClusterState of this call site for warm-started k-means across calls (optional).
         num_text_tokens: trailing text tokens: not clustered; text queries attend densely to all real keys
             and every video query attends to all real text keys.
@@ -321,7 +333,7 @@ def svg2_attention(
         layout: the ClusterLayout used (density, block map, permutations).
         The kernel that ran is ``state.last_kernels["attention"]`` (with a state).
     """
-    cfg = cfg or SVG2Config()
+    cfg = _as_config(cfg)
     validate_qkv(q, k, v, num_text_tokens, text_mask, check_finite)
     if plan is not None and layout is None:
         raise ValueError("plan= needs the layout it was built from: pass layout= too")

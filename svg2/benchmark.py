@@ -1,7 +1,7 @@
 """The shared benchmark module: timing helpers, the whole SVG2 call as users run it, and result rows.
 
 Everything here times the public call, :func:`svg2.svg2_attention`, never a copy of it. Three timings of
-one call (DESIGN.md section 7):
+one call:
 
 * **eager**: issued on an idle GPU, so waits for the host count (launch-bound at small shapes);
 * **ahead**: issued while a queued GPU sleep keeps the GPU busy, as inside a model's forward (the

@@ -1,4 +1,4 @@
-"""Batched Euclidean k-means with warm start (DESIGN.md section 1, step 1).
+"""Batched Euclidean k-means with warm start (step 1 of SVG2).
 
 Works on ``x: (batch, num_points, dim)`` where ``batch`` flattens (batch, head). No host synchronisation:
 a fixed number of Lloyd iterations runs, empty clusters keep their previous centroid, and the kernel that

@@ -28,9 +28,23 @@ def _check_int(name: str, value: Any, lo: int) -> None:
         raise ValueError(f"SVG2Config.{name}={value} is out of range; allowed: integers >= {lo}")
 
 
+def _check_kernel_names(attention: str, kmeans: str) -> None:
+    """A kernel name must be registered (or "auto"): a typo fails here, when the config is built, not at the
+    first sparse step after minutes of dense warm-up. Whether the kernel runs on these inputs is decided later."""
+    from svg2_kernels.registry import get_attention_variant, get_kmeans_variant
+
+    for field_name, value, get in (("attention_kernel", attention, get_attention_variant),
+                                   ("kmeans_kernel", kmeans, get_kmeans_variant)):
+        if value != "auto":
+            try:
+                get(value)
+            except KeyError as e:
+                raise KeyError(f"SVG2Config.{field_name}: {e.args[0]}") from None
+
+
 @dataclass(frozen=True)
 class SVG2Config:
-    """Every knob of Sparse VideoGen2 (see DESIGN.md section 1).
+    """Every knob of Sparse VideoGen2 (the model presets in conf/model/ carry the authors' settings).
 
     Clustering:
         num_q_centroids / num_k_centroids: query / key clusters per (batch, head). Capped at the sequence
@@ -112,6 +126,7 @@ class SVG2Config:
         for name in ("attention_kernel", "kmeans_kernel"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"SVG2Config.{name} must be a non-empty string such as 'auto' or 'torch'")
+        _check_kernel_names(self.attention_kernel, self.kmeans_kernel)
 
     def replace(self, **changes: Any) -> SVG2Config:
         """A copy with some fields changed (validated again)."""

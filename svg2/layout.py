@@ -1,4 +1,4 @@
-"""ClusterLayout: the sparse layout of one SVG2 attention call (DESIGN.md section 1, steps 3-4).
+"""ClusterLayout: the sparse layout of one SVG2 attention call (steps 3-4 of SVG2).
 
 Like FlexAttention's ``BlockMask``: a small value that owns the layout, can be printed, inspected, moved and
 tested against (``to_dense()``), and validates its inputs.

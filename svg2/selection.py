@@ -1,4 +1,4 @@
-"""Centroid score estimate and budget selection (DESIGN.md section 1, steps 2 and 3).
+"""Centroid score estimate and budget selection (steps 2 and 3 of SVG2: score, then select).
 
 All functions are batched over a leading dimension N (= batch x heads) and free of host syncs.
 """

@@ -39,6 +39,9 @@ def test_wheel_ships_the_configs_and_svg2_run_composes_from_it(tmp_path):
         assert str(init.relative_to(ROOT)) in names, f"{init.parent.name} is missing from pyproject's packages"
     for yaml in (ROOT / "conf").rglob("*.yaml"):
         assert f"svg2_conf/{yaml.relative_to(ROOT / 'conf')}" in names, yaml
+    # and the data files svg2 reads at run time (model.loader=random configs, shipped prompt sets)
+    for data in (*(ROOT / "svg2/harness/arch_configs").rglob("*.json"), *(ROOT / "svg2/harness/prompt_data").iterdir()):
+        assert str(data.relative_to(ROOT)) in names, data
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

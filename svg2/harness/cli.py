@@ -3,12 +3,20 @@
 The config folder is found through the installed package ``svg2_conf`` (the repository's ``conf/``, shipped in
 the wheel as package data; an editable install maps it to the source tree), so the command works from a
 regular install as well as from a checkout.
+
+Exit status: 0 when every row of the jobs this process ran is ok (or already done); 1 when a row failed (a
+summary line says how many, where, and how to retry or drop them); 2 when a job config cannot run (checked for
+every job before the first starts: ``svg2.harness.validation``); 130 on Ctrl-C (the rows saved so far are kept
+and a relaunch of the same command resumes). Jobs that a launcher runs in other processes (SLURM) report
+through their own logs and stores.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +26,15 @@ from svg2.harness.ranks import rank_policy
 from svg2.harness.runner import run_job
 from svg2.harness.session import RunSession
 
-__all__ = ["config_dir", "run_from_hydra", "main"]
+__all__ = ["config_dir", "run_from_hydra", "main", "summary_lines"]
+
+log = logging.getLogger("svg2.harness")
+
+
+def _retry_hint(stores: list[Path]) -> str:
+    where = " ".join(str(s) for s in stores) or "<store>"
+    return (f"Relaunch the same command to retry them (store.retry_failed=true, the default), or drop them from the "
+            f"results with `svg2-report --drop-failed {where}`.")
 
 
 def config_dir() -> Path:
@@ -56,10 +72,42 @@ def run_from_hydra(cfg: DictConfig, session: RunSession) -> dict[str, Any]:
     job_info = {"job_num": hc.job.num if multirun else 0, "override_dirname": hc.job.override_dirname or "default",
                 "output_dir": str(out_dir)}
     store_dir = policy.shared_path(store_dir)
+    tag = job_info["override_dirname"]
+    log.info("[svg2-run] job %s: model %s, method %s, kernel %s -> %s", tag, cfg.model.name, cfg.method.name,
+             cfg.kernel.attention, store_dir)
+    session.job_started(store_dir)
+    t0 = time.perf_counter()
     counts = run_job(cfg, store_dir, job_info, out_dir=out_dir, session=session)
-    print(f"[svg2-run] {job_info['override_dirname']}: {counts['ok']} ok, {counts['failed']} failed, "
-          f"{counts['skipped']} already done -> {store_dir}", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    session.job_finished(tag, counts, store_dir, seconds)
+    # logging, not print: the line lands in the job's run.log as well as on the console
+    log.info("[svg2-run] %s: %d ok, %d failed, %d already done in %.1f s -> %s%s", tag, counts["ok"], counts["failed"],
+             counts["skipped"], seconds, store_dir, f" ({_retry_hint([store_dir])})" if counts["failed"] else "")
     return {**counts, "store_dir": str(store_dir)}
+
+
+def summary_lines(session: RunSession) -> list[str]:
+    """The closing lines of an invocation: row counts over its jobs, and what to do about failed rows."""
+    jobs = session.jobs
+    if not jobs:
+        return []
+    t = session.totals()
+    stores = list(dict.fromkeys(j.store_dir for j in jobs))
+    lines = [f"[svg2-run] {len(jobs)} job(s): {t['ok']} ok, {t['failed']} failed, {t['skipped']} already done "
+             f"({', '.join(str(s) for s in stores)})"]
+    if t["failed"]:
+        failed = [j.tag for j in jobs if j.counts.get("failed")]
+        lines.append(f"[svg2-run] FAILED: {t['failed']} row(s) in {len(failed)} job(s) ({'; '.join(failed[:5])}"
+                     f"{' ...' if len(failed) > 5 else ''}). Each failed row holds its stage, error and traceback "
+                     f"(the report's failures.md lists them). {_retry_hint(stores)}")
+    return lines
+
+
+def _interrupted(session: RunSession) -> None:
+    saved = session.rows_saved()
+    stores = ", ".join(str(s) for s in session.stores) or "no store yet"
+    print(f"\n[svg2-run] interrupted: {saved['ok']} row(s) saved by this launch ({saved['failed']} failed) in "
+          f"{stores}. Relaunch the same command to resume: finished rows are skipped.", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -75,4 +123,14 @@ def main() -> None:
     def svg2_run(cfg: DictConfig) -> dict[str, Any]:
         return run_from_hydra(cfg, session)
 
-    svg2_run()
+    try:
+        svg2_run()
+    except KeyboardInterrupt:
+        # Every finished row is on disk already (atomic row files): say so, without a traceback.
+        _interrupted(session)
+        raise SystemExit(130) from None
+    lines = summary_lines(session)
+    if lines:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    if session.totals()["failed"]:
+        raise SystemExit(1)

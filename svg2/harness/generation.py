@@ -5,7 +5,9 @@ as lists and one CPU generator per item (diffusers' ``generator=[...]``), so eve
 the noise it gets alone. A batch of one is :func:`generate`, call for call.
 
 Timing adds no synchronisation inside the denoising loop: on CUDA, events are recorded around the call and at
-every ``callback_on_step_end`` and resolved once after the call; on the CPU ``time.perf_counter`` is used.
+every ``callback_on_step_end`` and resolved once after the call; on the CPU ``time.perf_counter`` is used. Stages
+(``GenerationResult.stage_s``): ``text_encode`` (the text encoder's forwards, through module hooks) and
+``decode`` (from the last step's end to the end of the call: VAE decode and conversion of the frames).
 """
 
 from __future__ import annotations
@@ -46,13 +48,46 @@ class StepClock:
         """(total seconds from first to last mark, per-step seconds between step marks)."""
         if len(self.marks) < 2:
             return float("nan"), []
-        if self.cuda:
-            torch.cuda.synchronize()
-            t = [0.0] + [self.marks[0].elapsed_time(e) / 1e3 for e in self.marks[1:]]
-        else:
-            t = [m - self.marks[0] for m in self.marks]
+        t = self._seconds(self.marks)
         steps = [b - a for a, b in zip(t[:-2], t[1:-1])]  # marks: start, step ends..., end
         return t[-1], steps
+
+    def _seconds(self, marks: list[Any]) -> list[float]:
+        """Seconds of ``marks`` since the first mark of the clock."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [0.0 if m is self.marks[0] else self.marks[0].elapsed_time(m) / 1e3 for m in marks]
+        return [m - self.marks[0] for m in marks]
+
+    def span_s(self, spans: list[tuple[Any, Any]]) -> float:
+        """Total seconds of (start mark, end mark) pairs recorded by :meth:`new_mark`."""
+        flat = self._seconds([m for pair in spans for m in pair])
+        return float(sum(b - a for a, b in zip(flat[0::2], flat[1::2])))
+
+    def new_mark(self) -> Any:
+        """A mark outside the step sequence (for stage spans)."""
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+
+def _hook_spans(module: Any, clock: StepClock, spans: list[tuple[Any, Any]]) -> list[Any]:
+    """Forward hooks that append (start, end) marks of every forward of ``module`` to ``spans``; returns the
+    hook handles (remove them after the call)."""
+    if not isinstance(module, torch.nn.Module):
+        return []
+    pending: list[Any] = []
+
+    def pre(*_: Any) -> None:
+        pending.append(clock.new_mark())
+
+    def post(*_: Any) -> None:
+        if pending:
+            spans.append((pending.pop(), clock.new_mark()))
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
 @dataclass
@@ -66,6 +101,7 @@ class GenerationResult:
     peak_mem_gb: float | None = None
     batch_size: int = 1  # videos in the pipeline call that made this one
     batch_latency_s: float | None = None  # that call's total; None: same as latency_s (batch of one)
+    stage_s: dict[str, float] = field(default_factory=dict)  # the call's text_encode / decode seconds
 
 
 def _accepts(fn: Any) -> tuple[set[str], bool]:
@@ -123,8 +159,8 @@ def generate(pipe: Any, mcfg: Any, prompt: Prompt, seed: int, device: torch.devi
              per_step: bool = True) -> GenerationResult:
     """Run the pipeline once and time it (whole call and per denoising step); peak memory on CUDA."""
     kw = build_call_kwargs(pipe, mcfg, prompt, seed)
-    out, total, steps, peak = _timed_call(pipe, kw, device, per_step)
-    return GenerationResult(frames=_frames_of(out), latency_s=total, step_s=steps, peak_mem_gb=peak)
+    out, total, steps, peak, stages = _timed_call(pipe, kw, device, per_step)
+    return GenerationResult(frames=_frames_of(out), latency_s=total, step_s=steps, peak_mem_gb=peak, stage_s=stages)
 
 
 def batch_call_kwargs(pipe: Any, mcfg: Any, items: list[tuple[Prompt, int]]) -> dict[str, Any]:
@@ -161,29 +197,41 @@ def generate_batch(pipe: Any, mcfg: Any, items: list[tuple[Prompt, int]], device
     if len(items) == 1:
         return [generate(pipe, mcfg, items[0][0], items[0][1], device, per_step=per_step)]
     kw = batch_call_kwargs(pipe, mcfg, items)
-    out, total, steps, peak = _timed_call(pipe, kw, device, per_step)
+    out, total, steps, peak, stages = _timed_call(pipe, kw, device, per_step)
     n = len(items)
     got = len(_videos_of(out))
     if got != n:
         raise ValueError(f"{type(pipe).__name__} returned {got} videos for a batch of {n} prompts: it does not take "
                          "lists of prompts and generators. Set batch_size=1.")
     return [GenerationResult(frames=_frames_of(out, i), latency_s=total / n, step_s=steps, peak_mem_gb=peak,
-                             batch_size=n, batch_latency_s=total) for i in range(n)]
+                             batch_size=n, batch_latency_s=total, stage_s=stages) for i in range(n)]
 
 
 def _timed_call(pipe: Any, kw: dict[str, Any], device: torch.device,
-                per_step: bool) -> tuple[Any, float, list[float], float | None]:
-    """Call ``pipe(**kw)`` under the step clock: (output, total seconds, per-step seconds, peak GiB on CUDA)."""
+                per_step: bool) -> tuple[Any, float, list[float], float | None, dict[str, float]]:
+    """Call ``pipe(**kw)`` under the step clock: (output, total seconds, per-step seconds, peak GiB on CUDA,
+    stage seconds: ``text_encode`` when the pipeline has a ``text_encoder`` module, ``decode`` with steps)."""
     clock = StepClock(device)
     names, var_kw = _accepts(pipe.__call__)
     if per_step and ("callback_on_step_end" in names or var_kw) and "callback_on_step_end" not in kw:
         kw["callback_on_step_end"] = clock.callback
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    text_spans: list[tuple[Any, Any]] = []
+    hooks = _hook_spans(getattr(pipe, "text_encoder", None), clock, text_spans)
     clock.mark()
-    with torch.inference_mode():
-        out = pipe(**kw)
+    try:
+        with torch.inference_mode():
+            out = pipe(**kw)
+    finally:
+        for h in hooks:
+            h.remove()
     clock.mark()
     total, steps = clock.resolve()
+    stages: dict[str, float] = {}
+    if hooks:
+        stages["text_encode"] = clock.span_s(text_spans)
+    if steps:  # marks: start, step ends..., end: after the last step come the VAE decode and the frames
+        stages["decode"] = clock.span_s([(clock.marks[-2], clock.marks[-1])])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return out, total, steps, peak
+    return out, total, steps, peak, stages

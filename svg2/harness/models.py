@@ -1,4 +1,5 @@
-"""Pipelines for the harness: real checkpoints through diffusers, the tiny random Wan pipeline, or any callable.
+"""Pipelines for the harness: real checkpoints through diffusers, the same architectures with random weights
+(``model.loader=random``, :mod:`svg2.harness.random_weights`), the tiny random Wan pipeline, or any callable.
 
 Every loader returns a pipeline with the diffusers video call shape (``pipe(prompt=..., height=..., width=...,
 num_frames=..., num_inference_steps=..., guidance_scale=..., generator=..., output_type="np")`` returning an
@@ -10,11 +11,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "load_pipeline", "tiny_wan_pipeline", "ModelLoadError"]
+__all__ = ["resolve_device", "resolve_dtype", "load_pipeline", "load_hint", "is_local_path", "hub_offline",
+           "tiny_wan_pipeline", "ModelLoadError"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -103,6 +106,34 @@ def tiny_wan_pipeline(*, init_seed: int = 0, num_layers: int = 2, num_heads: int
     return pipe
 
 
+def is_local_path(repo_id: str) -> bool:
+    """A ``model.repo_id`` that names a folder rather than a Hub id (``org/name``)."""
+    return repo_id.startswith(("/", ".", "~")) or repo_id.count("/") != 1 or Path(repo_id).expanduser().exists()
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def load_hint(cfg: Any) -> str:
+    """What to do when the weights of ``cfg`` (a ModelConfig) cannot be loaded. A Hub id: download it with the
+    ``hf`` command (huggingface_hub 2.x installs no ``huggingface-cli``); a local
+    folder: it must hold the diffusers layout (model_index.json)."""
+    from svg2.harness.random_weights import ARCHS
+
+    without = ("Without weights: model.loader=random (the same architecture with random weights: memory and time "
+               "only) or model=tiny (CPU smoke runs)." if cfg.get("repo_id") in ARCHS else
+               "Without weights: model=tiny (CPU smoke runs).")
+    repo = str(cfg.repo_id)
+    if is_local_path(repo):
+        where = "does not exist" if not Path(repo).expanduser().exists() else "holds no model_index.json"
+        return (f"model.repo_id={repo!r} is a local folder that {where}: download the weights there "
+                f"(`hf download <hub id> --local-dir {repo}`) or pass the folder that holds them. {without}")
+    cache = "the Hugging Face cache and HF_HUB_OFFLINE=1" if hub_offline() else "the Hugging Face cache"
+    return (f"{repo} is not in {cache}. Download it first (`hf download {repo}`), or into a folder (`hf download "
+            f"{repo} --local-dir <dir>`, then model.repo_id=<dir>). {without}")
+
+
 def _set_flow_shift(pipe: Any, shift: float) -> None:
     sched = getattr(pipe, "scheduler", None)
     if sched is None:
@@ -140,7 +171,15 @@ def load_pipeline(cfg: Any) -> tuple[Any, torch.device, torch.dtype]:
     if cfg.loader == "tiny_wan":
         pipe = tiny_wan_pipeline(**kwargs, flow_shift=cfg.flow_shift or 3.0, device=device, dtype=dtype)
         return pipe, device, dtype
-    if cfg.loader == "callable":
+    if cfg.loader == "random":
+        from svg2.harness.random_weights import random_pipeline
+
+        if not cfg.get("repo_id"):
+            raise ValueError(f"model {cfg.name}: loader=random builds the architecture of model.repo_id; set it")
+        pipe = random_pipeline(cfg.repo_id, device, dtype, overrides=kwargs)
+        if cfg.get("flow_shift") is not None:
+            _set_flow_shift(pipe, float(cfg.flow_shift))
+    elif cfg.loader == "callable":
         if not cfg.get("target"):
             raise ValueError("model.loader=callable needs model.target='package.module:function'")
         fn = _import_target(cfg.target)
@@ -158,17 +197,13 @@ def load_pipeline(cfg: Any) -> tuple[Any, torch.device, torch.dtype]:
         try:
             pipe = cls.from_pretrained(cfg.repo_id, **{dtype_kw: dtype}, **kwargs)
         except (OSError, ValueError) as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise ModelLoadError(
-                f"could not load model {cfg.name!r} from {cfg.repo_id!r}: {type(e).__name__}: {str(e)[:300]}\n"
-                f"The weights are not in the Hugging Face cache{' and HF_HUB_OFFLINE=1' if offline else ''}. "
-                f"Download them first (huggingface-cli download {cfg.repo_id}), point model.repo_id at a local "
-                "folder, or run without a GPU/weights with model=tiny.") from e
+            raise ModelLoadError(f"could not load model {cfg.name!r} from {cfg.repo_id!r}: {type(e).__name__}: "
+                                 f"{str(e)[:300]}\n{load_hint(cfg)}") from e
         pipe.to(device)
         if cfg.get("flow_shift") is not None:
             _set_flow_shift(pipe, float(cfg.flow_shift))
     else:
-        raise ValueError(f"unknown model.loader {cfg.loader!r}; use diffusers, tiny_wan or callable")
+        raise ValueError(f"unknown model.loader {cfg.loader!r}; use diffusers, random, tiny_wan or callable")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe, device, dtype

@@ -1,4 +1,5 @@
-"""Prompt sets: our built-in VBench-style smoke set, VBench's own list, and user files (T2V and I2V).
+"""Prompt sets: our built-in VBench-style smoke set, VBench's augmented prompts the SVG2 authors evaluate on
+(shipped, Apache-2.0: ``prompt_data/README.md``), VBench's own list, and user files (T2V and I2V).
 
 Every loader returns a list of :class:`Prompt`; a file in the wrong format, or an I2V prompt whose image is
 missing or unreadable, is an error before any generation starts.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -129,6 +129,20 @@ def synthetic_image(text: str, size: tuple[int, int] = (832, 480)) -> Path:
     return path
 
 
+# Sets shipped as prompt files in prompt_data/ (source, license and changes in prompt_data/README.md).
+PROMPT_DATA = Path(__file__).resolve().parent / "prompt_data"
+_FILE_SETS = {"vbench_augmented": "vbench_all_dimension_longer.jsonl"}
+
+
+def _round_robin(prompts: list[Prompt]) -> list[Prompt]:
+    """Prompts interleaved by dimension (one of each in turn, all kept), so that ``limit`` picks a spread."""
+    by_dim: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_dim.setdefault(p.dimension, []).append(p)
+    groups = list(by_dim.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
 BUILTIN_SETS: dict[str, dict[str, list[str]]] = {"smoke": _SMOKE}
 # Built-in image-to-video smoke set: the first smoke prompt of every dimension with a synthetic image.
 _IMAGE_SETS = {"smoke_i2v": lambda: {d: ts[:1] for d, ts in _SMOKE.items()}}
@@ -227,31 +241,23 @@ def load_prompt_file(path: str | Path, image_dir: str | Path | None = None) -> l
     return prompts
 
 
-def _interleave_dimensions(prompts: list[Prompt]) -> list[Prompt]:
-    """Round-robin over dimensions (first of each, then second of each, ...) so that ``limit`` picks a spread
-    of dimensions, not one; a dimension that runs out drops out of the rotation (no prompt is lost)."""
-    by_dim: dict[str, list[Prompt]] = {}
-    for p in prompts:
-        by_dim.setdefault(p.dimension, []).append(p)
-    rounds = itertools.zip_longest(*by_dim.values())
-    return [p for group in rounds for p in group if p is not None]
-
-
 def load_prompts(cfg: Any, *, task: str = "t2v") -> list[Prompt]:
     """Prompts selected by a ``PromptsConfig``-like node (``source``, ``set``, ``path``, ``image_dir``,
     ``dimensions``, ``limit``). For ``task="i2v"`` every prompt must carry a readable image."""
     source = cfg.source
-    if source == "builtin":
+    if source == "builtin" and cfg.set in _FILE_SETS:
+        prompts = _round_robin(load_prompt_file(PROMPT_DATA / _FILE_SETS[cfg.set]))
+    elif source == "builtin":
         if cfg.set in _LAZY_SETS and cfg.set not in BUILTIN_SETS:
             BUILTIN_SETS[cfg.set] = _LAZY_SETS[cfg.set]()
         if cfg.set in _IMAGE_SETS:  # images are attached after the selection below (only those used)
             prompts = [Prompt(t, d) for d, ts in _IMAGE_SETS[cfg.set]().items() for t in ts]
         elif cfg.set not in BUILTIN_SETS:
-            known = sorted({*BUILTIN_SETS, *_LAZY_SETS, *_IMAGE_SETS})
+            known = sorted({*BUILTIN_SETS, *_LAZY_SETS, *_IMAGE_SETS, *_FILE_SETS})
             raise KeyError(f"unknown built-in prompt set {cfg.set!r}; available: {known}")
         else:
             prompts = [Prompt(t, d) for d, ts in BUILTIN_SETS[cfg.set].items() for t in ts]
-        prompts = _interleave_dimensions(prompts)
+        prompts = _round_robin(prompts)
     elif source == "vbench":
         path = cfg.get("path") or find_vbench_info()
         if path is None:

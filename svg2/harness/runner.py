@@ -45,6 +45,7 @@ from svg2.harness.ranks import RankPolicy, rank_policy
 from svg2.harness.reference import ReferenceCache, reference_key
 from svg2.harness.session import LoadedPipeline, RunSession
 from svg2.harness.store import ResultsStore
+from svg2.harness.validation import check_model
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
 from svg2.harness.weights_identity import HASH_CACHE_NAME, FileHashCache, is_resolved, software_stack, weights_identity
 from svg2.methods import AttentionMethod, method_class
@@ -122,7 +123,9 @@ def method_spec(cfg: DictConfig) -> MethodSpec:
     try:
         full = SVG2Config.from_dict(merged)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"invalid SVG2 settings (model.svg2 + method.cfg + kernel) for method {m.name!r}: {e}") from e
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        raise ValueError(f"invalid SVG2 settings (model.svg2 + method.cfg + kernel) for method {m.name!r}: "
+                         f"{why}") from e
     label = m.label or m.name
     if cls.stock:
         return MethodSpec(m.name, label, True, None, {}, cls)
@@ -265,6 +268,9 @@ class _Job:
             **self.policy.row_fields(), "config_json": _json(_plain(cfg))}
         self.base_job["metric_convention"] = cfg.metrics.get("convention", "standard")
         try:
+            bad_model = check_model(cfg.model, weights=False)  # e.g. num_steps=0: a config failure, not an IndexError
+            if bad_model:
+                raise ValueError("; ".join(bad_model))
             self.spec = method_spec(cfg)
             self.identity = job_identity(cfg, self.spec, self.policy)
         except Exception as e:  # noqa: BLE001 - a bad method config is a failed job, not a dead sweep
@@ -292,7 +298,8 @@ class _Job:
         if not is_resolved(self.identity["weights"]):
             self._rekey()
         device = self.loaded.device
-        self.env = environment_info(device)
+        # pipeline_load_s: loading (or building) the pipeline this job uses; a reused one keeps its first time
+        self.env = {**environment_info(device), "pipeline_load_s": self.loaded.load_s}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cache = ReferenceCache(Path(os.path.expanduser(cfg.cache.dir)), dtype=cfg.cache.dtype,
@@ -396,6 +403,7 @@ class _Job:
                         self.store.write(row)
                         raise
                 self.store.write(row)
+                log.info("[%s] row %s (%s, seed %d): %s", self.tag, row["key"], p.id, s, row["status"])
                 self.logger.log_row(row, video_path)
                 bar.update(1)
         bar.close()
@@ -497,6 +505,7 @@ class _Job:
             video_path = write_mp4(self.store.root / "videos" / f"{row['key']}.mp4", res.frames, fps=cfg.model.fps)
             row["video_path"] = str(video_path)
         scalars, per_frame = {}, {}
+        t_metrics = time.perf_counter()
         if "memory" in self.compare_on:
             sc, pf = suite(ref.frames, res.frames)
             scalars.update(sc)
@@ -505,7 +514,7 @@ class _Job:
             sc, pf = suite(read_mp4(ref.mp4), read_mp4(video_path), suffix="_mp4")
             scalars.update(sc)
             per_frame.update(pf)
-        row.update(scalars)
+        row.update(scalars, metrics_s=time.perf_counter() - t_metrics)  # PSNR/SSIM/LPIPS (+ MP4 decode)
         row.update(per_frame)  # psnr_frames, ssim_frames, lpips_frames (+ _mp4): any convention recomputes from them
         row.update(suite.describe())
         row.update(compared_on=",".join(self.compare_on), mp4_skipped_reason=self.mp4_why,
@@ -563,6 +572,9 @@ def _latency_fields(res: GenerationResult, warmup_s: float) -> dict[str, Any]:
         "median_step_s": float(np.median(steps)) if steps else math.nan,
         "warmup_s": warmup_s,
         "peak_mem_gb": res.peak_mem_gb,
+        # the call's stages (nan when not measured): text encoder forwards; VAE decode + frames after the last step
+        "text_encode_s": res.stage_s.get("text_encode", math.nan),
+        "decode_s": res.stage_s.get("decode", math.nan),
     }
 
 

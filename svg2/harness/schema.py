@@ -2,9 +2,10 @@
 
 ``conf/config.yaml`` composes onto :class:`RunConfig`, so every group option is type-checked and an unknown
 key fails at composition time with the option's file named. ``model.svg2`` and ``method.cfg`` are typed
-overlays of ``SVG2Config`` (every field optional, None = not set; values are range-checked when the job builds
-the SVG2Config); ``method.cfg`` also holds the method's own parameters, checked against its class by
-``method_spec``. Free-form mappings (``model.kwargs``) are checked by the code that consumes them (the loader).
+overlays of ``SVG2Config`` (every field optional, None = not set; values and kernel names are checked before
+any job starts, by ``svg2.harness.validation``); ``method.cfg`` also holds the method's own parameters, checked
+against its class by ``method_spec``. Free-form mappings (``model.kwargs``) are checked by the code that consumes
+them (the loader).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ class ModelConfig:
     """One model preset: how to load it and how to sample from it (one operating point)."""
 
     name: str = MISSING
-    # diffusers: DiffusionPipeline.from_pretrained(repo_id); tiny_wan: random tiny WanPipeline built in code;
-    # callable: import ``target`` ("pkg.module:function") and call it with ``kwargs`` (+ device, dtype).
+    # diffusers: DiffusionPipeline.from_pretrained(repo_id); random: repo_id's architecture at full size with
+    # random weights, built from configs shipped in svg2 (nothing downloaded; a dry run of memory and time);
+    # tiny_wan: random tiny WanPipeline built in code; callable: import ``target`` ("pkg.module:function") and
+    # call it with ``kwargs`` (+ device, dtype).
     loader: str = "diffusers"
     repo_id: Optional[str] = None
     target: Optional[str] = None
@@ -74,7 +77,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fps: int = 16
-    svg2: SVG2Overrides = field(default_factory=SVG2Overrides)  # this model's SVG2Config defaults (DESIGN.md 1)
+    svg2: SVG2Overrides = field(default_factory=SVG2Overrides)  # this model's SVG2Config defaults (authors')
     kwargs: dict[str, Any] = field(default_factory=dict)  # loader kwargs
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline-call kwargs
 

@@ -24,12 +24,38 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["ResultsStore", "find_stores", "load_results", "atomic_write_text"]
+__all__ = ["ResultsStore", "find_stores", "load_results", "atomic_write_text", "shareable_mkstemp"]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def shareable_mkstemp(directory: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` with the mode a plain ``open()`` gives (0666 less the umask), not mkstemp's 0600:
+    stores and caches on a shared cluster are read by collaborators, and the rename keeps the temp file's mode."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = shareable_mkstemp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -142,7 +168,7 @@ class ResultsStore:
             df = pd.DataFrame(rows)
             if not df.empty:
                 df = df.sort_values([c for c in ("finished_at", "key") if c in df.columns], kind="stable")
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".results.", suffix=".parquet.tmp")
+                fd, tmp = shareable_mkstemp(self.root, prefix=".results.", suffix=".parquet.tmp")
                 os.close(fd)
                 try:
                     df.to_parquet(tmp, index=False)

@@ -1,4 +1,4 @@
-"""One interface for every attention method: ``method(q, k, v, ctx) -> out`` (DESIGN.md section 3)."""
+"""One interface for every attention method: ``method(q, k, v, ctx) -> out``."""
 
 from __future__ import annotations
 

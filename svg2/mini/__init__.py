@@ -1,4 +1,4 @@
-"""The project's own small text-to-video model (DESIGN.md section 8): quality evidence without downloads.
+"""The project's own small text-to-video model: quality evidence without downloads.
 
 ``load_mini_pipeline(variant="quick" | "long", device, dtype)`` loads the shipped weights (weights/mini/)
 as a :class:`MiniPipeline` whose ``transformer`` is a diffusers ``WanTransformer3DModel``.

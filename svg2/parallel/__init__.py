@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN.md section 6): one video on several GPUs (Ulysses sequence parallelism through diffusers'
+"""Scale-out: one video on several GPUs (Ulysses sequence parallelism through diffusers'
 context parallelism, ``ulysses``) and many videos on several GPUs or nodes (prompt sharding, ``sharding``;
 SLURM through Hydra's submitit launcher, ``conf/launcher/slurm.yaml``)."""
 
