@@ -172,7 +172,11 @@ def weights_identity(model: Any, cache: FileHashCache | None = None) -> dict[str
         if local.is_dir():
             return files_identity(local, cache)
         return hub_identity(str(repo), kwargs.get("revision"), kwargs.get("cache_dir"))
-    raise ValueError(f"unknown model.loader {loader!r}; use diffusers, tiny_wan or callable")
+    if loader == "random":
+        # Full-size architecture with fresh random weights each build (a dry run of memory and time): there is
+        # no checkpoint to hash, and its quality numbers mean nothing; the key tells it apart from real weights.
+        return {"kind": "random", "arch": model.get("repo_id"), "kwargs": kwargs}
+    raise ValueError(f"unknown model.loader {loader!r}; use diffusers, random, tiny_wan or callable")
 
 
 def is_resolved(identity: dict[str, Any]) -> bool:
