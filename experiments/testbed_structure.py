@@ -67,14 +67,14 @@ def head_type_recall(records: list[dict], specs: list[MethodSpec], *, density: f
 
 
 def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int, ck: int, block: int,
-            recall_layers: list[int] | None, seed: int = HELD_OUT_SEED) -> dict:
+            recall_layers: list[int] | None, seed: int = HELD_OUT_SEED, world_detail: float = 0.0) -> dict:
     p = TESTBED_POINTS[point]
     h, w, f = p["height"], p["width"], p["num_frames"]
     grid = (f, h // SPATIAL_FACTOR, w // SPATIAL_FACTOR)
     dev, dtype = pipe.device, pipe.dtype
     scene = sample_scenes(clips, torch.Generator().manual_seed(seed), aspect=w / h, train=False)
     caps = captions(scene)
-    x0 = pack(render(scene, f, h, w, device=dev))
+    x0 = pack(render(scene, f, h, w, device=dev, world_detail=world_detail))
     text = pipe.encode_prompt(caps)
     pipe.scheduler.set_timesteps(p["num_inference_steps"], device=dev)
     sigmas = pipe.scheduler.sigmas
@@ -112,7 +112,8 @@ def measure(pipe, *, point: str, clips: int, rows: int, density: float, cq: int,
              for lh, d in sorted(per_head.items())]
     means = summarize_by(recall_rows).get("all", {})
     summary = {
-        "point": point, "tokens": grid[0] * grid[1] * grid[2], "clips": clips, "rows_per_head": rows,
+        "point": point, "world_detail": world_detail, "tokens": grid[0] * grid[1] * grid[2], "clips": clips,
+        "rows_per_head": rows,
         "levels": levels,
         "top_mass_mean": sum(hd["top_mass"] for hd in heads) / len(heads),
         "top_mass_by_level": {lv: sum(hd[f"top_mass_{lv}"] for hd in heads) / len(heads) for lv in levels},
@@ -186,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=64, help="positional block size (tokens)")
     ap.add_argument("--recall-layers", default=None, help="comma list (default: all layers)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--world-detail", type=float, default=0.0,
+                    help="render the held-out clips with this data variant (the one the weights were trained on)")
     a = ap.parse_args(argv)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     pipe = load_testbed_pipeline(a.point, device=a.device, dtype=dtype, path=a.weights)
     cq, ck = (int(x) for x in a.clusters.split(","))
     layers = None if a.recall_layers is None else [int(x) for x in a.recall_layers.split(",")]
     result = measure(pipe, point=a.point, clips=a.clips, rows=a.rows, density=a.density, cq=cq, ck=ck,
-                     block=a.block, recall_layers=layers)
+                     block=a.block, recall_layers=layers, world_detail=a.world_detail)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "structure.json").write_text(json.dumps(result, indent=2))

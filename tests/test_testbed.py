@@ -61,6 +61,37 @@ def test_render_contract_world_dark_objects_bright():
     assert FG_THRESHOLD > data.BG_MAX_CHANNEL
 
 
+def test_world_detail_variant_adds_token_scale_texture_and_keeps_the_contract():
+    """The data variant (train_testbed.py --world-detail): world brightness varies from one video token (8x8
+    pixels at the eval point's 128 x 128) to the next, object interiors are untouched, the world stays dark,
+    and 0 renders the original data exactly."""
+    scene = _scenes(2, seed=9)
+    scene.occ_active[:] = False
+    base = data.render(scene, 2, 128, 128)
+    assert torch.equal(data.render(scene, 2, 128, 128, world_detail=0.0), base)
+    var = data.render(scene, 2, 128, 128, world_detail=0.8)
+    assert var.min() >= 0 and var.max() <= 1
+    # object interiors (bright, away from anti-aliased edges) are painted over the world: unchanged
+    bright = (base.amax(1) >= 0.9).float().flatten(0, 1)[:, None]
+    inner = (-torch.nn.functional.max_pool2d(-bright, 5, stride=1, padding=2) > 0.5).reshape(base.amax(1).shape)
+    assert inner.any() and torch.equal(var.amax(1)[inner], base.amax(1)[inner])
+
+    world = _scenes(2, seed=9)
+    world.active[:] = False
+    world.occ_active[:] = False
+
+    def token_contrast(v: torch.Tensor) -> float:  # std of per-token means around their 3x3-token smooth
+        tok = torch.nn.functional.avg_pool2d(v.mean(1).flatten(0, 1)[:, None], 8)
+        smooth = torch.nn.functional.avg_pool2d(tok, 3, stride=1, padding=1, count_include_pad=False)
+        return float((tok - smooth).std())
+
+    plain, detailed = data.render(world, 2, 128, 128), data.render(world, 2, 128, 128, world_detail=0.8)
+    assert detailed.max() <= data.BG_MAX_CHANNEL + 1e-6
+    assert token_contrast(detailed) > 2 * token_contrast(plain)
+    with pytest.raises(ValueError, match="world_detail"):
+        data.render(scene, 2, 32, 32, world_detail=1.5)
+
+
 def test_training_scenes_avoid_held_out_triples():
     scene = _scenes(512, seed=2)
     held = held_out_triples()

@@ -365,8 +365,16 @@ def _world_texture(scene: WorldScene, dev: torch.device, res: int) -> torch.Tens
 
 
 def render(scene: WorldScene, num_frames: int, height: int, width: int,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Render the scenes: (B, 3, F, H, W) float32 in [0, 1] on ``device``."""
+           device: torch.device | str = "cpu", world_detail: float = 0.0) -> torch.Tensor:
+    """Render the scenes: (B, 3, F, H, W) float32 in [0, 1] on ``device``.
+
+    ``world_detail`` in [0, 1] (default 0: the data the shipped weights were trained on) multiplies the world's
+    brightness by a texture with one independent random value per world texel of the seed (64 x 64 over the
+    4-frame-wide world: about one texel per video token at the eval point), so a background token is told apart
+    from its neighbours only by its own texel: denoising it at high noise then needs the same world point in
+    other frames (a content look-up under the camera pan) rather than its smooth surroundings."""
+    if not 0.0 <= world_detail <= 1.0:
+        raise ValueError(f"world_detail={world_detail}: use a value in [0, 1] (0 = the original data)")
     dev = torch.device(device)
     B, F_ = scene.batch_size, num_frames
     aspect = width / height
@@ -393,7 +401,12 @@ def render(scene: WorldScene, num_frames: int, height: int, width: int,
     tint = scene.tint.to(dev)
     mix = val[:, None]
     img = base[:, :, None, None, None] * (1 - mix) + tint[:, :, None, None, None] * mix
-    img = (img * (0.55 + 0.9 * fine[:, None])).clamp(0.0, BG_MAX_CHANNEL)
+    img = img * (0.55 + 0.9 * fine[:, None])
+    if world_detail > 0:
+        texel = F.grid_sample(scene.fbm.to(dev), grid, mode="bilinear", padding_mode="reflection",
+                              align_corners=False).reshape(B, F_, height, width)
+        img = img * (1.0 - world_detail + 2.0 * world_detail * texel[:, None])
+    img = img.clamp(0.0, BG_MAX_CHANNEL)
 
     # --- objects, painted in slot order, in screen coordinates ---
     tr = {k: t.to(dev) for k, t in object_tracks(scene, F_, aspect).items()}

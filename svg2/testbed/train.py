@@ -69,6 +69,7 @@ class TrainConfig:
     tiny: bool = False
     checkpoint_every: float = 180.0
     transformer_overrides: dict = field(default_factory=dict)
+    world_detail: float = 0.0  # data variant (svg2.testbed.data.render); 0 = the data of the shipped weights
 
 
 class EMA:
@@ -122,7 +123,7 @@ def _batch(cfg: TrainConfig, buckets, gen: torch.Generator, tok, dev: torch.devi
     drop = torch.rand(bs, generator=gen) < cfg.cfg_dropout
     ids, mask = tok(["" if d else c for c, d in zip(caps, drop.tolist())])
     with torch.no_grad():
-        x0 = pack(render(scene, f, h, w, device=dev))
+        x0 = pack(render(scene, f, h, w, device=dev, world_detail=cfg.world_detail))
     return x0, ids.to(dev), mask.to(dev), sample_t(bs, gen).to(dev), (h, w, f, bs)
 
 
