@@ -333,6 +333,24 @@ def prepare_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: to
     return kc, vm, skip, log2n
 
 
+def check_compensation_args(q: torch.Tensor, centroids: torch.Tensor, value_means: torch.Tensor,
+                            sizes: torch.Tensor, skipped: torch.Tensor, q_labels: torch.Tensor,
+                            out: torch.Tensor | None, lse: torch.Tensor | None) -> None:
+    """The shape contract every compensation kernel shares (see :func:`compensation_attention`)."""
+    if (out is None) != (lse is None):
+        raise ValueError("pass both the sparse out and its lse (to merge) or neither")
+    b, h, sq, d = q.shape
+    ck = sizes.shape[-1]
+    if (tuple(centroids.shape) != (b, h, ck, d) or tuple(value_means.shape) != (b, h, ck, d)
+            or skipped.dim() != 4 or tuple(skipped.shape[:2]) != (b, h) or skipped.shape[-1] != ck
+            or tuple(q_labels.shape) != (b, h, sq)):
+        raise ValueError(f"centroids {tuple(centroids.shape)} / value means {tuple(value_means.shape)} / skipped "
+                         f"{tuple(skipped.shape)} / q_labels {tuple(q_labels.shape)} do not match q "
+                         f"{tuple(q.shape)} and sizes {tuple(sizes.shape)}")
+    if out is not None and (tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (b, h, sq)):
+        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} must match q {tuple(q.shape)}")
+
+
 def compensation_attention(
     q: torch.Tensor,
     centroids: torch.Tensor,
@@ -367,18 +385,8 @@ def compensation_attention(
         ``out``: rows that skip nothing get out 0 and lse -inf. With it: rows that skip nothing get ``out``
         (exactly, up to the cast) and rows with neither set get 0 and -inf.
     """
-    if (out is None) != (lse is None):
-        raise ValueError("pass both the sparse out and its lse (to merge) or neither")
-    b, h, sq, d = q.shape
-    ck = sizes.shape[-1]
-    if (tuple(centroids.shape) != (b, h, ck, d) or tuple(value_means.shape) != (b, h, ck, d)
-            or skipped.dim() != 4 or tuple(skipped.shape[:2]) != (b, h) or skipped.shape[-1] != ck
-            or tuple(q_labels.shape) != (b, h, sq)):
-        raise ValueError(f"centroids {tuple(centroids.shape)} / value means {tuple(value_means.shape)} / skipped "
-                         f"{tuple(skipped.shape)} / q_labels {tuple(q_labels.shape)} do not match q "
-                         f"{tuple(q.shape)} and sizes {tuple(sizes.shape)}")
-    if out is not None and (tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (b, h, sq)):
-        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} must match q {tuple(q.shape)}")
+    check_compensation_args(q, centroids, value_means, sizes, skipped, q_labels, out, lse)
+    d = q.shape[-1]
     tiles = tiles or default_compensation_tiles(d, q.device.type)
     kc, vm, skip, log2n = prepare_tables(centroids, value_means, sizes, skipped, q.dtype)
     tile_list = [] if tiles is None else [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages]

@@ -32,9 +32,15 @@ from __future__ import annotations
 import functools
 
 import torch
-from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TRITON_MISSING, TensorDescriptor, interpreting, tl, triton
-from svg2_kernels.compensation import _CK_ALIGN, CompensationTiles, _pad_rows
-from svg2_kernels.registry import CompensationInputs, CompensationVariant, register_compensation_variant
+from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TensorDescriptor, interpreting, tl, triton
+from svg2_kernels.compensation import (
+    _CK_ALIGN,
+    CompensationTiles,
+    TritonCompensation,
+    _pad_rows,
+    check_compensation_args,
+)
+from svg2_kernels.registry import register_compensation_variant
 
 __all__ = [
     "default_sorted_tiles",
@@ -392,18 +398,8 @@ def compensation_attention_sorted(
             them), False (pointer loads), None (autotuned on CUDA without ``tiles``, else descriptors where
             available).
     """
-    if (out is None) != (lse is None):
-        raise ValueError("pass both the sparse out and its lse (to merge) or neither")
+    check_compensation_args(q, centroids, value_means, sizes, skipped, q_labels, out, lse)
     b, h, sq, d = q.shape
-    ck = sizes.shape[-1]
-    if (tuple(centroids.shape) != (b, h, ck, d) or tuple(value_means.shape) != (b, h, ck, d)
-            or skipped.dim() != 4 or tuple(skipped.shape[:2]) != (b, h) or skipped.shape[-1] != ck
-            or tuple(q_labels.shape) != (b, h, sq)):
-        raise ValueError(f"centroids {tuple(centroids.shape)} / value means {tuple(value_means.shape)} / skipped "
-                         f"{tuple(skipped.shape)} / q_labels {tuple(q_labels.shape)} do not match q "
-                         f"{tuple(q.shape)} and sizes {tuple(sizes.shape)}")
-    if out is not None and (tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (b, h, sq)):
-        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} must match q {tuple(q.shape)}")
     if q_perm is not None and tuple(q_perm.shape) != (b, h, sq):
         raise ValueError(f"q_perm must be (batch, heads, seqlen_q) = {(b, h, sq)}, got {tuple(q_perm.shape)}")
     if not scale > 0:
@@ -423,23 +419,12 @@ def compensation_attention_sorted(
 # ----------------------------------------------------------------------------------------------- registry
 
 
-class TritonSortedCompensation(CompensationVariant):
-    """The cluster-order kernel above (one launch, merge in the epilogue, only the needed centroid tiles)."""
+class TritonSortedCompensation(TritonCompensation):
+    """The cluster-order kernel above (one launch, merge in the epilogue, only the needed centroid tiles); it
+    supports and refuses what ``triton`` does."""
 
     name = "triton_sorted"
     priority = 90  # below ``triton`` until an H200 run shows it faster
-    devices = ("cuda", "cpu") if interpreting() else ("cuda",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    fuses_merge = True
-
-    def not_supported_reasons(self, inputs: CompensationInputs) -> list[str]:
-        reasons = super().not_supported_reasons(inputs)
-        if not HAS_TRITON:
-            reasons.append(TRITON_MISSING)
-        if not 1 <= inputs.head_dim <= 256:
-            reasons.append(f"head dim {inputs.head_dim} not in [1, 256] (the (BLOCK_M, D) fp32 accumulator lives in "
-                           "registers)")
-        return reasons
 
     def run(self, q, centroids, value_means, sizes, skipped, q_labels, scale, out=None, lse=None, q_perm=None):
         return compensation_attention_sorted(q, centroids, value_means, sizes, skipped, q_labels, scale, out, lse,
