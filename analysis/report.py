@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from analysis.pareto import plot_all
 from analysis.tables import DENSITY_TOLERANCE, failures, prepare, summarise, to_latex, to_markdown
 from svg2.harness.ranks import rank_policy
-from svg2.harness.store import ResultsStore, find_stores, load_results
+from svg2.harness.store import ResultsStore, find_stores, load_results, require_stores
 
 __all__ = ["write_report", "build_report", "drop_failed", "report_dir_for", "ReportCallback", "main"]
 
@@ -147,11 +147,7 @@ def drop_failed(paths: list[str | Path]) -> list[tuple[Path, int]]:
     (store, how many) per store. A store without row files (a Parquet or JSONL snapshot only) is an error."""
     out = []
     for p in paths:
-        stores = find_stores(p)
-        if not stores:
-            raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
-                                    f"{str(p)!r}")
-        for store in stores:
+        for store in require_stores(p):
             if not (store / "rows").is_dir():
                 raise ValueError(f"{store} has no rows/ folder (a snapshot only): --drop-failed edits row files; "
                                  "report it without --drop-failed")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["ResultsStore", "find_stores", "load_results", "atomic_write_text", "shareable_mkstemp"]
+__all__ = ["ResultsStore", "find_stores", "require_stores", "load_results", "atomic_write_text", "shareable_mkstemp"]
 
 
 def _umask() -> int:
@@ -229,16 +229,21 @@ def find_stores(path: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def require_stores(path: str | Path) -> list[Path]:
+    """:func:`find_stores`, or an error naming what a store looks like when there is none."""
+    stores = find_stores(path)
+    if not stores:
+        raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
+                                f"{str(path)!r}")
+    return stores
+
+
 def load_results(*paths: str | Path) -> pd.DataFrame:
     """All rows of every store found under ``paths`` (row files preferred over the Parquet snapshot, that over
     the JSONL mirror)."""
     frames = []
     for p in paths:
-        stores = find_stores(p)
-        if not stores:
-            raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
-                                    f"{str(p)!r}")
-        for s in stores:
+        for s in require_stores(p):
             rows_dir = s / "rows"
             if rows_dir.is_dir() and any(rows_dir.glob("*.json")):
                 df = ResultsStore(s).load()
