@@ -74,3 +74,24 @@ def _dense_mask_with_text(layout, text_mask):
         m = m.clone()
         m[:, :, :, -layout.num_text_tokens:] &= text_mask[:, None, None, :]
     return m
+
+
+def run_svg2_cli(args, monkeypatch, capfd) -> tuple[int, str]:
+    """``svg2-run args`` in this process (the console script's code path): (exit status, stdout + stderr)."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from svg2.harness.cli import main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["svg2-run", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        GlobalHydra.instance().clear()
+    out = capfd.readouterr()
+    return code, out.out + out.err

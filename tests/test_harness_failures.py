@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from svg2.harness.store import ResultsStore
+from tests.helpers import run_svg2_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and fast: 32x32, 5 frames, 2 denoising steps, LPIPS with a random AlexNet, one prompt.
@@ -29,28 +29,11 @@ def fixtures_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "fixtures"))
 
 
-def _svg2_run(args, monkeypatch, capfd) -> tuple[int, str]:
-    """``svg2-run args`` in this process (the console script's code path): (exit status, stdout + stderr)."""
-    from svg2.harness.cli import main
-
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["svg2-run", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    finally:
-        GlobalHydra.instance().clear()
-    out = capfd.readouterr()
-    return code, out.out + out.err
-
-
 def test_failed_rows_exit_1_with_a_summary_and_keep_each_launch(tmp_path, monkeypatch, capfd, fixtures_on_path):
     monkeypatch.chdir(tmp_path)
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, *FAILING, f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
-    code, out = _svg2_run(args, monkeypatch, capfd)
+    code, out = run_svg2_cli(args, monkeypatch, capfd)
     assert code == 1, out
     store = sweep / "results"
     (row,) = ResultsStore(store).rows()
@@ -67,11 +50,11 @@ def test_failed_rows_exit_1_with_a_summary_and_keep_each_launch(tmp_path, monkey
     assert "FailingMethod fails" in text  # the row's error, logged by the runner
 
     time.sleep(1.1)  # the job folders are stamped to the second
-    code, out = _svg2_run(args, monkeypatch, capfd)  # a relaunch retries the failed row (and fails again)
+    code, out = run_svg2_cli(args, monkeypatch, capfd)  # a relaunch retries the failed row (and fails again)
     assert code == 1 and "0 ok, 1 failed, 0 already done" in out
     launches = sorted(p.parent.name for p in sweep.glob("0/*/.hydra/config.yaml"))
     assert len(launches) == 2, launches  # the first launch's .hydra/ is still there
-    code, out = _svg2_run([*args, "store.retry_failed=false"], monkeypatch, capfd)
+    code, out = run_svg2_cli([*args, "store.retry_failed=false"], monkeypatch, capfd)
     assert code == 0 and "0 ok, 0 failed, 1 already done" in out  # kept, not retried: nothing failed now
 
 
@@ -79,7 +62,7 @@ def test_ctrl_c_says_rows_saved_and_how_to_resume(tmp_path, monkeypatch, capfd, 
     monkeypatch.chdir(tmp_path)
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "method=dense,svg2", f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
-    code, out = _svg2_run([*args, "+hydra.callbacks.stop._target_=harness_kill.InterruptAfterFirstJob"],
+    code, out = run_svg2_cli([*args, "+hydra.callbacks.stop._target_=harness_kill.InterruptAfterFirstJob"],
                           monkeypatch, capfd)
     assert code == 130
     assert "interrupted: 1 row(s) saved by this launch (0 failed)" in out
@@ -89,7 +72,7 @@ def test_ctrl_c_says_rows_saved_and_how_to_resume(tmp_path, monkeypatch, capfd, 
     assert row["method"] == "dense" and row["status"] == "ok"
     (log,) = sweep.glob("0/*/run.log")
     assert f"row {row['key']} (" in log.read_text()  # one line per finished row
-    code, out = _svg2_run(args, monkeypatch, capfd)  # the relaunch resumes
+    code, out = run_svg2_cli(args, monkeypatch, capfd)  # the relaunch resumes
     assert code == 0 and "2 job(s): 1 ok, 0 failed, 1 already done" in out
 
 

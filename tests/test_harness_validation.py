@@ -5,7 +5,6 @@ svg2-bench refuses without a GPU."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from svg2.attention import build_layout
 from svg2.harness.models import load_hint
 from svg2.harness.schema import register_configs
 from svg2.harness.validation import check_run_config, sweep_job_overrides
+from tests.helpers import run_svg2_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -28,23 +28,6 @@ def _compose(overrides, hydra_cfg=False):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
-
-
-def _svg2_run(args, monkeypatch, capfd) -> tuple[int, str]:
-    """``svg2-run args`` in this process: (exit status, stdout + stderr)."""
-    from svg2.harness.cli import main
-
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["svg2-run", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    finally:
-        GlobalHydra.instance().clear()
-    out = capfd.readouterr()
-    return code, out.out + out.err
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -101,7 +84,7 @@ def test_sweep_jobs_are_listed_like_the_basic_sweeper():
 
 def test_invalid_sweep_stops_before_any_job(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
-    code, out = _svg2_run(["-m", "model=tiny", "method=dense,svg2", "kernel.attention=auto,nope", "prompts.limit=1",
+    code, out = run_svg2_cli(["-m", "model=tiny", "method=dense,svg2", "kernel.attention=auto,nope", "prompts.limit=1",
                            f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                           monkeypatch, capfd)
     assert code == 2
@@ -115,7 +98,7 @@ def test_bad_prompt_file_is_one_line_no_traceback(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "prompts.json"
     bad.write_text("{not json")
-    code, out = _svg2_run(["model=tiny", "prompts=file", f"prompts.path={bad}", f"cache.dir={tmp_path / 'c'}"],
+    code, out = run_svg2_cli(["model=tiny", "prompts=file", f"prompts.path={bad}", f"cache.dir={tmp_path / 'c'}"],
                           monkeypatch, capfd)
     assert code == 2 and "is not valid JSON" in out and "Traceback" not in out
     assert not (tmp_path / "outputs").exists()  # nothing started: no run folder
