@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from analysis.tables import t_interval
 from svg2.harness.store import load_results
 
 __all__ = ["knob_value", "paired_differences", "to_markdown", "load_rows", "main"]
@@ -98,10 +98,9 @@ def paired_differences(df: pd.DataFrame, vary: str, values: tuple[str, str], mat
             d = np.asarray(diffs[group][m])
             if d.size == 0:
                 continue
-            half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 \
-                else float("nan")
-            out.append({"model": group[0], **dict(zip(match, group[1:])), "metric": m, "n": int(d.size),
-                        "mean": float(d.mean()), "ci95": half, "favours_first": int((d > 0).sum())})
+            n, mean, half = t_interval(d)
+            out.append({"model": group[0], **dict(zip(match, group[1:])), "metric": m, "n": n, "mean": mean,
+                        "ci95": half, "favours_first": int((d > 0).sum())})
     return out
 
 
