@@ -95,3 +95,41 @@ def run_svg2_cli(args, monkeypatch, capfd) -> tuple[int, str]:
         GlobalHydra.instance().clear()
     out = capfd.readouterr()
     return code, out.out + out.err
+
+
+def interp_worker(cases: dict) -> None:
+    """Body of a test module's ``__main__`` under Triton's interpreter: run every case (each returns
+    ``(result, ok, detail)``), report each failure without stopping the others, print one ``RESULTS`` JSON line."""
+    import json
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+    results = {}
+    for name, job in cases.items():
+        try:
+            _, ok, detail = job()
+        except Exception as e:  # report, don't stop the other cases
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        results[name] = {"ok": bool(ok), "detail": detail}
+    print("RESULTS " + json.dumps(results))
+
+
+def interp_results_of(module: str) -> dict:
+    """Run ``python -m <module>`` (a test module whose ``__main__`` calls :func:`interp_worker`) with
+    TRITON_INTERPRET=1 in a fresh process (the interpreter must be chosen before Triton is imported)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(root))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1][len("RESULTS "):])

@@ -9,17 +9,13 @@ floor. GPU (``cuda`` marker): bf16 keys at a larger shape with the TF32x3 dot.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import interp_results_of, interp_worker
+
 cuda = pytest.mark.cuda
 _FLOOR = math.log(1e-8)
 
@@ -140,32 +136,12 @@ INTERP_CASES = {
 }
 
 
-def _worker() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
-    if str(_ROOT) not in sys.path:
-        sys.path.insert(0, str(_ROOT))
-    results = {}
-    for name, job in INTERP_CASES.items():
-        try:
-            _, ok, detail = job()
-        except Exception as e:  # report, don't stop the other cases
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        results[name] = {"ok": bool(ok), "detail": detail}
-    print("RESULTS " + json.dumps(results))
-
-
 # ------------------------------------------------------------------------------------------------ CPU tests
 
 
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.test_ear_probe"], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=str(_ROOT))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interp_results_of("tests.test_ear_probe")
 
 
 @pytest.mark.parametrize("case", list(INTERP_CASES))
@@ -235,4 +211,4 @@ def test_gpu_probe_within_twice_the_torch_error(dtype):
 
 
 if __name__ == "__main__":
-    _worker()
+    interp_worker(INTERP_CASES)
