@@ -39,7 +39,7 @@ sweep() {  # sweep <name> <overrides...>: run under the time left
 }
 
 pack() {
-  tar -C "$root" -czf "$OUT/tables.tgz" store/results.jsonl store/rows $(cd "$root" && ls *.log report 2>/dev/null)
+  tar -C "$root" -czf "$OUT/tables.tgz" store/results.jsonl store/rows $(cd "$root" && ls -d *.log report 2>/dev/null)
 }
 
 sweep compensation method=positional,svg2 method.cfg.compensate=false,true method.cfg.target_density=0.1,0.15,0.25
