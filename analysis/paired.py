@@ -9,6 +9,12 @@ n pairs, mean difference with a 95% t-interval, and how many pairs favour the fi
         --vary compensate --values true,false --match method,target_density
     python -m analysis.paired multirun/compensation --vary method --values svg2,positional \\
         --match compensate,target_density
+    python -m analysis.paired results/testbed/method_table/results.jsonl.gz --vary method \\
+        --values svg2,sliding_tile --where-first compensate=true      # a knob only one side has
+
+Each (caption, seed) must have exactly one row per side: rows that differ in a knob neither matched nor filtered
+(e.g. svg2 with and without compensation, compared with a method that has no such knob) are refused with the
+knob named, instead of one of them being picked silently.
 
 A knob is ``method`` or a key of the row's ``method.cfg`` (``compensate``, ``target_density``, ``top_p``, ...).
 """
@@ -29,7 +35,7 @@ import pandas as pd
 from analysis.tables import t_interval
 from svg2.harness.store import load_results
 
-__all__ = ["knob_value", "paired_differences", "to_markdown", "load_rows", "main"]
+__all__ = ["knob_value", "parse_where", "paired_differences", "to_markdown", "load_rows", "main"]
 
 
 def _norm(v: Any) -> str:
@@ -62,10 +68,33 @@ def load_rows(path: str | Path) -> pd.DataFrame:
     return load_results(p)
 
 
+def parse_where(spec: str | None) -> dict[str, str]:
+    """``"compensate=true,top_p=0.9"`` -> ``{"compensate": "true", "top_p": "0.9"}`` (values normalised)."""
+    out: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(f"filter {item!r} is not knob=value (e.g. compensate=true)")
+        k, v = (x.strip() for x in item.split("=", 1))
+        out[k] = _norm(v)
+    return out
+
+
+def _differing_knobs(rows: list[pd.Series]) -> list[str]:
+    """The method.cfg keys (and the method) whose values differ between ``rows``."""
+    cfgs = [json.loads(r.get("config_json") or "{}").get("method", {}).get("cfg", {}) for r in rows]
+    keys = sorted({k for c in cfgs for k in c})
+    knobs = [k for k in keys if len({_norm(c.get(k)) for c in cfgs}) > 1]
+    return (["method"] if len({_norm(r["method"]) for r in rows}) > 1 else []) + knobs
+
+
 def paired_differences(df: pd.DataFrame, vary: str, values: tuple[str, str], match: list[str],
-                       metrics: tuple[str, ...] = ("psnr", "ssim")) -> list[dict[str, Any]]:
+                       metrics: tuple[str, ...] = ("psnr", "ssim"),
+                       where: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> list[dict[str, Any]]:
     """One result per (model, ``match`` values) group: ``{"model", **match, "metric", "n", "mean", "ci95",
-    "favours_first"}`` for each metric; difference = score under ``values[0]`` - score under ``values[1]``."""
+    "favours_first"}`` for each metric; difference = score under ``values[0]`` - score under ``values[1]``.
+    ``where[i]``: knob values a row under ``values[i]`` must have (e.g. ``{"compensate": "true"}``)."""
     if vary in match:
         raise ValueError(f"--vary {vary!r} cannot also be in --match {match}: pairs differ in the varied knob")
     if len(values) != 2 or values[0] == values[1]:
@@ -73,14 +102,23 @@ def paired_differences(df: pd.DataFrame, vary: str, values: tuple[str, str], mat
     first, second = (_norm(v) for v in values)
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     cells: dict[tuple, dict[str, dict[str, float]]] = defaultdict(dict)
+    sources: dict[tuple, pd.Series] = {}
     seen_values: set[str] = set()
     for _, row in ok.iterrows():
         v = knob_value(row, vary)
         seen_values.add(v)
         if v not in (first, second):
             continue
+        if any(knob_value(row, k) != want for k, want in where[0 if v == first else 1].items()):
+            continue
         group = (row["model"], *(knob_value(row, k) for k in match))
         pair = (row["prompt_id"] if "prompt_id" in row else row["prompt"], int(row["seed"]))
+        if v in cells[(group, pair)]:
+            knobs = _differing_knobs([sources[(group, pair, v)], row]) or ["(none: the same configuration twice)"]
+            raise ValueError(
+                f"two rows of {vary}={v} for caption/seed {pair} in group {group}; they differ in {knobs}: add "
+                f"the knob to --match, or pick one side's rows with --where-first/--where-second knob=value")
+        sources[(group, pair, v)] = row
         cells[(group, pair)][v] = {m: float(row[m]) for m in metrics if m in row and row[m] is not None}
     missing = {first, second} - seen_values
     if missing:
@@ -122,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--values", required=True, help="its two values, first,second (difference = first - second)")
     ap.add_argument("--match", default="target_density", help="knobs held equal within a pair (comma-separated)")
     ap.add_argument("--metrics", default="psnr,ssim")
+    ap.add_argument("--where-first", default=None, help="knob=value[,...] the first value's rows must have")
+    ap.add_argument("--where-second", default=None, help="knob=value[,...] the second value's rows must have")
     args = ap.parse_args(argv)
     values = tuple(v.strip() for v in args.values.split(","))
     match = [k.strip() for k in args.match.split(",") if k.strip()]
     try:
-        res = paired_differences(load_rows(args.path), args.vary, values, match, tuple(args.metrics.split(",")))
+        where = (parse_where(args.where_first), parse_where(args.where_second))
+        res = paired_differences(load_rows(args.path), args.vary, values, match, tuple(args.metrics.split(",")),
+                                 where)
     except (ValueError, FileNotFoundError) as e:
         ap.exit(2, f"analysis.paired: {e}\n")
     if not res:

@@ -69,3 +69,17 @@ def test_cli_reads_a_gzipped_jsonl(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| m | svg2 | psnr | +1.9" in out or "| m | svg2 | psnr | +2.0" in out
     assert "12/12" in out
+
+
+def test_rows_that_differ_in_an_unmatched_knob_are_refused_not_picked():
+    # svg2 has rows with and without compensation; "other" has no such knob: without a filter, which svg2 row
+    # pairs with "other" would be arbitrary.
+    df = _frame({"svg2": 4.0, "other": 0.0})
+    with pytest.raises(ValueError, match=r"differ in \['compensate'\].*--where-first"):
+        paired_differences(df, "method", ("svg2", "other"), [], ("psnr",))
+    res = paired_differences(df, "method", ("svg2", "other"), [], ("psnr",),
+                             where=({"compensate": "true"}, {"compensate": "false"}))
+    assert res[0]["n"] == 12 and res[0]["mean"] == pytest.approx(4.0, abs=0.15)
+    with pytest.raises(SystemExit) as exc:
+        main(["/nonexistent", "--vary", "method", "--values", "a,b", "--where-first", "compensate"])
+    assert exc.value.code == 2
