@@ -59,7 +59,9 @@ __all__ = [
 ]
 
 COMPENSATION_BACKENDS = ("auto", "triton", "triton_sorted", "flex", "torch")
-_AUTO_ORDER = ("triton", "triton_sorted", "flex", "torch")  # H200-measured order; triton_sorted: unmeasured
+# H200, Wan 14B 720p shapes, (300, 1000) clusters, density 0.25 (results/compensation/README.md): the step alone
+# 5.52 ms (triton_sorted) vs 5.84 ms (triton) vs 103 ms (torch); the whole compensated call +7.4% vs +9.2%.
+_AUTO_ORDER = ("triton_sorted", "triton", "flex", "torch")
 _TRITON_BACKENDS = ("triton", "triton_sorted")  # registry kernels (svg2_kernels.registry), merge fused
 # Elements of a (rows x keys) fp32 score block materialised at once by the torch paths: 256 MiB on the CPU,
 # 1 GiB on a GPU (fewer, larger matmuls for the O(S^2) LSE fallback).

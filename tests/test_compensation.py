@@ -399,7 +399,7 @@ def test_compensated_call_on_gpu_within_twice_the_torch_error(kernel):
     cfg = SVG2Config(num_q_centroids=32, num_k_centroids=64, target_density=0.2, compensate=True,
                      attention_kernel=kernel)
     out, lay = svg2_attention(q, k, v, cfg, st)
-    assert st.last_kernels["compensation"] == "triton" and st.last_kernels["lse"] == st.last_kernels["attention"]
+    assert st.last_kernels["compensation"] == "triton_sorted" and st.last_kernels["lse"] == st.last_kernels["attention"]
     ref = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"))
     same = compensated_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"), dtype=torch.bfloat16)
     err = (out.cpu().double() - ref).abs().max().item()

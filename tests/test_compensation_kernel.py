@@ -214,7 +214,7 @@ def end_to_end_text_case():
     ref = compensated_reference(q, k, v, layout, text_mask=tm)
     low = compensated_reference(q, k, v, layout, text_mask=tm, dtype=torch.float32)
     err, base = _max_err(out, ref), _max_err(low, ref)
-    ok = st.last_kernels.get("compensation") == "triton" and err <= 2 * base + 1e-5
+    ok = st.last_kernels.get("compensation") == "triton_sorted" and err <= 2 * base + 1e-5  # auto's first
     return "end_to_end_text", ok, (f"compensation={st.last_kernels.get('compensation')}, "
                                    f"attention={st.last_kernels.get('attention')}; err {err:.3g} vs fp32 {base:.3g}")
 
@@ -434,7 +434,7 @@ def test_interpreter(interp_results, case):
 def test_registry_entry_and_refusals():
     from svg2_kernels import registry
 
-    assert registry.available_compensation_variants() == ["triton", "triton_sorted"]  # triton first until measured
+    assert registry.available_compensation_variants() == ["triton_sorted", "triton"]  # H200-measured order
     cpu = registry.CompensationInputs("cpu", torch.bfloat16, 128, 75600, 300, 1000)
     variant, skipped = registry.select_compensation_variant("triton", registry.CompensationInputs(
         "cuda", torch.bfloat16, 128, 75600, 300, 1000), with_skipped=True)
@@ -477,7 +477,7 @@ def test_auto_falls_back_when_triton_fails_and_says_so(monkeypatch):
     monkeypatch.setattr(comp, "_centroid_attention_triton", broken)
     with pytest.warns(RuntimeWarning, match="ptxas died"):
         out, lse, used = comp.compensate(*args)
-    assert used == "torch (triton, triton_sorted failed)"  # both Triton kernels "failed": each warned, torch ran
+    assert used == "torch (triton_sorted, triton failed)"  # both Triton kernels "failed": each warned, torch ran
     ref, ref_lse, _ = comp.compensate(*args, backend="torch")
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     with pytest.raises(RuntimeError, match="ptxas"):  # named explicitly: no fallback
@@ -624,7 +624,7 @@ def test_gpu_merged_within_twice_the_torch_error(dtype):
     out_s, lse_s = sparse_result(q, k, v, layout, scale)
     summ = summary_of(k, v, layout)
     args = (out_s, lse_s, q, summ, ~layout.block_map, layout.q_labels, scale)
-    out, lse, used = compensate(*args)
+    out, lse, used = compensate(*args, backend="triton")  # the token-order kernel (auto picks triton_sorted)
     assert used == "triton"
     ref = compensated_reference(q, k, v, layout, scale)
     low = compensated_reference(q, k, v, layout, scale, dtype=dtype)
@@ -724,7 +724,7 @@ def test_gpu_cuda_graph_capture_and_replay():
 
 
 @cuda
-def test_gpu_public_call_records_triton():
+def test_gpu_public_call_records_triton_sorted():
     from svg2 import ClusterState, SVG2Config, svg2_attention
     from tests.helpers import clustered_qkv, compensated_reference
 
@@ -732,7 +732,7 @@ def test_gpu_public_call_records_triton():
     st = ClusterState()
     cfg = SVG2Config(num_q_centroids=32, num_k_centroids=64, target_density=0.2, compensate=True)
     out, layout = svg2_attention(q, k, v, cfg, st)
-    assert st.last_kernels["compensation"] == "triton"
+    assert st.last_kernels["compensation"] == "triton_sorted"
     ref = compensated_reference(q, k, v, layout)
     low = compensated_reference(q, k, v, layout, dtype=torch.bfloat16)
     assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
