@@ -355,6 +355,18 @@ def test_jsonl_only_results_folder(tmp_path):
     assert main([str(committed), "--drop-failed"]) == 2  # no row files to edit
 
 
+def test_gzipped_jsonl_results_folder(tmp_path):
+    """results/ in the repository keeps the rows as results.jsonl.gz (e.g. results/testbed/method_table)."""
+    import gzip
+
+    store = _store(tmp_path / "s", _matched_rows())
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "results.jsonl.gz").write_bytes(gzip.compress((store / "results.jsonl").read_bytes()))
+    assert main([str(committed), "--out", str(tmp_path / "r")]) == 0
+    assert "A (target=0.3)" in (tmp_path / "r" / "table1.md").read_text()
+
+
 def test_pareto_series_per_configuration(tmp_path):
     rows = _dense_rows()
     for cq in (32, 8):

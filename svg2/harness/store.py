@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import json
 import math
 import os
@@ -221,7 +222,8 @@ class ResultsStore:
 def find_stores(path: str | Path) -> list[Path]:
     """Store folders at or under ``path`` (a store, a run/sweep folder, or a folder of sweeps)."""
     path = Path(path)
-    snapshots = ("results.parquet", "results.jsonl")  # a committed results folder may keep only the JSONL mirror
+    # A committed results folder may keep only the JSONL mirror, gzipped (results/ in the repository).
+    snapshots = ("results.parquet", "results.jsonl", "results.jsonl.gz")
     if (path / "rows").is_dir() or any((path / n).is_file() for n in snapshots):
         return [path]
     found = {p.parent for n in snapshots for p in path.glob(f"**/{n}")} | {p.parent for p in path.glob("**/rows")
@@ -233,7 +235,7 @@ def require_stores(path: str | Path) -> list[Path]:
     """:func:`find_stores`, or an error naming what a store looks like when there is none."""
     stores = find_stores(path)
     if not stores:
-        raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl) at or under "
+        raise FileNotFoundError(f"no results store (rows/, results.parquet or results.jsonl[.gz]) at or under "
                                 f"{str(path)!r}")
     return stores
 
@@ -249,8 +251,10 @@ def load_results(*paths: str | Path) -> pd.DataFrame:
                 df = ResultsStore(s).load()
             elif (s / "results.parquet").is_file():
                 df = pd.read_parquet(s / "results.parquet")
-            elif (s / "results.jsonl").is_file():
-                lines = (s / "results.jsonl").read_text().splitlines()
+            elif (s / "results.jsonl").is_file() or (s / "results.jsonl.gz").is_file():
+                mirror = s / "results.jsonl"
+                lines = (mirror.read_text() if mirror.is_file()
+                         else gzip.decompress((s / "results.jsonl.gz").read_bytes()).decode()).splitlines()
                 df = pd.DataFrame([_from_json(json.loads(ln)) for ln in lines if ln.strip()])
             else:
                 df = pd.DataFrame()
