@@ -57,6 +57,17 @@ def test_floor_chunk_is_sized_from_the_score_budget():
     assert floor._chunk(q, q) == (512 * 2**20) // (12 * 100_000 * 4)
     with pytest.raises(ValueError, match="query_chunk=-1: use a whole number"):
         method_class("dense_floor")(query_chunk=-1)
+    with pytest.raises(ValueError, match="backend='flash' is unknown"):
+        method_class("dense_floor")(backend="flash")
+
+
+def test_floor_backend_resolution():
+    floor = method_class("dense_floor")
+    assert floor().resolved_backend(torch.device("cpu")) == "math"
+    assert floor().resolved_backend(torch.device("cuda")) == "efficient"  # no score matrix, no chunks
+    assert floor(backend="math").resolved_backend(torch.device("cuda")) == "math"
+    with pytest.raises(ValueError, match="needs a CUDA device.*backend='math'"):
+        floor(backend="efficient").resolved_backend(torch.device("cpu"))
 
 
 def _compose(overrides):
@@ -72,10 +83,10 @@ def test_floor_row_in_a_tiny_sweep(tmp_path):
         cfg = _compose([*TINY, f"method={m}", cache])
         assert run_job(cfg, store)["ok"] == 1, m
     spec = method_spec(_compose([*TINY, "method=dense_floor", cache]))
-    assert spec.kwargs == {} and not spec.stock  # the SVG2 knobs are not its own: one row per sweep
+    assert spec.kwargs == {"backend": "auto"} and not spec.stock  # the SVG2 knobs are not its own: one row per sweep
     s = summarise(load_results(store))
     floor = s[s["method"] == "dense_floor"].iloc[0]
-    assert floor["is_floor"] and floor["group"] == "floor" and floor["variant"] == "Dense floor (fp32 math SDPA)"
+    assert floor["is_floor"] and floor["group"] == "floor" and floor["variant"] == "Dense floor (fp32 SDPA)"
     assert floor["density"] == 1.0 and floor["psnr"] > 40  # the same video through another exact path
-    assert s["variant"].tolist()[:2] == ["Dense", "Dense floor (fp32 math SDPA)"]
+    assert s["variant"].tolist()[:2] == ["Dense", "Dense floor (fp32 SDPA)"]
     assert "Dense floor: the same dense video" in to_markdown(s)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from svg2 import SVG2Config, svg2_attention
 from svg2.attention import build_layout
 from svg2.harness.models import load_hint
+from svg2.harness.runner import method_spec
 from svg2.harness.schema import register_configs
 from svg2.harness.validation import check_run_config, sweep_job_overrides
 from tests.helpers import run_svg2_cli
@@ -71,6 +72,23 @@ def test_missing_weights_offline_name_hf_download():
     # a local folder is not a Hub id: the hint downloads a Hub id *into* it
     hint = load_hint(OmegaConf.create({"name": "m", "repo_id": "/data/wan14b"}))
     assert "hf download <hub id> --local-dir /data/wan14b" in hint and "hf download /data" not in hint
+
+
+def test_testbed_preset_lists_the_method_table():
+    jobs = sweep_job_overrides(_compose(["experiment=testbed"], hydra_cfg=True))
+    methods = {o.split("=", 1)[1] for j in jobs for o in j if o.startswith("method=")}
+    assert methods == {"dense", "dense_floor", "svg2", "svg2_compensated", "svg_ear", "positional", "sol_attn",
+                       "svg1", "radial", "sliding_tile", "oracle_kmeans"}
+    comp = method_spec(_compose(["experiment=testbed", "method=svg2_compensated", "method.cfg.target_density=0.15"]))
+    plain = method_spec(_compose(["experiment=testbed", "method=svg2", "method.cfg.target_density=0.15"]))
+    assert comp.name == plain.name == "svg2"
+    assert comp.cfg.compensate is True and plain.cfg.compensate is False
+    # the same rows as method=svg2 method.cfg.compensate=true (experiments/testbed_tables.sh): one row key
+    same = method_spec(_compose(["experiment=testbed", "method=svg2", "method.cfg.compensate=true",
+                                 "method.cfg.target_density=0.15"]))
+    assert comp.identity() == same.identity() != plain.identity()
+    for j in jobs:  # every job of the preset passes validation (dense refuses compensate: none asks it to)
+        assert check_run_config(_compose(["experiment=testbed", *j])) == [], j
 
 
 def test_sweep_jobs_are_listed_like_the_basic_sweeper():
