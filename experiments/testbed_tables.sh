@@ -55,8 +55,12 @@ case "$groups" in *" main "*)
   wait ;;
 esac
 case "$groups" in *" extra "*)
+  sweep refs method=dense
   ( sweep oracle method=oracle_kmeans,oracle_raster method.cfg.target_density=0.1,0.15,0.25 ) &
-  ( sweep layout method=svg2 method.cfg.compensate=true method.cfg.target_density=0.15 method.cfg.layout_every=2,4 ) &
+  ( sweep layout method=svg2 method.cfg.compensate=true method.cfg.target_density=0.15 method.cfg.layout_every=2,4
+    # SVG2 at a true 0.10: the preset's min_kc_ratio=0.1 floors it at 0.136 on this model
+    sweep svg2_d10 method=svg2,svg2_compensated method.cfg.target_density=0.1 method.cfg.min_kc_ratio=0.05
+    sweep floor_efficient method=dense_floor ) &
   wait ;;
 esac
 echo "[tables] sweeps took $(( $(date +%s) - t0 )) s"
