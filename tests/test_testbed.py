@@ -233,3 +233,25 @@ def test_checker_reads_ground_truth_renders():
     assert sc["n"] == 24 and sc["color_acc"] >= 0.9 and sc["direction_acc"] >= 0.9
     blank = checker.read_video(np.zeros((4, 16, 16, 3), dtype=np.float32))
     assert blank.color is None and blank.direction is None
+
+
+def test_qk_norm_lr_multiplier_groups_and_schedule(tmp_path):
+    from svg2.testbed.model import build_testbed
+    from svg2.testbed.train import TrainConfig, is_self_attention_qk_norm, param_groups, train
+
+    tf = build_testbed(num_layers=2, num_attention_heads=2, ffn_dim=128, text_dim=64)
+    mods = {"transformer": tf}
+    plain = param_groups(mods, TrainConfig(out="x"))
+    assert len(plain) == 2  # the shipped training's layout (its checkpoints' optimizer state fits)
+    groups = param_groups(mods, TrainConfig(out="x", qk_norm_lr_mult=10.0))
+    qk = {id(p) for n, p in tf.named_parameters() if is_self_attention_qk_norm(f"transformer.{n}")}
+    assert len(qk) == 4 and {id(p) for p in groups[2]["params"]} == qk  # 2 blocks x (norm_q, norm_k)
+    assert groups[2]["lr_mult"] == 10.0 and groups[2]["weight_decay"] == 0.0
+    assert not qk & {id(p) for g in groups[:2] for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(tf.parameters()))
+    assert not is_self_attention_qk_norm("transformer.blocks.0.attn2.norm_q.weight")  # cross-attention: not it
+    with pytest.raises(ValueError, match="qk_norm_lr_mult=0"):
+        param_groups(mods, TrainConfig(out="x", qk_norm_lr_mult=0))
+    s = train(TrainConfig(out=str(tmp_path / "m"), device="cpu", tiny=True, max_steps=1, tokens_per_step=256,
+                          time_budget=60, qk_norm_lr_mult=10.0, warmup=1))
+    assert s["end_step"] == 1

@@ -70,6 +70,10 @@ class TrainConfig:
     checkpoint_every: float = 180.0
     transformer_overrides: dict = field(default_factory=dict)
     world_detail: float = 0.0  # data variant (svg2.testbed.data.render); 0 = the data of the shipped weights
+    # LR multiplier of the self-attention qk-norm weights: they set the logit scale (q and k are RMS-normalised),
+    # and after 7,102 steps at the base LR they had moved only from 1.0 to 0.93-1.27, so attention can sharpen
+    # no faster than they grow. 1 = the shipped weights' training.
+    qk_norm_lr_mult: float = 1.0
 
 
 class EMA:
@@ -127,6 +131,28 @@ def _batch(cfg: TrainConfig, buckets, gen: torch.Generator, tok, dev: torch.devi
     return x0, ids.to(dev), mask.to(dev), sample_t(bs, gen).to(dev), (h, w, f, bs)
 
 
+def is_self_attention_qk_norm(name: str) -> bool:
+    """``blocks.N.attn1.norm_q.weight`` / ``norm_k``: the self-attention logit scale of a Wan block."""
+    return ".attn1.norm_q." in name or ".attn1.norm_k." in name
+
+
+def param_groups(modules: dict[str, torch.nn.Module], cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: matrices with weight decay; vectors without; the self-attention qk-norm weights without
+    decay and at ``qk_norm_lr_mult`` x the LR (a separate group only when the multiplier is not 1, so the
+    optimizer state of earlier checkpoints keeps its layout)."""
+    if cfg.qk_norm_lr_mult <= 0:
+        raise ValueError(f"qk_norm_lr_mult={cfg.qk_norm_lr_mult} must be > 0 (1 = no change)")
+    split = cfg.qk_norm_lr_mult != 1.0
+    named = [(f"{m}.{n}", p) for m, mod in modules.items() for n, p in mod.named_parameters()]
+    qk = [p for n, p in named if split and is_self_attention_qk_norm(n)]
+    rest = [(n, p) for n, p in named if not (split and is_self_attention_qk_norm(n))]
+    groups = [{"params": [p for _, p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    if split:
+        groups.append({"params": qk, "weight_decay": 0.0, "lr_mult": cfg.qk_norm_lr_mult})
+    return groups
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one budgeted stretch; returns a summary dict (also written to ``out/summary.json``)."""
     out = Path(cfg.out)
@@ -146,10 +172,7 @@ def train(cfg: TrainConfig) -> dict:
     text_encoder = MiniTextEncoder(len(tok), **te_cfg).to(dev).train()
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.99), fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(modules, cfg), lr=cfg.lr, betas=(0.9, 0.99), fused=dev.type == "cuda")
     step, log, origin = 0, [], "scratch"
     ckpt = Path(cfg.ckpt) if cfg.ckpt else None
     if cfg.resume and ckpt is not None and ckpt.is_file():
@@ -187,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
         noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for gr in opt.param_groups:
-            gr["lr"] = lr
+            gr["lr"] = lr * gr.get("lr_mult", 1.0)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             text = text_encoder(ids, mask)
             loss = flow_matching_loss(transformer, x0, text, t, noise)
