@@ -18,7 +18,7 @@ from svg2.methods.base import AttentionContext, register_method
 from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
 
-__all__ = ["PositionalMethod", "block_means"]
+__all__ = ["PositionalMethod", "block_means", "raster_block_scores", "raster_block_layout"]
 
 
 def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +37,33 @@ def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
     sizes = torch.full((c,), block_size, dtype=torch.long, device=x.device)
     sizes[-1] = s - (c - 1) * block_size
     return sums / sizes[None, :, None].float(), sizes
+
+
+def raster_block_scores(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, block_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVG2's centroid estimate over raster-order blocks of the video tokens: mean-pooled Q and K per block.
+
+    Args:
+        q, k: (B, H, S, D), the last ``ctx.num_text_tokens`` tokens text (not blocked).
+    Returns:
+        scores (B*H, Cq, Ck) row-stochastic, q_sizes (B*H, Cq) and k_sizes (B*H, Ck) tokens per block.
+    """
+    b, h, s, d = q.shape
+    sv = s - ctx.num_text_tokens
+    n = b * h
+    cq, q_sizes = block_means(q[:, :, :sv].reshape(n, sv, d), block_size)
+    ck, k_sizes = block_means(k[:, :, :sv].reshape(n, sv, d), block_size)
+    ks = k_sizes.expand(n, -1)
+    return centroid_scores(cq, ck, ks, softmax_scale(q, ctx.scale)), q_sizes.expand(n, -1), ks
+
+
+def raster_block_layout(block_map: torch.Tensor, q: torch.Tensor, ctx: AttentionContext, block_size: int
+                        ) -> ClusterLayout:
+    """The layout of a (B*H, Cq, Ck) block map over raster-order blocks of ``block_size`` video tokens."""
+    b, h, s, _ = q.shape
+    labels = torch.arange(s - ctx.num_text_tokens, device=q.device) // block_size
+    return static_layout(labels, labels, block_map.view(b, h, *block_map.shape[1:]), b, h,
+                         num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
 
 
 @register_method("positional")
@@ -59,21 +86,12 @@ class PositionalMethod(LayoutMethod):
         self.target_density = target_density
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
-        b, h, s, d = q.shape
-        sv = s - ctx.num_text_tokens
-        n = b * h
-        cq, q_sizes = block_means(q[:, :, :sv].reshape(n, sv, d), self.block_size)
-        ck, k_sizes = block_means(k[:, :, :sv].reshape(n, sv, d), self.block_size)
-        qs = q_sizes.expand(n, -1)
-        ks = k_sizes.expand(n, -1)
-        scores = centroid_scores(cq, ck, ks, softmax_scale(q, ctx.scale))
+        scores, qs, ks = raster_block_scores(q, k, ctx, self.block_size)
         if self.target_density is not None:
             block_map = select_target_density(scores, qs, ks, self.target_density, self.min_kc_ratio)
         else:
             block_map = select_top_p(scores, self.top_p, self.min_kc_ratio)
-        labels = torch.arange(sv, device=q.device) // self.block_size
-        return static_layout(labels, labels, block_map.view(b, h, *block_map.shape[1:]), b, h,
-                             num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+        return raster_block_layout(block_map, q, ctx, self.block_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_size": self.block_size, "top_p": self.top_p,

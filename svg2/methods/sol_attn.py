@@ -26,9 +26,9 @@ import torch
 
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
-from svg2.methods.positional import block_means
-from svg2.selection import centroid_scores, min_key_clusters, select_target_density
+from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation
+from svg2.methods.positional import raster_block_layout, raster_block_scores
+from svg2.selection import min_key_clusters, select_target_density
 
 __all__ = ["SolAttnMethod", "select_threshold"]
 
@@ -80,21 +80,12 @@ class SolAttnMethod(LayoutMethod):
         self.target_density = target_density
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
-        b, h, s, d = q.shape
-        sv = s - ctx.num_text_tokens
-        n = b * h
-        cq, q_sizes = block_means(q[:, :, :sv].reshape(n, sv, d), self.block_size)
-        ck, k_sizes = block_means(k[:, :, :sv].reshape(n, sv, d), self.block_size)
-        ks = k_sizes.expand(n, -1)
-        scores = centroid_scores(cq, ck, ks, softmax_scale(q, ctx.scale))
+        scores, qs, ks = raster_block_scores(q, k, ctx, self.block_size)
         if self.target_density is not None:
-            block_map = select_target_density(scores, q_sizes.expand(n, -1), ks, self.target_density,
-                                              self.min_kc_ratio)
+            block_map = select_target_density(scores, qs, ks, self.target_density, self.min_kc_ratio)
         else:
             block_map = select_threshold(scores, ks, self.threshold, self.min_kc_ratio)
-        labels = torch.arange(sv, device=q.device) // self.block_size
-        return static_layout(labels, labels, block_map.view(b, h, *block_map.shape[1:]), b, h,
-                             num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+        return raster_block_layout(block_map, q, ctx, self.block_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_size": self.block_size, "threshold": self.threshold,

@@ -10,19 +10,16 @@ not from a line fit through the centroids.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from svg2.mini.checker import FG_THRESHOLD
-from svg2.mini.data import BG_COLORS, DIRECTIONS, OBJECT_COLORS, SHAPES, held_out_triples
+from svg2.mini.checker import FG_THRESHOLD, EvalPrompt, direction_of, eval_triples, nearest_color, score_with
+from svg2.mini.data import BG_COLORS, DIRECTIONS, OBJECT_COLORS, SHAPES
 
 __all__ = ["Reading", "read_video", "EvalPrompt", "eval_prompts", "score"]
 
-_PALETTE_NAMES = list(OBJECT_COLORS)
-_PALETTE = np.array(list(OBJECT_COLORS.values()), dtype=np.float32)
 MIN_STEP = 0.002  # median centroid step in frame heights per frame below which the object counts as still
 
 
@@ -46,8 +43,7 @@ def read_video(frames: np.ndarray) -> Reading:
     # textures mix the object colour towards a lighter tint: its own colour is in the most saturated half
     px = frames[mask]
     sat = px.max(-1) - px.min(-1)
-    rgb = np.median(px[sat >= np.median(sat)], axis=0)
-    color = _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
+    color = nearest_color(np.median(px[sat >= np.median(sat)], axis=0))
     ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / h
     cents: list[tuple[int, float, float]] = []
     for i in range(f_):
@@ -59,39 +55,16 @@ def read_video(frames: np.ndarray) -> Reading:
     if len(steps) < max(2, f_ // 3):
         return Reading(color, None, (0.0, 0.0), coverage)
     dx, dy = (float(np.median([s[j] for s in steps])) for j in (0, 1))
-    if max(abs(dx), abs(dy)) < MIN_STEP:
-        direction = None
-    elif abs(dx) >= abs(dy):
-        direction = "right" if dx > 0 else "left"
-    else:
-        direction = "down" if dy > 0 else "up"
-    return Reading(color, direction, (dx, dy), coverage)
-
-
-@dataclass
-class EvalPrompt:
-    prompt: str
-    color: str
-    shape: str
-    direction: str
-    held_out: bool
-    spec: dict  # for svg2.testbed.data.scenes_from_spec (ground-truth renders)
+    return Reading(color, direction_of(dx, dy, MIN_STEP), (dx, dy), coverage)
 
 
 def eval_prompts(n_per_triple: int = 2, held_out: bool = True, seed: int = 0) -> list[EvalPrompt]:
     """Single-object captions with a direction and a still camera. ``held_out=True``: the 12 (colour, shape,
     direction) triples never shown in training; else 12 seen ones."""
     rng = np.random.default_rng(seed)
-    held = sorted(held_out_triples())
-    if held_out:
-        triples = held
-    else:
-        rest = [t for t in itertools.product(range(len(_PALETTE_NAMES)), range(len(SHAPES)),
-                                             range(len(DIRECTIONS))) if t not in set(held)]
-        triples = [rest[i] for i in sorted(rng.choice(len(rest), size=len(held), replace=False))]
     out = []
-    for c, s, d in triples:
-        color = _PALETTE_NAMES[c]
+    for c, s, d in eval_triples(held_out, rng):
+        color = list(OBJECT_COLORS)[c]
         for _ in range(n_per_triple):
             bg = str(rng.choice([n for n in BG_COLORS if n != color]))
             size = str(rng.choice(["", "big"]))
@@ -106,15 +79,4 @@ def eval_prompts(n_per_triple: int = 2, held_out: bool = True, seed: int = 0) ->
 
 def score(prompts: list[EvalPrompt], videos: np.ndarray | torch.Tensor) -> dict:
     """videos: (N, F, H, W, 3) in [0, 1], one per prompt. Accuracies and per-video readings."""
-    if isinstance(videos, torch.Tensor):
-        videos = videos.float().cpu().numpy()
-    rows = []
-    for p, v in zip(prompts, videos):
-        r = read_video(v)
-        rows.append({"prompt": p.prompt, "color": r.color, "direction": r.direction, "step": r.step,
-                     "coverage": r.coverage, "color_ok": r.color == p.color,
-                     "direction_ok": r.direction == p.direction})
-    n = max(len(rows), 1)
-    return {"n": len(rows), "color_acc": sum(r["color_ok"] for r in rows) / n,
-            "direction_acc": sum(r["direction_ok"] for r in rows) / n,
-            "both_acc": sum(r["color_ok"] and r["direction_ok"] for r in rows) / n, "rows": rows}
+    return score_with(read_video, prompts, videos)
