@@ -242,7 +242,7 @@ _ATTENTION: dict[str, AttentionVariant] = {}
 _KMEANS: dict[str, KMeansVariant] = {}
 _COMPENSATION: dict[str, CompensationVariant] = {}
 _LAZY_MODULES = ("svg2_kernels.varblock_attention", "svg2_kernels.kmeans", "svg2_kernels.flex",
-                 "svg2_kernels.compensation")
+                 "svg2_kernels.compensation", "svg2_kernels.flashinfer_variant")
 _lazy_loaded = False
 
 

@@ -70,7 +70,7 @@ def test_kmeans_tiles_reject_bad_fields(fields, match):
 def test_registry_lists_concrete_kernels_and_records_refusals():
     from svg2_kernels import registry
 
-    assert registry.available_attention_variants() == ["triton_tma", "triton_chunks", "flex", "torch"]
+    assert registry.available_attention_variants() == ["triton_tma", "triton_chunks", "flex", "torch", "flashinfer"]
     assert {"torch", "triton"} <= set(registry.available_kmeans_variants())
     cpu = registry.AttentionInputs("cpu", torch.float16, 128, 1024, 1024)
     variant, skipped = registry.select_attention_variant("auto", cpu, with_skipped=True)

@@ -61,7 +61,8 @@ def enable_svg2(
         method: a registered method name (``svg2.available_methods()``) or a built AttentionMethod.
         num_steps: number of denoising steps, needed only for a bare transformer outside a pipeline (a
             pipeline's scheduler gives it).
-        timing: record time per component (k-means, selection, permutation, attention) in ``stats()``.
+        timing: record time per component (k-means, selection, permutation, attention, and ``site_call``: the
+            whole method call of a site) in ``stats()``; ``handle.timer.summary_by_tag()`` splits them per layer.
         check_finite: check q/k/v for NaN/Inf on sparse calls (one host sync per call; off by default).
         **method_kwargs: more constructor arguments of the method (e.g. ``top_p=1.0`` for svg2).
     Returns:

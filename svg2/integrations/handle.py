@@ -13,9 +13,11 @@ subclassing the model:
 * ``scheduler.set_timesteps`` (wrapped on the pipeline's scheduler instance): every pipeline call runs it once
   before the loop; it gives the number of steps and resets all state (a new video).
 
-The pre-hook and the attention core run under ``torch.compiler.disable`` so that the step counter, which
-changes every call, never becomes a guard of a compiled graph (no recompiles; a graph break per attention
-call, whose cost experiments/bench_e2e.py measures).
+The step counter changes every call, so it must never become a guard of a compiled graph. The pre-hook runs
+under ``torch.compiler.disable``; the attention core, inside a graph being compiled, is one opaque custom op
+(``torch.ops.svg2.attention_site``, :mod:`svg2.integrations.opaque`) that reads the counter when it runs: a
+compiled transformer block has no graph break and no recompile per step. (Under Ulysses context parallelism the
+core still runs behind ``torch.compiler.disable``: one graph break per attention call.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from svg2.integrations.opaque import register_site
 from svg2.methods import AttentionContext, AttentionMethod, MethodState
 from svg2.timing import ComponentTimer
 
@@ -96,6 +99,8 @@ class AttentionCore:
         self.check_finite = check_finite
         # Opaque to dynamo: the step index is read here, so it never becomes a guard of a compiled graph.
         self._run = torch.compiler.disable(self._run_impl)
+        # What a compiled graph passes to the custom op to name this call site (see svg2.integrations.opaque).
+        self._site = register_site(self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0,
                  text_mask: torch.Tensor | None = None, parallel_config: Any = None) -> torch.Tensor:
@@ -106,6 +111,8 @@ class AttentionCore:
             if group is not None:
                 return ulysses_attention(self._run, q, k, v, group, num_text_tokens=num_text_tokens,
                                          text_mask=text_mask)
+        if torch.compiler.is_compiling():  # one opaque op in the graph: no graph break
+            return torch.ops.svg2.attention_site(q, k, v, self._site, num_text_tokens, text_mask)
         return self._run(q, k, v, num_text_tokens, text_mask, None)
 
     def _run_impl(self, q, k, v, num_text_tokens, text_mask, heads):
@@ -116,7 +123,14 @@ class AttentionCore:
             check_finite=self.check_finite, heads=heads,
             extra={} if t.video_shape is None else {"video_shape": t.video_shape},
         )
-        out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
+        timer = self.state.timer
+        if timer is None:
+            out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
+            return out.transpose(1, 2)
+        # Every section of this call is also kept under the layer index; "site_call" is the whole method call
+        # (in a dense step: the dense attention of this layer).
+        with timer.tagged(self.layer_index), timer.section("site_call", q.device):
+            out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
         return out.transpose(1, 2)
 
 
