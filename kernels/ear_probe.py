@@ -5,11 +5,15 @@ every key, then segment max / segment sums through scatters: about 0.1 s at Wan 
 
     E_ij = Σ_{y in K_j} || e^{a_y} v_y - e^{c_ij} v̄_j ||²,  a_y = cq_i . k_y * scale,  c_ij = cq_i . ck_j * scale
          = e^{2R} Σ_y (pc² |v_y - v̄_j|² + 2 pc (p_y - pc) <v_y - v̄_j, v_y> + (p_y - pc)² |v_y|²),
-    p_y = e^{a_y - R},  pc = e^{c_ij - R},  R = max(c_ij, max_y a_y)
+    p_y = e^{δ_y - m},  pc = e^{-m},  δ_y = a_y - c_ij = cq_i . (k_y - ck_j) * scale,  m = max(0, max_y δ_y),
+    R = c_ij + m
 
   (each summand is ``||p_y v_y - pc v̄_j||²`` written so that nothing large cancels when the centroid fits,
   p ~ pc and v ~ v̄: the reference's expansion ``T1 - 2 pc T2 + n pc² |v̄|²`` leaves fp32 noise there, e.g. a
-  one-key cluster, whose error is exactly 0).
+  one-key cluster, whose error is exactly 0). The logits enter only as δ_y, one dot with the centred keys
+  ``k_y - ck_j``: a key equal to its centroid (a one-key cluster) has δ_y = 0 exactly in any dot precision, so its
+  pair sits at the floor (a_y and c_ij computed apart, a tile dot and an FMA sum, differ by rounding that e^{2R}
+  lifted to log E of -5 and more where the truth is the floor -18.4, already under the interpreter's fp32 dot).
 
 * **Grid** ``(cdiv(Cq, BLOCK_Q), cdiv(Ck, GROUP), B * H)``: one program per tile of query centroids x GROUP
   consecutive key clusters of one head (the query tile is loaded once for them). A cluster's keys are
@@ -17,9 +21,9 @@ every key, then segment max / segment sums through scatters: about 0.1 s at Wan 
   ``BLOCK_K`` rows with the running reference point R (the sum rescaled by the square of the running factor
   when R grows). The query-tile axis varies fastest, so the programs that read the same key clusters run
   together and their rows come from L2 after the first.
-* **Precision**: ``a_y`` is an fp32 dot of the fp32 query centroids with the keys: ``"tf32x3"`` on CUDA (three
-  TF32 tensor-core products: the centroids split into two TF32 halves, 22 significant bits, and bf16 / fp16
-  keys exact in TF32; sm_90a compile of 64 x 32 tiles, 8 warps: 194 registers, no spills; 4 warps spill),
+* **Precision**: ``δ_y`` is an fp32 dot of the fp32 query centroids with the centred keys: ``"tf32x3"`` on CUDA
+  (three TF32 tensor-core products, both operands split into two TF32 halves, about 22 significant bits; sm_90a
+  compile of the kernel before the centred keys, 64 x 32 tiles, 8 warps: 194 registers, no spills; 4 warps spill),
   ``"ieee"`` under the interpreter (the fp32 FMA dot: on sm_90a it compiles to 32 registers and kilobytes of
   spills, so it is no GPU default); everything else is fp32, exponents in base 2.
 * ``log E`` is floored at ``log(1e-8)`` like the reference (an empty cluster, or a cancellation to <= 0).
@@ -67,38 +71,43 @@ if HAS_TRITON:
             vbar = tl.load(VM + (n * CK + j) * HEAD_DIM + d, mask=d_ok, other=0.0)
             start = tl.load(OFF + n * (CK + 1) + j)
             end = tl.load(OFF + n * (CK + 1) + j + 1)
-            # Base 2 throughout (qk_scale includes log2 e). Reference point R = max(c, max_y a_y), running: every
-            # term is relative to it, so nothing overflows, and the sum is rescaled by alpha^2 when R grows.
+            # Base 2 throughout (qk_scale includes log2 e). Every logit is taken relative to the centroid's, c:
+            # delta_y = a_y - c = cq . (k_y - kc) * scale from one dot with the centred keys, so a key equal to the
+            # centroid (a one-key cluster, duplicated keys) has delta exactly 0 in any dot precision and
+            # accumulation order, and p_y - pc below is exactly 0 (an exact fit stays at the floor). Computing a_y
+            # and c apart (the tile dot against an FMA sum) left their rounding difference there, which e^{2R}
+            # lifted far above the floor. Reference point R = c + m, m = max(0, max_y delta_y), running:
+            # every term is relative to it, nothing overflows, and the sum is rescaled by alpha^2 when m grows.
             c = tl.sum(qc * kc[None, :], 1) * qk_scale  # the centroid's logit
-            big = c
+            m = tl.zeros([BLOCK_Q], tl.float32)
             acc = tl.zeros([BLOCK_Q], tl.float32)
             for y0 in range(start, end, BLOCK_K):
                 ry = y0 + tl.arange(0, BLOCK_K)
                 y_ok = ry < end
                 ry64 = ry.to(tl.int64)
-                k = tl.load(k_base + ry64[:, None] * s_ks + d[None, :] * s_kd, mask=y_ok[:, None] & d_ok[None, :],
-                            other=0.0).to(tl.float32)
-                v = tl.load(v_base + ry64[:, None] * s_vs + d[None, :] * s_vd, mask=y_ok[:, None] & d_ok[None, :],
-                            other=0.0).to(tl.float32)
-                dv = tl.where(y_ok[:, None] & d_ok[None, :], v - vbar[None, :], 0.0)
+                ok2 = y_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + ry64[:, None] * s_ks + d[None, :] * s_kd, mask=ok2, other=0.0).to(tl.float32)
+                v = tl.load(v_base + ry64[:, None] * s_vs + d[None, :] * s_vd, mask=ok2, other=0.0).to(tl.float32)
+                dk = tl.where(ok2, k - kc[None, :], 0.0)  # centred keys
+                dv = tl.where(ok2, v - vbar[None, :], 0.0)
                 dv2 = tl.sum(dv * dv, 1)  # |v_y - v̄|²
                 w = tl.sum(dv * v, 1)  # <v_y - v̄, v_y>
                 vn2 = tl.sum(v * v, 1)  # |v_y|²
-                a = tl.dot(qc, tl.trans(k), input_precision=PRECISION) * qk_scale
-                a = tl.where(y_ok[None, :], a, float("-inf"))
-                big_new = tl.maximum(big, tl.max(a, 1))
-                alpha = tl.exp2(big - big_new)
-                pc = tl.exp2(c - big_new)
+                delta = tl.dot(qc, tl.trans(dk), input_precision=PRECISION) * qk_scale  # a_y - c
+                delta = tl.where(y_ok[None, :], delta, float("-inf"))
+                m_new = tl.maximum(m, tl.max(delta, 1))
+                alpha = tl.exp2(m - m_new)
+                pc = tl.exp2(-m_new)
                 # ||p v - pc v̄||² = pc² |v - v̄|² + 2 pc (p - pc) <v - v̄, v> + (p - pc)² |v|²: nothing large cancels
                 # when the centroid fits (p ~ pc, v ~ v̄), unlike T1 - 2 pc T2 + n pc² |v̄|². Padding rows add 0.
-                diff = tl.exp2(a - big_new[:, None]) - pc[:, None]
+                diff = tl.exp2(delta - m_new[:, None]) - pc[:, None]
                 diff = tl.where(y_ok[None, :], diff, 0.0)
                 term = ((pc * pc)[:, None] * dv2[None, :]
                         + diff * ((2.0 * pc)[:, None] * w[None, :] + diff * vn2[None, :]))
                 acc = acc * alpha * alpha + tl.sum(term, 1)
-                big = big_new
+                m = m_new
             # log2 E = 2 R + log2(acc); acc <= 0 (an empty cluster, rounding of an exact fit) takes the floor.
-            log2_err = tl.where(acc > 0, 2.0 * big + tl.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+            log2_err = tl.where(acc > 0, 2.0 * (c + m) + tl.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
             log2_err = tl.maximum(log2_err, log2_floor)
             tl.store(OUT + (n * CQ + rq) * CK + j, log2_err * 0.6931471805599453, mask=q_ok)
 

@@ -4,7 +4,8 @@ CPU: the kernel cases run in one subprocess under ``TRITON_INTERPRET=1`` (the fl
 ``python -m tests.test_ear_probe`` is the worker). Error rule (FlashAttention's): over the pairs whose error is
 above the floor, the kernel's max error in log E against the float64 definition is at most twice that of the
 torch probe (fp32) plus a small floor; pairs whose true error is 0 (a one-key cluster, an empty one) are at the
-floor. GPU (``cuda`` marker): bf16 keys at a larger shape with the TF32x3 dot.
+floor (``exact_fits_floored``: many one-key clusters at large logits in the GPU tiles). GPU (``cuda``
+marker): bf16 / fp16 keys at a larger shape with the TF32x3 dot.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ cuda = pytest.mark.cuda
 _FLOOR = math.log(1e-8)
 
 
-def probe_case(n=3, s=200, d=32, cq=7, ck=13, dtype=torch.float16, seed=0, device="cpu"):
-    """Sorted K / V with an empty cluster and a one-key cluster; query centroids; the key summaries."""
+def probe_case(n=3, s=200, d=32, cq=7, ck=13, dtype=torch.float16, seed=0, device="cpu", max_size=30, q_std=0.8):
+    """Sorted K / V with an empty cluster and a one-key cluster (cluster sizes below ``max_size``); query
+    centroids (entries of std ``q_std``); the key summaries."""
     from svg2.compensation import segment_means
 
     g = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(0, 30, (n, ck), generator=g)
+    sizes = torch.randint(0, max_size, (n, ck), generator=g)
     sizes[:, 3] = 0
     sizes[:, 5] = 1
     sizes = sizes * (sizes.cumsum(-1) <= s)
     ks = (torch.randn(n, s, d, generator=g) * 1.2).to(dtype)
     vs = torch.randn(n, s, d, generator=g).to(dtype)
-    qc = torch.randn(n, cq, d, generator=g) * 0.8
+    qc = torch.randn(n, cq, d, generator=g) * q_std
     kc = segment_means(ks[:, None], sizes[:, None])[:, 0]
     vm = segment_means(vs[:, None], sizes[:, None])[:, 0]
     return tuple(x.to(device) for x in (qc, ks, vs, kc, vm, sizes))
@@ -102,6 +104,32 @@ def strided_and_tiles_case():
     return "strided_and_tiles", err <= 1e-5, f"max diff {err:.3g}"
 
 
+def exact_fits_case():
+    """Clusters of one key (sizes 0-2: a third of them hold one key) at D = 128 with large logits, in the GPU
+    default tiles (64 x 32, 16 clusters): a one-key cluster fits its centroid exactly (E = 0), so every such pair
+    must sit at the floor. The kernel of b315c91 computed a_y (the tile dot) and the centroid's logit c (an FMA
+    sum) apart, and their rounding difference, scaled by e^{2R}, put these pairs far above the floor (about 50
+    of the 384 one-key pairs, up to log E = -4.6 against the floor's -18.4, even with the interpreter's fp32
+    dot). Live pairs as in the accuracy cases."""
+    from svg2_kernels.ear_probe import ear_log_error_triton
+
+    from svg2.methods.svg_ear import ear_log_error
+
+    qc, ks, vs, kc, vm, sizes = probe_case(n=1, s=120, d=128, cq=24, ck=48, dtype=torch.bfloat16, seed=6,
+                                           max_size=3, q_std=2.5)
+    scale = 128**-0.5
+    got = ear_log_error_triton(qc, ks, vs, kc, vm, sizes, scale, block_q=64, block_k=32, group=16)
+    want = ear_log_error(qc, ks, vs, kc, vm, sizes, scale)
+    ref = log_error_f64(qc, ks, vs, sizes, scale)
+    e_got, e_want, floored = _errors(got, want, ref)
+    ones = (sizes == 1)[:, None, :].expand_as(got)
+    worst_one = got[ones].max().item()
+    ok = e_got <= 2 * e_want + 1e-4 and floored and int(ones.sum()) >= 200
+    return "exact_fits_floored", ok, (f"kernel err {e_got:.3g} vs torch probe {e_want:.3g}; true zeros floored "
+                                      f"{floored} (largest log E of a one-key pair {worst_one:.3g}; "
+                                      f"{int(ones.sum())} such pairs)")
+
+
 def method_case():
     """svg_ear with the fused probe routes exactly as with the torch probe on a clustered input (same block map,
     same output) and records probe=triton."""
@@ -132,6 +160,7 @@ INTERP_CASES = {
     "accuracy_fp32_d48": lambda: accuracy_case("accuracy_fp32_d48", torch.float32, d=48, cq=20, ck=9, seed=1),
     "accuracy_bf16_large_logits": lambda: accuracy_case("accuracy_bf16_large_logits", torch.bfloat16, d=16, seed=2),
     "strided_and_tiles": strided_and_tiles_case,
+    "exact_fits_floored": exact_fits_case,
     "method_routes_like_torch": method_case,
 }
 
@@ -194,6 +223,20 @@ def test_kernel_refuses_bad_arguments():
 # ------------------------------------------------------------------------------------------------ GPU tests
 
 
+def _diagnose(got, want, ref, sizes) -> str:
+    """Where the kernel is furthest from the float64 definition (live pairs) and which true zeros it left above the
+    floor: what a failing GPU run needs to say."""
+    live = ref > _FLOOR + 1e-6
+    err = (got.double() - ref).abs().masked_fill(~live, 0)
+    b, i, j = ((err == err.max()).nonzero()[0]).tolist()
+    up = ~live & (got.double() > _FLOOR + 1e-3)
+    sz = sizes.cpu()[:, None, :].expand_as(got)
+    top = got.double()[up].max().item() if up.any() else None
+    return (f"worst live pair (n={b}, q={i}, k={j}, size {int(sizes[b, j])}): kernel {got[b, i, j].item():.6g}, "
+            f"torch {want[b, i, j].item():.6g}, f64 {ref[b, i, j].item():.6g}; true zeros above the floor: "
+            f"{int(up.sum())} (cluster sizes {sorted(set(sz[up].tolist()))}, largest log E {top})")
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_probe_within_twice_the_torch_error(dtype):
@@ -203,11 +246,11 @@ def test_gpu_probe_within_twice_the_torch_error(dtype):
 
     qc, ks, vs, kc, vm, sizes = probe_case(n=2, s=3000, d=128, cq=40, ck=60, dtype=dtype, device="cuda")
     scale = 128**-0.5
-    got = ear_log_error_triton(qc, ks, vs, kc, vm, sizes, scale).cpu()
+    got = ear_log_error_triton(qc, ks, vs, kc, vm, sizes, scale).cpu()  # CUDA defaults: tf32x3, 64 x 32, group 16
     want = ear_log_error(qc, ks, vs, kc, vm, sizes, scale).cpu()
     ref = log_error_f64(*(x.cpu() for x in (qc, ks, vs, sizes)), scale)
     e_got, e_want, floored = _errors(got, want, ref)
-    assert e_got <= 2 * e_want + 1e-4 and floored, (e_got, e_want, floored)
+    assert e_got <= 2 * e_want + 1e-4 and floored, (e_got, e_want, floored, _diagnose(got, want, ref, sizes.cpu()))
 
 
 if __name__ == "__main__":
