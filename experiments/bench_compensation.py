@@ -271,9 +271,40 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
     return rows
 
 
+_EAR_FLOOR = math.log(1e-8)  # svg2.methods.svg_ear's floor of log E
+
+
+def ear_log_error_f64(qc, ks, vs, kc, vm, sizes, scale: float, heads: int, rows: int = 8) -> torch.Tensor:
+    """``log E_ij = log Σ_{y in K_j} ||e^{a_y} v_y - e^{c_ij} v̄_j||²`` of the first ``heads`` heads in float64,
+    from the definition (the difference vectors themselves, no expansion that could cancel), each pair relative
+    to its largest exponent; floored like the probes. (heads, Cq, Ck) float64."""
+    n, cq, d = qc.shape
+    ck = sizes.shape[-1]
+    offsets = F.pad(torch.cumsum(sizes.long(), -1), (1, 0))
+    out = torch.empty(heads, cq, ck, dtype=torch.float64, device=qc.device)
+    for i in range(heads):
+        total = int(offsets[i, -1])
+        seg = torch.repeat_interleave(torch.arange(ck, device=qc.device), sizes[i].long())  # (total,)
+        kf, vf = ks[i, :total].double(), vs[i, :total].double()
+        cen = qc[i].double() @ kc[i].double().T * scale  # (Cq, Ck)
+        for r0 in range(0, cq, rows):
+            r1 = min(cq, r0 + rows)
+            a = qc[i, r0:r1].double() @ kf.T * scale  # (r, total)
+            m = torch.full((r1 - r0, ck), -math.inf, dtype=torch.float64, device=qc.device)
+            m = m.scatter_reduce(1, seg.expand(r1 - r0, -1), a, "amax")
+            m = torch.maximum(m, cen[r0:r1])
+            my = m[:, seg]  # (r, total): the reference of each key's pair
+            diff = (torch.exp(a - my)[..., None] * vf - torch.exp(cen[r0:r1] - m)[:, seg, None] * vm[i].double()[seg])
+            e = torch.zeros(r1 - r0, ck, dtype=torch.float64, device=qc.device)
+            e.scatter_add_(1, seg.expand(r1 - r0, -1), (diff * diff).sum(-1))
+            out[i, r0:r1] = (2.0 * m + torch.log(e)).clamp_min(_EAR_FLOOR)
+    return out
+
+
 def ear_probe_rows(q, k, v, layout, ms) -> dict:
     """The error probe alone on one layout (its inputs as ``SVGEARMethod.route`` builds them), torch and fused,
-    with the fused one's largest difference from torch in log E."""
+    with each one's largest difference in log E from the float64 definition (first heads) and the exact fits it
+    leaves above the floor."""
     from svg2_kernels.ear_probe import ear_log_error_triton
 
     from svg2.methods.svg_ear import ear_log_error
@@ -287,13 +318,25 @@ def ear_probe_rows(q, k, v, layout, ms) -> dict:
     kc = segment_means(ks[:, None], sizes[:, None])[:, 0]
     vm = segment_means(vs[:, None], sizes[:, None])[:, 0]
     args = (qc, ks, vs, kc, vm, sizes, 1.0 / math.sqrt(d))
-    rows: dict[str, dict] = {"ear probe (torch)": {"ms": ms(lambda: ear_log_error(*args))}}
+    # Accuracy against the definition in float64 on the first heads: pairs whose true error is above the floor
+    # (largest |log E - log E_64|), and pairs of exact fits (one-key clusters: E = 0) left above the floor.
+    want64 = ear_log_error_f64(*args, heads=min(2, n))
+    live, exact = want64 > _EAR_FLOOR + 1e-3, want64 <= _EAR_FLOOR + 1e-3
+
+    def accuracy(got: torch.Tensor) -> dict:
+        got = got[: want64.shape[0]].double()
+        return {"max_abs_diff_log_vs_f64": float((got - want64)[live].abs().max()) if live.any() else 0.0,
+                "exact_fits_above_floor": int((got[exact] > _EAR_FLOOR + 1e-3).sum()),
+                "exact_fits": int(exact.sum())}
+
+    rows: dict[str, dict] = {"ear probe (torch)": {"ms": ms(lambda: ear_log_error(*args)),
+                                                   **accuracy(ear_log_error(*args))}}
     if q.device.type == "cuda":
         try:
             got, want = ear_log_error_triton(*args), ear_log_error(*args)
-            live = want > math.log(1e-8) + 1e-3  # the floor is where both may differ by fp32 noise of an exact fit
-            rows["ear probe (triton)"] = {"ms": ms(lambda: ear_log_error_triton(*args)),
-                                          "max_abs_diff_log_vs_torch": float((got - want)[live].abs().max())}
+            both = want > _EAR_FLOOR + 1e-3  # torch's own exact fits carry its fp32 cancellation noise
+            rows["ear probe (triton)"] = {"ms": ms(lambda: ear_log_error_triton(*args)), **accuracy(got),
+                                          "max_abs_diff_log_vs_torch": float((got - want)[both].abs().max())}
         except Exception as e:  # noqa: BLE001 - report why the kernel could not run, keep the other rows
             rows["ear probe (triton)"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
     return rows

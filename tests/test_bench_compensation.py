@@ -27,6 +27,8 @@ def test_tiny_benchmark_writes_table_and_json(tmp_path):
     assert rows["svg2+comp"]["lse"] == "torch" and rows["svg_ear"]["compensation"] == "torch"
     assert rows["svg_ear"]["probe"] == "torch"  # auto: torch until the fused probe is timed
     assert rows["comp (torch)"]["max_abs_diff_vs_call"] < 1e-5  # the timed step is the compensated call's work
+    probe = rows["ear probe (torch)"]  # accuracy against the float64 definition, on the first heads
+    assert probe["max_abs_diff_log_vs_f64"] < 1e-2 and probe["exact_fits"] >= probe["exact_fits_above_floor"] >= 0
     printed = proc.stdout
     assert "| (3, 6) | comp (torch) |" in printed and "% of the svg2 call" in printed
     assert saved["results"][0]["cq"] == 3
@@ -46,3 +48,25 @@ def test_tiny_benchmark_row_selection(tmp_path):
     assert rows["comp (torch)"]["ms"] > 0
     assert rows["comp (no_such_backend)"]["ms"] is None and "unknown" in rows["comp (no_such_backend)"]["error"]
     assert "| (3, 6) | svg2+comp |" in proc.stdout and "| overhead |" in proc.stdout
+
+
+def test_f64_probe_reference_matches_the_definition():
+    """The bench's float64 probe reference (what the fused probe's accuracy is measured against on the H200)
+    agrees with the tests' loop over the definition, and puts exact fits (one-key clusters) on the floor."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    sys.path.insert(0, str(ROOT))
+    from bench_compensation import ear_log_error_f64
+    from tests.test_ear_probe import log_error_f64, probe_case
+
+    qc, ks, vs, kc, vm, sizes = probe_case(n=2, s=120, d=16, cq=5, ck=9, dtype=torch.float32, max_size=20)
+    got = ear_log_error_f64(qc, ks, vs, kc, vm, sizes, 0.25, heads=2, rows=2)
+    want = log_error_f64(qc, ks, vs, sizes, 0.25)
+    floor = math.log(1e-8)
+    live = want > floor + 1e-3
+    assert live.sum() > 20 and (got - want)[live].abs().max() < 1e-4
+    assert (got[:, :, 5] == floor).all()  # the one-key cluster: E = 0 exactly
+    assert (got[:, :, 3] == floor).all()  # the empty cluster
