@@ -60,6 +60,7 @@ def test_f64_probe_reference_matches_the_definition():
     sys.path.insert(0, str(ROOT / "experiments"))
     sys.path.insert(0, str(ROOT))
     from bench_compensation import ear_log_error_f64
+
     from tests.test_ear_probe import log_error_f64, probe_case
 
     qc, ks, vs, kc, vm, sizes = probe_case(n=2, s=120, d=16, cq=5, ck=9, dtype=torch.float32, max_size=20)
