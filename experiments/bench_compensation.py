@@ -48,6 +48,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from analysis.synthetic import synthetic_qkv
+from svg2 import ClusterState, SVG2Config, svg2_attention
+from svg2.compensation import compensate, segment_means, summarize_key_clusters
+from svg2.methods import AttentionContext, MethodState, build_method
 from svg2_kernels.compensation import CompensationTiles, last_tuned_config
 from svg2_kernels.compensation_sorted import (
     compensation_attention_sorted,
@@ -56,11 +61,6 @@ from svg2_kernels.compensation_sorted import (
     sorted_tables,
     walk_tables,
 )
-
-from analysis.synthetic import synthetic_qkv
-from svg2 import ClusterState, SVG2Config, svg2_attention
-from svg2.compensation import compensate, segment_means, summarize_key_clusters
-from svg2.methods import AttentionContext, MethodState, build_method
 
 WAN14B = dict(heads=40, video=(21, 45, 80), head_dim=128, dtype="bfloat16")  # 720p, 81 frames: S = 75600
 TINY = dict(heads=3, video=(2, 4, 6), head_dim=32, dtype="float32")
@@ -305,9 +305,8 @@ def ear_probe_rows(q, k, v, layout, ms) -> dict:
     """The error probe alone on one layout (its inputs as ``SVGEARMethod.route`` builds them), torch and fused,
     with each one's largest difference in log E from the float64 definition (first heads) and the exact fits it
     leaves above the floor."""
-    from svg2_kernels.ear_probe import ear_log_error_triton
-
     from svg2.methods.svg_ear import ear_log_error
+    from svg2_kernels.ear_probe import ear_log_error_triton
 
     b, h, s, d = q.shape
     n, cq, ck = b * h, layout.num_q_clusters, layout.num_k_clusters

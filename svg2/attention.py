@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from svg2_kernels.plan import AttentionPlan
 
 from svg2.clustering import HeadSlice, kmeans
 from svg2.compensation import KeySummary, compensate, summarize_key_clusters
@@ -25,6 +24,7 @@ from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
 from svg2.timing import ComponentTimer
+from svg2_kernels.plan import AttentionPlan
 
 __all__ = ["ClusterState", "svg2_attention", "dense_attention", "build_layout", "validate_qkv"]
 

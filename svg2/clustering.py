@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from svg2_kernels import KMeansInputs, select_kmeans_variant
 
 __all__ = ["HeadSlice", "KMeansResult", "init_centroids", "kmeans"]

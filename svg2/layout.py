@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from svg2_kernels.plan import AttentionPlan, TileConfig, build_plan
 
 __all__ = ["ClusterLayout"]

@@ -18,8 +18,8 @@ import torch
 def _import_svg2_kernels():
     try:
         import svg2_kernels  # noqa: F401
-    except ImportError:  # not pip-installed: alias the kernels/ folder
-        root = Path(__file__).resolve().parents[1] / "kernels"
+    except ImportError:  # not pip-installed: alias the svg2_kernels/ folder
+        root = Path(__file__).resolve().parents[1] / "svg2_kernels"
         spec = importlib.util.spec_from_file_location(
             "svg2_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
         )

@@ -179,9 +179,8 @@ def strided_and_empty_sparse_case():
 
 def segment_means_case():
     """The Triton segment reduction equals the scatter_add path (empty clusters, rows past the last cluster)."""
-    from svg2_kernels.compensation import segment_means_triton
-
     from svg2.compensation import segment_means
+    from svg2_kernels.compensation import segment_means_triton
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 91, 24, generator=g).to(torch.float16)
@@ -251,10 +250,9 @@ def sorted_modes_case(name, dtype, use_tma, perm="sorted", seed=7):
     """triton_sorted at fixed 16 x 16 tiles against the torch backend, with a layout whose cluster-order tiles
     hold one, two and three or more query clusters (the vector loop and the gather loop), descriptor or
     pointer loads; a shuffled walk order (most tiles: gather loop) gives the same numbers."""
+    from svg2.compensation import compensate
     from svg2_kernels.compensation import CompensationTiles
     from svg2_kernels.compensation_sorted import compensation_attention_sorted
-
-    from svg2.compensation import compensate
 
     q, k, v, layout = make_case(h=2, sv=170, d=32, cq=12, ck=45, dtype=dtype, seed=seed)
     order = layout.q_perm
@@ -643,10 +641,9 @@ def test_gpu_merged_within_twice_the_torch_error(dtype):
 def test_gpu_sorted_within_twice_the_torch_error_and_like_triton(dtype):
     """triton_sorted (autotuned, and each fixed load kind / warp count) on the GPU: within 2x the same-precision
     torch path's error of the float64 formula, and the numbers of ``triton``."""
+    from svg2.compensation import compensate
     from svg2_kernels.compensation import CompensationTiles
     from svg2_kernels.compensation_sorted import compensation_attention_sorted
-
-    from svg2.compensation import compensate
     from tests.helpers import compensated_reference
 
     q, k, v, layout = _gpu_case(dtype=dtype, sv=2048, h=2, ck=200)

@@ -75,9 +75,8 @@ def _errors(got, want, ref):
 
 
 def accuracy_case(name, dtype, **kw):
-    from svg2_kernels.ear_probe import ear_log_error_triton
-
     from svg2.methods.svg_ear import ear_log_error
+    from svg2_kernels.ear_probe import ear_log_error_triton
 
     qc, ks, vs, kc, vm, sizes = probe_case(dtype=dtype, **kw)
     scale = qc.shape[-1] ** -0.5
@@ -111,9 +110,8 @@ def exact_fits_case():
     sum) apart, and their rounding difference, scaled by e^{2R}, put these pairs far above the floor (about 50
     of the 384 one-key pairs, up to log E = -4.6 against the floor's -18.4, even with the interpreter's fp32
     dot). Live pairs as in the accuracy cases."""
-    from svg2_kernels.ear_probe import ear_log_error_triton
-
     from svg2.methods.svg_ear import ear_log_error
+    from svg2_kernels.ear_probe import ear_log_error_triton
 
     qc, ks, vs, kc, vm, sizes = probe_case(n=1, s=120, d=128, cq=24, ck=48, dtype=torch.bfloat16, seed=6,
                                            max_size=3, q_std=2.5)
@@ -240,9 +238,8 @@ def _diagnose(got, want, ref, sizes) -> str:
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_probe_within_twice_the_torch_error(dtype):
-    from svg2_kernels.ear_probe import ear_log_error_triton
-
     from svg2.methods.svg_ear import ear_log_error
+    from svg2_kernels.ear_probe import ear_log_error_triton
 
     qc, ks, vs, kc, vm, sizes = probe_case(n=2, s=3000, d=128, cq=40, ck=60, dtype=dtype, device="cuda")
     scale = 128**-0.5

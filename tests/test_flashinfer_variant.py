@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from svg2_kernels import registry
-from svg2_kernels.flashinfer_variant import flashinfer_block_sizes, flashinfer_import_error
 
 from svg2 import SVG2Config, svg2_attention
+from svg2_kernels import registry
+from svg2_kernels.flashinfer_variant import flashinfer_block_sizes, flashinfer_import_error
 
 _HAS = flashinfer_import_error() is None
 

@@ -19,8 +19,6 @@ TOP = ("svg2", "svg2_kernels", "analysis", "experiments")
 
 def _module(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[0] == "kernels":
-        parts[0] = "svg2_kernels"
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -37,7 +35,7 @@ def _unit(module: str) -> str:
 def _imports() -> dict[str, set[str]]:
     """module -> the project modules it imports (absolute imports; the project uses no relative ones)."""
     out: dict[str, set[str]] = {}
-    for folder in ("svg2", "kernels", "analysis", "experiments"):
+    for folder in ("svg2", "svg2_kernels", "analysis", "experiments"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             found = set()
             for node in ast.walk(ast.parse(path.read_text(), str(path))):

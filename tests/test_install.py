@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "svg2", "kernels", "conf", "experiments", "analysis")
+SOURCES = ("pyproject.toml", "README.md", "svg2", "svg2_kernels", "conf", "experiments", "analysis")
 
 
 def test_wheel_ships_the_configs_and_svg2_run_composes_from_it(tmp_path):

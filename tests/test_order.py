@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from svg2_kernels.order import chain_order, chain_order_torch
 
 from svg2 import SVG2Config, svg2_attention
+from svg2_kernels.order import chain_order, chain_order_torch
 from tests.helpers import assert_fa_rule, clustered_qkv
 
 SMALL = dict(num_q_centroids=8, num_k_centroids=24, kmeans_iters_init=10, kmeans_iters_step=2, top_p=0.7)

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from svg2_kernels.plan import TileConfig
 
 from svg2.config import KERNEL_FIELDS, SVG2Config
 from svg2.harness.environment import environment_info
@@ -49,6 +48,7 @@ from svg2.harness.validation import check_model
 from svg2.harness.video import MP4_SETTINGS, mp4_support, read_mp4, write_mp4
 from svg2.harness.weights_identity import HASH_CACHE_NAME, FileHashCache, is_resolved, software_stack, weights_identity
 from svg2.methods import AttentionMethod, method_class
+from svg2_kernels.plan import TileConfig
 
 __all__ = ["MethodSpec", "method_spec", "job_identity", "row_key", "run_job"]
 

@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
-from svg2_kernels.plan import TileConfig
 
 from svg2.config import KERNEL_FIELDS, SVG2Config
+from svg2_kernels.plan import TileConfig
 
 __all__ = ["SVG2Overrides", "ModelConfig", "MethodConfig", "KernelConfig", "PromptsConfig", "MetricsConfig",
            "LoggerConfig",

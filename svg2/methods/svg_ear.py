@@ -55,8 +55,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from svg2_kernels import AttentionInputs, select_attention_variant
-from svg2_kernels.ear_probe import ear_log_error_triton
 
 from svg2.attention import _build_clusters, build_layout, dense_attention, svg2_attention, validate_qkv
 from svg2.compensation import KeySummary, segment_ids, segment_means, summarize_key_clusters
@@ -64,6 +62,8 @@ from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
 from svg2.methods.base import AttentionContext, AttentionMethod, compensation_record, dense_schedule, register_method
 from svg2.selection import centroid_scores, min_key_clusters
+from svg2_kernels import AttentionInputs, select_attention_variant
+from svg2_kernels.ear_probe import ear_log_error_triton
 
 __all__ = ["SVGEARMethod", "ear_log_error", "ear_select"]
 

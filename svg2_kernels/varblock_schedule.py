@@ -20,6 +20,7 @@ to 0.74 ms eager on an H200.
 from __future__ import annotations
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:

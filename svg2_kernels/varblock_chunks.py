@@ -22,6 +22,7 @@ it is built on the GPU without host syncs (CUDA-graph capturable).
 from __future__ import annotations
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TensorDescriptor, interpreting, tl, triton
 from svg2_kernels.compensation import (
     _CK_ALIGN,

@@ -1,4 +1,5 @@
-"""svg2_kernels: kernels for Sparse VideoGen2 (imported as ``svg2_kernels``; the folder is ``kernels/``).
+"""svg2_kernels: kernels for Sparse VideoGen2. (The folder was ``kernels/`` until transformers started to pull
+in the Hub's ``kernels`` package, which a top-level ``kernels/`` shadows when Python runs from the repository root.)
 
 Every kernel has a float32 torch reference in :mod:`svg2_kernels.reference`. Kernels are registered in
 :mod:`svg2_kernels.registry`, each declaring what it supports and why it refuses an input. A sparse layout

@@ -13,6 +13,7 @@ import functools
 import math
 
 import torch
+
 from svg2_kernels.plan import AttentionPlan
 from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_attention_variant
 

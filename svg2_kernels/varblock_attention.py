@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, TRITON_MISSING, interpreting
 from svg2_kernels.plan import AttentionPlan, TileConfig, build_plan
 from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_attention_variant

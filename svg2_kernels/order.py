@@ -17,6 +17,7 @@ order, because a cluster's label is its centroid's index).
 from __future__ import annotations
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 __all__ = ["chain_order", "chain_order_torch"]

@@ -44,6 +44,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, TRITON_MISSING, interpreting, tl, triton
 from svg2_kernels.registry import CompensationInputs, CompensationVariant, register_compensation_variant
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from svg2_kernels._triton import interpreting
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 __all__ = ["EAR_PROBE_PRECISIONS", "ear_log_error_triton"]

@@ -17,6 +17,7 @@ small: runs get longer, fewer of them end in a partial tile.
 from __future__ import annotations
 
 import torch
+
 from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TensorDescriptor, interpreting, tl, triton
 
 if HAS_TRITON:

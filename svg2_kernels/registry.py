@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from svg2_kernels import reference
 from svg2_kernels._triton import interpreting
 from svg2_kernels.plan import AttentionPlan, TileConfig

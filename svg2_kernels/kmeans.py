@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, interpreting, tl, triton
 from svg2_kernels.registry import KMeansInputs, KMeansVariant, register_kmeans_variant
 

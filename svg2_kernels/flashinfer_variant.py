@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from svg2_kernels.plan import AttentionPlan
 from svg2_kernels.registry import AttentionInputs, AttentionVariant, register_attention_variant
 

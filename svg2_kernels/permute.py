@@ -8,6 +8,7 @@ gather and the output scatter entirely (``varblock_attention_with_metadata(..., 
 from __future__ import annotations
 
 import torch
+
 from svg2_kernels._triton import HAS_TRITON, tl, triton
 
 __all__ = ["permute_rows", "unpermute_rows"]
