@@ -65,11 +65,6 @@ def module_path(names: set[str], module: str) -> str | None:
     return None
 
 
-def _package_of(path: str) -> str:
-    parts = PurePosixPath(path).with_suffix("").parts
-    return ".".join(parts[:-1]) if parts[-1] == "__init__" or path.endswith("__init__.py") else ".".join(parts[:-1])
-
-
 def _eager_nodes(tree: ast.Module):
     """The nodes of ``tree`` outside function bodies (what runs at import)."""
     todo: list[ast.AST] = list(tree.body)
@@ -80,18 +75,18 @@ def _eager_nodes(tree: ast.Module):
             todo.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(path: str, source: str, eager_only: bool = False) -> tuple[set[str], set[str]]:
-    """(flashinfer modules, third-party top-level names) that ``source`` imports anywhere (lazy imports too), or
-    with ``eager_only`` at import time only."""
+def imports_of(path: str, source: str) -> tuple[set[str], set[str], set[str]]:
+    """(flashinfer modules, third-party top-level names) that ``source`` imports anywhere (lazy imports too), and
+    the third-party names it imports at import time, from one parse."""
     tree = ast.parse(source, filename=path)
+    eager_nodes = {id(n) for n in _eager_nodes(tree)}
     pkg = ".".join(PurePosixPath(path).parts[:-1])
     ours: set[str] = set()
     theirs: set[str] = set()
-    for node in (_eager_nodes(tree) if eager_only else ast.walk(tree)):
+    eager: set[str] = set()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for a in node.names:
-                (ours if a.name.split(".")[0] == PKG else theirs).add(a.name if a.name.startswith(PKG) else
-                                                                     a.name.split(".")[0])
+            found = [a.name if a.name.startswith(PKG) else a.name.split(".")[0] for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")
@@ -99,12 +94,17 @@ def imports_of(path: str, source: str, eager_only: bool = False) -> tuple[set[st
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            if mod.split(".")[0] != PKG:
-                theirs.add(mod.split(".")[0])
-                continue
-            ours.add(mod)
-            ours.update(f"{mod}.{a.name}" for a in node.names)  # names that are submodules
-    return ours, theirs
+            found = [mod] if mod.split(".")[0] != PKG else [mod, *(f"{mod}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in found:  # ImportFrom of ours also lists its names: they may be submodules
+            if name.split(".")[0] == PKG:
+                ours.add(name)
+            else:
+                theirs.add(name.split(".")[0])
+                if id(node) in eager_nodes:
+                    eager.add(name.split(".")[0])
+    return ours, theirs, eager
 
 
 def python_closure(z: zipfile.ZipFile) -> tuple[set[str], set[str], set[str]]:
@@ -127,9 +127,9 @@ def python_closure(z: zipfile.ZipFile) -> tuple[set[str], set[str], set[str]]:
                 todo.append(init)
         if path == f"{PKG}/__init__.py":
             continue  # replaced by the minimal one: its imports are not followed
-        ours, theirs = imports_of(path, z.read(path).decode())
+        ours, theirs, theirs_eager = imports_of(path, z.read(path).decode())
         third |= theirs
-        eager |= imports_of(path, z.read(path).decode(), eager_only=True)[1]
+        eager |= theirs_eager
         for mod in ours:
             p = module_path(names, mod)
             if p and p not in keep:
