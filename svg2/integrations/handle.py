@@ -123,15 +123,20 @@ class AttentionCore:
             check_finite=self.check_finite, heads=heads,
             extra={} if t.video_shape is None else {"video_shape": t.video_shape},
         )
-        timer = self.state.timer
-        if timer is None:
-            out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
-            return out.transpose(1, 2)
-        # Every section of this call is also kept under the layer index; "site_call" is the whole method call
-        # (in a dense step: the dense attention of this layer).
-        with timer.tagged(self.layer_index), timer.section("site_call", q.device):
+        with self._timed(q.device):
             out = self.method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
         return out.transpose(1, 2)
+
+    @contextlib.contextmanager
+    def _timed(self, device: torch.device):
+        """With a timer: every section of this call is also kept under the layer index, and "site_call" is the
+        whole method call (in a dense step: the dense attention of this layer). Without one: nothing."""
+        timer = self.state.timer
+        if timer is None:
+            yield
+            return
+        with timer.tagged(self.layer_index), timer.section("site_call", device):
+            yield
 
 
 class SVG2ProcessorBase:
