@@ -29,14 +29,8 @@ import torch
 import torch.distributed as dist
 
 from svg2 import SVG2Config, enable_svg2
-from svg2.benchmark import (
-    WAN_TRANSFORMERS,
-    peak_gb,
-    random_wan_transformer,
-    repeat_ms,
-    reset_peak,
-    wan_transformer_inputs,
-)
+from svg2.bench_models import TRANSFORMERS, random_transformer, transformer_inputs
+from svg2.benchmark import WAN_TRANSFORMERS, peak_gb, repeat_ms, reset_peak
 from svg2.parallel import enable_ulysses, init_distributed, per_rank_summary
 
 DEFAULT_MODELS = "wan1.3b,wan14b"
@@ -90,15 +84,15 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def bench_model(name: str, args, info, device, dtype, log) -> dict | None:
-    spec = WAN_TRANSFORMERS[name]
+    spec = TRANSFORMERS[name]  # a Wan entry (WAN_TRANSFORMERS names the ones this benchmark takes)
     n = info.world_size
     heads = spec["config"]["num_attention_heads"]
     if heads % n:
         log(f"[{name}] skipped: {heads} heads do not divide by {n} GPUs")
         return None
     torch.manual_seed(0)
-    model = random_wan_transformer(spec, device, dtype)
-    inputs = wan_transformer_inputs(spec, device, dtype)
+    model = random_transformer(spec, device, dtype)
+    inputs = transformer_inputs(spec, device, dtype)
     methods = args.methods.split(",")
     single: dict[str, dict] = {}
     if info.rank == 0:

@@ -33,7 +33,7 @@ from svg2.layout import ClusterLayout
 from svg2.timing import ComponentTimer
 
 __all__ = ["PHASES", "repeat_ms", "time_ms", "graph_ms", "busy_cycles_per_ms", "dense_ms", "WholeCall", "write_rows",
-           "WAN_TRANSFORMERS", "random_wan_transformer", "wan_transformer_inputs", "peak_gb", "reset_peak"]
+           "WAN_TRANSFORMERS", "peak_gb", "reset_peak"]
 
 PHASES = ("kmeans", "selection", "permutation", "metadata", "attention")
 
@@ -221,41 +221,3 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def random_wan_transformer(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Random-weight ``WanTransformer3DModel`` of ``spec`` (a :data:`WAN_TRANSFORMERS` entry) built directly on
-    the device in ``dtype``; the modules diffusers keeps in float32 when loading (``_keep_in_fp32_modules``)
-    are float32 here too, so the timing matches a loaded checkpoint."""
-    from diffusers import WanTransformer3DModel
-
-    cfg = {**_WAN_COMMON, **spec["config"]}
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = WanTransformer3DModel(**cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    keep = set(model._keep_in_fp32_modules or [])
-    for name, p in model.named_parameters():
-        if keep & set(name.split(".")):
-            p.data = p.data.float()
-    for name, b in model.named_buffers():
-        if keep & set(name.split(".")):
-            b.data = b.data.float()
-    return model.eval().requires_grad_(False)
-
-
-def wan_transformer_inputs(spec: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                           seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments of one transformer forward of ``spec``: batch 1 (one CFG branch), timestep 500."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    f, h, w = spec["latent"]
-    c = spec["config"].get("text_dim", _WAN_COMMON["text_dim"])
-    return dict(
-        hidden_states=torch.randn(1, 16, f, h, w, generator=g, device=device).to(dtype),
-        timestep=torch.tensor([500.0], device=device),
-        encoder_hidden_states=torch.randn(1, spec["text_len"], c, generator=g, device=device).to(dtype),
-        return_dict=False,
-    )
