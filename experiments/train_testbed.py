@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="data variant in [0, 1]: token-scale world texture (svg2.testbed.data.render); 0 = original")
     p.add_argument("--qk-norm-lr-mult", type=float, default=1.0,
                    help="LR multiplier of the self-attention qk-norm weights (the logit scale); 1 = original")
+    p.add_argument("--qk-norm-init-scale", type=float, default=1.0,
+                   help="multiply the self-attention qk-norm weights by this when starting from --init-from "
+                        "(logits x scale^2); 1 = original")
+    p.add_argument("--ema-decay", type=float, default=0.9995,
+                   help="EMA decay of the exported weights (0.998 makes a short A/B run's export its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model and clips (CPU smoke test)")
     a = p.parse_args(argv)
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(out=a.out, ckpt=a.ckpt, resume=not a.no_resume, init_from=init, time_budget=a.time_budget,
                       max_steps=a.max_steps, tokens_per_step=a.tokens_per_step, lr=a.lr, warmup=a.warmup,
                       seed=a.seed, device=a.device, tiny=a.tiny,
-                      world_detail=a.world_detail, qk_norm_lr_mult=a.qk_norm_lr_mult)
+                      world_detail=a.world_detail, qk_norm_lr_mult=a.qk_norm_lr_mult,
+                      qk_norm_init_scale=a.qk_norm_init_scale, ema_decay=a.ema_decay)
     train(cfg)
     return 0
 

@@ -255,3 +255,19 @@ def test_qk_norm_lr_multiplier_groups_and_schedule(tmp_path):
     s = train(TrainConfig(out=str(tmp_path / "m"), device="cpu", tiny=True, max_steps=1, tokens_per_step=256,
                           time_budget=60, qk_norm_lr_mult=10.0, warmup=1))
     assert s["end_step"] == 1
+
+
+def test_qk_norm_init_scale_multiplies_self_attention_logit_scale_only(tmp_path):
+    from svg2.testbed.model import build_testbed
+    from svg2.testbed.train import scale_self_attention_qk_norm
+
+    tf = build_testbed(num_layers=2, num_attention_heads=2, ffn_dim=128, text_dim=64)
+    before = {n: p.detach().clone() for n, p in tf.named_parameters()}
+    assert scale_self_attention_qk_norm(tf, 1.0) == 0
+    assert scale_self_attention_qk_norm(tf, 1.5) == 4  # 2 blocks x (norm_q, norm_k)
+    for n, p in tf.named_parameters():
+        want = before[n] * 1.5 if ".attn1.norm_q." in n or ".attn1.norm_k." in n else before[n]
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="qk_norm_init_scale"):
+            scale_self_attention_qk_norm(tf, bad)

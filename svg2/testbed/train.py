@@ -74,6 +74,9 @@ class TrainConfig:
     # and after 7,102 steps at the base LR they had moved only from 1.0 to 0.93-1.27, so attention can sharpen
     # no faster than they grow. 1 = the shipped weights' training.
     qk_norm_lr_mult: float = 1.0
+    # Multiplies the self-attention qk-norm weights once, when a run starts from committed weights: logits scale
+    # by its square, so attention starts sharper than the shipped weights' (1 = no change).
+    qk_norm_init_scale: float = 1.0
 
 
 class EMA:
@@ -136,6 +139,25 @@ def is_self_attention_qk_norm(name: str) -> bool:
     return ".attn1.norm_q." in name or ".attn1.norm_k." in name
 
 
+@torch.no_grad()
+def scale_self_attention_qk_norm(transformer: torch.nn.Module, scale: float) -> int:
+    """Multiply every self-attention qk-norm weight by ``scale`` (the logits by ``scale**2``); returns how many
+    tensors changed."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"qk_norm_init_scale={scale} must be a finite number > 0 (1 = no change)")
+    if scale == 1.0:
+        return 0
+    n = 0
+    for name, p in transformer.named_parameters():
+        if is_self_attention_qk_norm("transformer." + name):
+            p.mul_(scale)
+            n += 1
+    if n == 0:
+        raise ValueError("no self-attention qk-norm weights (attn1.norm_q / norm_k) found; the transformer must be "
+                         "built with qk_norm='rms_norm_across_heads'")
+    return n
+
+
 def param_groups(modules: dict[str, torch.nn.Module], cfg: TrainConfig) -> list[dict]:
     """AdamW groups: matrices with weight decay; vectors without; the self-attention qk-norm weights without
     decay and at ``qk_norm_lr_mult`` x the LR (a separate group only when the multiplier is not 1, so the
@@ -191,6 +213,7 @@ def train(cfg: TrainConfig) -> dict:
         meta_prev = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         step = int(meta_prev.get("steps", 0))
         log = read_log(Path(cfg.init_from) / LOG_NAME)
+        scale_self_attention_qk_norm(transformer, cfg.qk_norm_init_scale)
         ema = EMA(modules, cfg.ema_decay, n=step)
         origin = f"weights {cfg.init_from} (step {step})"
     else:
