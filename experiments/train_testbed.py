@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-detail", type=float, default=0.0,
                    help="data variant in [0, 1]: token-scale world texture (svg2.testbed.data.render); 0 = original")
     p.add_argument("--qk-norm-lr-mult", type=float, default=1.0,
-                   help="LR multiplier of the self-attention qk-norm weights (the logit scale); 1 = original")
+                   help="LR multiplier of the self-attention qk-norm weights (the logit scale); 1 = original, "
+                        "0 = frozen")
     p.add_argument("--qk-norm-init-scale", type=float, default=1.0,
                    help="multiply the self-attention qk-norm weights by this when starting from --init-from "
                         "(logits x scale^2); 1 = original")

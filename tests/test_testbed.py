@@ -250,8 +250,10 @@ def test_qk_norm_lr_multiplier_groups_and_schedule(tmp_path):
     assert not qk & {id(p) for g in groups[:2] for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(list(tf.parameters()))
     assert not is_self_attention_qk_norm("transformer.blocks.0.attn2.norm_q.weight")  # cross-attention: not it
-    with pytest.raises(ValueError, match="qk_norm_lr_mult=0"):
-        param_groups(mods, TrainConfig(out="x", qk_norm_lr_mult=0))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="qk_norm_lr_mult"):
+            param_groups(mods, TrainConfig(out="x", qk_norm_lr_mult=bad))
+    assert param_groups(mods, TrainConfig(out="x", qk_norm_lr_mult=0))[2]["lr_mult"] == 0  # frozen
     s = train(TrainConfig(out=str(tmp_path / "m"), device="cpu", tiny=True, max_steps=1, tokens_per_step=256,
                           time_budget=60, qk_norm_lr_mult=10.0, warmup=1))
     assert s["end_step"] == 1
