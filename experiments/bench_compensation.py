@@ -27,8 +27,8 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
 * ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
   metadata);
 * ``svg_ear``: the SVG-EAR method's sparse call (clustering, probe, routing, sparse attention, compensation),
-  and ``ear probe+routing`` alone (the probe ``auto`` runs: torch ops), on CUDA both also with ``(probe
-  triton)``, the fused Triton probe; ``ear probe (torch)`` / ``ear probe (triton)``: the probe alone.
+  and ``ear probe+routing`` alone (the probe ``auto`` runs: the fused Triton probe on CUDA, torch ops
+  elsewhere), on CUDA both also with ``(probe torch)``; ``ear probe (torch)`` / ``ear probe (triton)``: the probe alone.
 
 Times: medians of ``triton.testing.do_bench`` (a call slower than 1 s: median of 3 timed calls instead); on the
 CPU (``--tiny``) medians of ``time.perf_counter``. Prints a Markdown table (ms, ratio to dense, compensation
@@ -253,7 +253,7 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
             rows[f"comp ({name})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"].float()).abs().max())
 
     if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density), with each probe --
-        probes = ["auto"] + (["triton"] if q.device.type == "cuda" else [])
+        probes = ["auto"] + (["torch"] if q.device.type == "cuda" else [])  # auto: triton on CUDA, torch elsewhere
         for probe in probes:
             sfx = "" if probe == "auto" else f" (probe {probe})"
             method = build_method("svg_ear", cfg=cfg_c, probe=probe)

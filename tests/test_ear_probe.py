@@ -200,9 +200,18 @@ def test_probe_choice_and_refusals():
     method = build_method("svg_ear", cfg=cfg, probe="triton")
     with pytest.raises(NotImplementedError, match="triton probe cannot run here"):
         method._probe_backend(torch.zeros(1, 1, 4, 16))
-    assert build_method("svg_ear", cfg=cfg)._probe_backend(torch.zeros(1, 1, 4, 16)) == "torch"  # auto: torch
-    assert "probe" not in build_method("svg_ear", cfg=cfg).describe()  # auto: the description of before
+    assert build_method("svg_ear", cfg=cfg)._probe_backend(torch.zeros(1, 1, 4, 16)) == "torch"  # auto on the CPU
+    assert build_method("svg_ear", cfg=cfg).describe()["probe"] == "auto"  # part of the row key
     assert method.describe()["probe"] == "triton"
+
+
+@cuda
+def test_auto_probe_is_the_fused_kernel_on_cuda():
+    from svg2 import SVG2Config
+    from svg2.methods import build_method
+
+    method = build_method("svg_ear", cfg=SVG2Config(compensate=True))
+    assert method._probe_backend(torch.zeros(1, 1, 4, 16, device="cuda")) == "triton"
 
 
 def test_kernel_refuses_bad_arguments():
