@@ -273,3 +273,14 @@ def test_qk_norm_init_scale_multiplies_self_attention_logit_scale_only(tmp_path)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="qk_norm_init_scale"):
             scale_self_attention_qk_norm(tf, bad)
+
+
+def test_resume_with_other_qk_norm_groups_says_which_flag_to_pass(tmp_path):
+    from svg2.testbed.train import TrainConfig, train
+
+    base = dict(out=str(tmp_path / "m"), ckpt=str(tmp_path / "ck.pt"), device="cpu", tiny=True, tokens_per_step=256,
+                time_budget=60, warmup=1)
+    assert train(TrainConfig(**base, max_steps=1, qk_norm_lr_mult=0.0))["end_step"] == 1
+    with pytest.raises(ValueError, match="pass the checkpoint's --qk-norm-lr-mult"):
+        train(TrainConfig(**base, max_steps=2))
+    assert train(TrainConfig(**base, max_steps=2, qk_norm_lr_mult=0.0))["end_step"] == 2

@@ -203,6 +203,12 @@ def train(cfg: TrainConfig) -> dict:
         ck = torch.load(ckpt, map_location=dev, weights_only=False)
         for name, m in modules.items():
             m.load_state_dict(ck["model"][name])
+        if len(ck["opt"]["param_groups"]) != len(opt.param_groups):
+            was = ck.get("qk_norm_lr_mult", "not 1" if len(ck["opt"]["param_groups"]) == 3 else 1.0)
+            raise ValueError(f"checkpoint {ckpt} was trained with qk_norm_lr_mult={was} ("
+                             f"{len(ck['opt']['param_groups'])} optimizer groups), this run has "
+                             f"{cfg.qk_norm_lr_mult} ({len(opt.param_groups)}): pass the checkpoint's "
+                             "--qk-norm-lr-mult to resume it, or --no-resume to start from --init-from")
         opt.load_state_dict(ck["opt"])
         ema = EMA(modules, cfg.ema_decay)
         ema.load(ck["ema"], ck["ema_n"])
@@ -253,11 +259,11 @@ def train(cfg: TrainConfig) -> dict:
         if step % 100 == 0 or step - start_step <= 2:
             print(json.dumps(rec), flush=True)
         if ckpt is not None and time.time() - t_ckpt > cfg.checkpoint_every:
-            _save_ckpt(ckpt, modules, opt, ema, step, log)
+            _save_ckpt(ckpt, modules, opt, ema, step, log, cfg)
             t_ckpt = time.time()
     elapsed = time.time() - t0
     if ckpt is not None:
-        _save_ckpt(ckpt, modules, opt, ema, step, log)
+        _save_ckpt(ckpt, modules, opt, ema, step, log, cfg)
     meta = {"steps": step, "transformer_config": tf_cfg, "text_encoder_config": te_cfg,
             "transformer_params": n_params, "buckets": buckets, "train_config": asdict(cfg),
             "clips_seen": sum(r["batch"] for r in log)}
@@ -273,11 +279,12 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _save_ckpt(path: Path, modules, opt, ema: EMA, step: int, log: list[dict]) -> None:
+def _save_ckpt(path: Path, modules, opt, ema: EMA, step: int, log: list[dict], cfg: TrainConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": {n: m.state_dict() for n, m in modules.items()}, "opt": opt.state_dict(),
-                "ema": ema.shadow, "ema_n": ema.n, "step": step, "log": log}, tmp)
+                "ema": ema.shadow, "ema_n": ema.n, "step": step, "log": log,
+                "qk_norm_lr_mult": cfg.qk_norm_lr_mult}, tmp)
     tmp.replace(path)
 
 
