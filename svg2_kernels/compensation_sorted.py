@@ -593,10 +593,11 @@ SORTED_BIAS = ("table", "skip")
 SORTED_WALKS = tuple(_WALKS)
 # The (bias, walk) mode of calls that name none (the registry entry, so ``auto``): still the path measured on the
 # H200 (results/compensation). The others do less host work (Wan 14B (300, 1000), fake-tensor count: 41 aten ops
-# and 308 MB written -> 11 (table, all / bits) or 7 (skip, all / bits)) for the same numbers bit for bit, but not
-# obviously less in all: "all" walks ~3% more centroid tiles at density 0.25 (0.9686 walked), the in-kernel
-# bitmask adds a prologue, and building the bias from skip bytes adds ~10% instructions to the loop (sm_90a SASS,
-# 4 warps: 852 vs 777 a tile). experiments/bench_compensation.py times each mode; switch here on its numbers.
+# and 308 MB written -> 12 (table, all / bits) or 7 (skip, all / bits)) for the same numbers bit for bit, but none
+# is less work in every part: "all" walks ~3.5% more centroid tiles at density 0.25 (0.9686 walked), "bits" adds
+# a prologue, and the skip-byte bias lengthens the loop (sm_90a SASS, Triton 3.6, 4 warps, one tile: table list
+# 761 instructions, table all 745, table bits 766, skip all 929, skip bits 1006). The bench times each mode
+# (experiments/bench_compensation.py); switch here on its numbers.
 DEFAULT_MODE: tuple[str, str] = ("table", "list")
 
 
