@@ -4,6 +4,7 @@
     python experiments/bench_compensation.py --configs 300x1000 --no-ear --comp-backends triton,triton_sorted \
         --out bench_compensation.json                                               # issue 17's rows, ~2-3 min
     python experiments/bench_compensation.py --tiny --out /tmp/b.json               # CPU smoke (tests)
+    python experiments/bench_compensation.py --count-ops --configs 300x1000 --out /tmp/ops.json  # no GPU needed
 
 Per (Cq, Ck) configuration, in one process and on the same clustered synthetic Q/K/V (``analysis.synthetic``:
 spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16), at target density 0.25:
@@ -20,9 +21,16 @@ spatial, temporal and semantic heads, B=1, H=40, S=21x45x80=75600, D=128, bf16),
   epilogue, autotuned: the chosen tiles are recorded), walking query tiles in token order, or in cluster order
   through ``q_perm``; ``triton_sorted`` walks cluster-order tiles with one or two skip rows each and only the
   centroid tiles they need (autotuned loads / warps / stages, recorded), its host tables included;
-  ``comp (triton_sorted, <loads> <warps>w <stages>s)`` are its fixed launch configurations and
-  ``comp tables (triton_sorted)`` its host-side tables alone. Target (issue 17): at most 5% of the ``svg2``
-  call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
+  ``comp (triton_sorted, <loads> <warps>w <stages>s)`` are its fixed launch configurations;
+  ``comp (triton_sorted, <bias> <walk>)`` its other modes, autotuned (the default, ``comp (triton_sorted)``, is
+  ``table list``: the fp32 bias table and the host walk list; ``all``: no walk list, every centroid tile;
+  ``bits``: the list's tiles from an in-kernel bitmask; ``skip``: the bias built in the kernel from the skip
+  bytes), each with ``max_abs_diff_vs_default`` (0: the same numbers) and, like the default, its host work
+  (``aten_ops``: aten ops that run device work plus the kernel, ``host_mb`` written by them, on CUDA
+  ``cuda_ops`` from the profiler); ``svg2+comp (triton_sorted, <bias> <walk>)`` the public call with that mode;
+  ``comp tables (triton_sorted[, <mode>])`` the host-side tables alone, the default's row with the fraction of
+  centroid tiles walked and what compacted walks would do (:func:`walk_work`). Target (issue 17): at most 5% of
+  the ``svg2`` call at (300, 1000); ``svg2+comp`` - ``svg2`` is the whole price, the LSE output included;
 * ``comp summaries``: the key-cluster summaries alone (the value means; the centroids come from k-means);
 * ``svg2 layout reuse``: a call that reuses its layout (``layout_every`` > 1: no k-means, no selection, no kernel
   metadata);
@@ -48,7 +56,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import svg2_kernels.compensation_sorted as comp_sorted
 from analysis.synthetic import synthetic_qkv
 from svg2 import ClusterState, SVG2Config, svg2_attention
 from svg2.compensation import compensate, segment_means, summarize_key_clusters
@@ -58,8 +69,10 @@ from svg2_kernels.compensation_sorted import (
     compensation_attention_sorted,
     default_sorted_tiles,
     last_sorted_config,
+    skip_tables,
     sorted_tables,
     walk_tables,
+    walk_tables_skip,
 )
 
 WAN14B = dict(heads=40, video=(21, 45, 80), head_dim=128, dtype="bfloat16")  # 720p, 81 frames: S = 75600
@@ -148,6 +161,139 @@ class _Rows(dict):
 
 # Fixed launches of triton_sorted timed beside its autotuned one (which of them the tuner picks is recorded).
 SORTED_FIXED = ((True, 8, 2), (True, 4, 2), (False, 8, 2), (False, 8, 3))
+# triton_sorted's other (bias, walk) modes (svg2_kernels.compensation_sorted), each autotuned, beside its default
+# (DEFAULT_MODE: the fp32 bias table and the host walk list): without the host list (every tile; the in-kernel
+# bitmask), and with the bias built in the kernel from the skip bytes. The same numbers bit for bit.
+SORTED_MODES = (("table", "all"), ("table", "bits"), ("skip", "list"), ("skip", "all"), ("skip", "bits"))
+ALL_SORTED_MODES = (("table", "list"), *SORTED_MODES)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a call dispatches that run device work: every op except views and bare allocations
+    (``empty*``); a Triton kernel wrapped as a custom op (``svg2_kernels::...``) counts as one, a bare Triton
+    launch is not seen. ``bytes``: what those ops write, the custom ops' outputs excluded (the tables a kernel
+    reads, not its result); ``largest``: the largest such tensor (bytes) and the op that wrote it."""
+
+    _NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+                "alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.bytes = 0
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in self._NO_WORK or func.namespace == "prim":  # prim: metadata (prim.device)
+            return out
+        self.ops.append(str(func.overloadpacket))
+        if not str(func.namespace).startswith("svg2"):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    nbytes = t.numel() * t.element_size()
+                    self.bytes += nbytes
+                    if nbytes > self.largest[0]:
+                        self.largest = (nbytes, name)
+        return out
+
+    def summary(self) -> dict:
+        return {"aten_ops": len(self.ops), "host_mb": round(self.bytes / 2**20, 2),
+                "largest_host_mb": round(self.largest[0] / 2**20, 2), "largest_op": self.largest[1]}
+
+
+def op_counts(fn) -> dict:
+    """:class:`OpCounter`'s figures for one call of ``fn``; on CUDA also ``cuda_ops``: the device operations
+    (kernels, memsets, copies) ``torch.profiler`` records for a second call (bare Triton launches included)."""
+    with OpCounter() as counter:
+        fn()
+    res = counter.summary()
+    if torch.cuda.is_available():
+        try:
+            from torch.autograd import DeviceType
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            res["cuda_ops"] = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        except Exception as e:  # noqa: BLE001 - the counts are a side figure; keep the row
+            res["cuda_ops"] = f"{type(e).__name__}"
+    return res
+
+
+def sorted_host_work(q, summary, skipped, q_labels, q_perm, scale, out, lse, modes, tiles) -> dict:
+    """Host-side work of triton_sorted per (bias, walk) mode, counted with fake tensors (nothing runs: any shape,
+    no GPU): :class:`OpCounter`'s figures for ``compensation_attention_sorted`` given the key summary."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    res = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for bias, walk in modes:
+            with OpCounter() as counter:
+                compensation_attention_sorted(q, summary.centroids, summary.value_means, summary.sizes, skipped,
+                                              q_labels, scale, out, lse, q_perm=q_perm, tiles=tiles, use_tma=True,
+                                              bias=bias, walk=walk)
+            res[f"{bias} {walk}"] = {**counter.summary(), "ops": counter.ops}
+    return res
+
+
+def fake_wan_inputs(shape: dict, cq: int, ck: int):
+    """Fake (no storage) inputs of the compensation step at ``shape`` with (cq, ck) clusters, for
+    :func:`sorted_host_work`: q, a KeySummary, skipped, q_labels, q_perm, the sparse out and LSE."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from svg2.compensation import KeySummary
+
+    b, h, d = 1, shape["heads"], shape["head_dim"]
+    s = math.prod(shape["video"])
+    dtype = getattr(torch, shape["dtype"])
+    with FakeTensorMode():
+        q = torch.empty(b, h, s, d, dtype=dtype)
+        sizes = torch.empty(b, h, ck, dtype=torch.long)
+        summary = KeySummary(torch.empty(b, h, ck, d), torch.empty(b, h, ck, d), sizes)
+        skipped = torch.empty(b, h, cq, ck, dtype=torch.bool)
+        q_labels = torch.empty(b, h, s, dtype=torch.long)
+        q_perm = torch.empty(b, h, s, dtype=torch.long)
+        out = torch.empty(b, h, s, d, dtype=dtype)
+        lse = torch.empty(b, h, s)
+    return q, summary, skipped, q_labels, q_perm, out, lse
+
+
+def walk_work(layout, block_m: int, block_n: int) -> dict:
+    """How much centroid-tile work each walk does on ``layout``, as fractions of walking every tile (the MMAs
+    of ``walk="all"``: cdiv(Ck, block_n) tiles per query tile), query tiles of ``block_m`` rows in ``q_perm``
+    order:
+
+    * ``tiles_walked``: the host list / the in-kernel bitmask (tiles where a query cluster of the tile's label
+      range skips a non-empty key cluster);
+    * ``cols_union``: a walk compacted per query tile (the union of its clusters' skipped non-empty key clusters,
+      gathered into dense tiles: rounded up to block_n per query tile);
+    * ``cols_cluster_aligned``: query tiles cut at cluster boundaries (rows padded to block_m per cluster) and each
+      walking its one cluster's skipped non-empty key clusters, compacted (rounded up to block_n);
+    * ``pairs_live``: the (row, key cluster) pairs that are terms at all: the floor of any exact walk."""
+    b, h, s = layout.q_labels.shape
+    cq, ck = layout.num_q_clusters, layout.num_k_clusters
+    n, nm, nt = b * h, -(-s // block_m), -(-ck // block_n)
+    live = (~layout.block_map & (layout.k_sizes > 0)[:, :, None, :]).reshape(n, cq, ck)
+    lab = torch.gather(layout.q_labels, 2, layout.q_perm).reshape(n, s)
+    lab = torch.cat([lab, lab[:, -1:].expand(n, nm * block_m - s)], 1).view(n, nm, block_m)
+    c0, c1 = lab.amin(-1), lab.amax(-1)
+    pref = F.pad(torch.cumsum(live.to(torch.int32), 1), (0, 0, 1, 0))  # (n, cq + 1, ck)
+    union = (torch.gather(pref, 1, (c1 + 1)[..., None].expand(n, nm, ck))
+             - torch.gather(pref, 1, c0[..., None].expand(n, nm, ck))) > 0  # (n, nm, ck)
+    tiles = F.pad(union, (0, nt * block_n - ck)).view(n, nm, nt, block_n).any(-1)
+    per_cluster = live.sum(-1)  # (n, cq)
+    q_sizes = layout.q_sizes.reshape(n, cq)
+    full = n * nm * nt  # query tiles x centroid tiles of walking everything
+    aligned = (-(-q_sizes // block_m) * (-(-per_cluster // block_n))).sum()
+    pairs = torch.gather(per_cluster, 1, layout.q_labels.reshape(n, s)).sum()
+    return {"tiles_walked": round(float(tiles.sum()) / full, 4),
+            "cols_union": round(float((-(-union.sum(-1) // block_n)).sum()) / full, 4),
+            "cols_cluster_aligned": round(float(aligned) / full, 4),
+            "pairs_live": round(float(pairs) / (n * s * nt * block_n), 4)}
 
 
 def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: list[str],
@@ -180,6 +326,21 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
                           "compensation": st_c.last_kernels.get("compensation")}
         except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
             rows[name] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
+    if "triton_sorted" in call_backends:  # the public call with each other mode as triton_sorted's default
+        for mode in SORTED_MODES:
+            name, st_c, saved = f"svg2+comp (triton_sorted, {' '.join(mode)})", ClusterState(), comp_sorted.DEFAULT_MODE
+
+            def call(st_c=st_c):
+                return svg2_attention(q, k, v, cfg_c, st_c, check_finite=False, compensation_backend="triton_sorted")
+
+            try:
+                comp_sorted.DEFAULT_MODE = mode
+                call()
+                rows[name] = {"ms": ms(call), "compensation": st_c.last_kernels.get("compensation")}
+            except Exception as e:  # noqa: BLE001 - report why a mode could not run, keep the other rows
+                rows[name] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
+            finally:
+                comp_sorted.DEFAULT_MODE = saved
     st_r = ClusterState()
     cfg_r = cfg.replace(layout_every=1_000_000)
     svg2_attention(q, k, v, cfg_r, st_r, check_finite=False)  # builds the layout (and plan); later calls reuse it
@@ -187,6 +348,36 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
 
     # -- the compensation step alone, given the sparse output and its LSE on one layout --
     out_s, lse, _ = svg2_attention(q, k, v, cfg, layout=layout, check_finite=False, return_lse=True)
+    outs = comp_step_rows(q, k, v, layout, out_s, lse, ms, comp_backends, rows)
+    # Correctness of the timed steps: against the compensated public call.
+    call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
+    for name, out_c in outs.items():
+        rows[f"comp ({name})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
+
+    if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density), with each probe --
+        probes = ["auto"] + (["torch"] if q.device.type == "cuda" else [])  # auto: triton on CUDA, torch elsewhere
+        for probe in probes:
+            sfx = "" if probe == "auto" else f" (probe {probe})"
+            method = build_method("svg_ear", cfg=cfg_c, probe=probe)
+            state = MethodState()
+            ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
+            method(q, k, v, ctx)  # the cold start
+            site = state.cluster_state(*ctx.site())
+            rows[f"svg_ear{sfx}"] = {"ms": ms(lambda m=method, c=ctx: m(q, k, v, c)),
+                                     "density": state.resolved_records()[-1]["density"],
+                                     "compensation": state.resolved_records()[-1].get("compensation"),
+                                     "probe": site.last_kernels.get("probe")}
+            rows[f"ear probe+routing{sfx}"] = {"ms": ms(lambda m=method, c=ctx, st=site: m.route(q, k, v, c, st)),
+                                               "note": "incl. k-means"}
+        rows.update(ear_probe_rows(q, k, v, layout, ms))
+    return rows
+
+
+def comp_step_rows(q, k, v, layout, out_s, lse, ms, comp_backends: list[str], rows: dict) -> dict:
+    """Adds to ``rows`` the rows of the compensation step alone on one layout, given the sparse output ``out_s``
+    and its ``lse``: ``comp summaries``, ``comp (<backend>)`` per backend (triton_sorted: also its modes, fixed
+    launches on CUDA and host tables), each step's agreement with the torch backend and the modes' with the path
+    before. Returns {step name: its output}."""
     gather = lambda x, perm: torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))  # noqa: E731
     ks, vs = gather(k, layout.k_perm), gather(v, layout.k_perm)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -208,6 +399,18 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
                               q_perm=q_perm)
 
         steps[name] = (step, backend)
+        if backend == "triton_sorted":
+            for bias, walk in SORTED_MODES:  # autotuned like the default row; the numbers are the same bit for bit
+
+                def mode(bias=bias, walk=walk):
+                    summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
+                    out, lse_c = compensation_attention_sorted(q, summary.centroids, summary.value_means,
+                                                               summary.sizes, skipped, layout.q_labels, scale,
+                                                               out_s, lse, q_perm=layout.q_perm, bias=bias,
+                                                               walk=walk)
+                    return out, lse_c, "triton_sorted"
+
+                steps[f"triton_sorted, {bias} {walk}"] = (mode, "triton_sorted")
         if backend == "triton_sorted" and q.device.type == "cuda":
             for tma, warps, stages in SORTED_FIXED:
                 tiles = CompensationTiles(128, 64, warps, stages)
@@ -231,44 +434,50 @@ def bench_config(q, k, v, cq: int, ck: int, density: float, ms, comp_backends: l
                 rows[f"comp ({name})"]["tiles"] = last_tuned_config(q.shape[-1])
             if backend == "triton_sorted":
                 rows[f"comp ({name})"]["tiles"] = last_sorted_config(q)
+                # Host work of the step given the key summary (the summaries: their own row).
+                summ = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
+                bias, walk = name.split(", ")[1].split() if ", " in name else comp_sorted.DEFAULT_MODE
+                rows[f"comp ({name})"].update(op_counts(lambda b=bias, w=walk, sm=summ: compensation_attention_sorted(
+                    q, sm.centroids, sm.value_means, sm.sizes, skipped, layout.q_labels, scale, out_s, lse,
+                    q_perm=layout.q_perm, bias=b, walk=w)))
         except Exception as e:  # noqa: BLE001 - report why a backend could not run, keep the other rows
             rows[f"comp ({name})"] = {"ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
     if "triton_sorted" in outs:
         tiles = default_sorted_tiles(q.shape[-1], q.device.type)
-
         vmeans = segment_means(vs, layout.k_sizes)
 
-        def tables():
+        def tables_list():  # the default: the fp32 bias table and the list built from it
             _, _, bias = sorted_tables(centroids, vmeans, layout.k_sizes, skipped, scale, q.dtype)
             return walk_tables(layout.q_labels, layout.q_perm, bias, tiles.block_m, tiles.block_n)
 
-        _, _, count = tables()
-        walked = float(count.float().mean()) * tiles.block_n / (-(-ck // 128) * 128)
-        rows["comp tables (triton_sorted)"] = {"ms": ms(tables), "walked_fraction": round(walked, 4)}
-    # Correctness of the timed steps: against the compensated public call and against the torch backend.
-    call, _ = svg2_attention(q, k, v, cfg_c, layout=layout, check_finite=False)
+        def tables_nolist():  # walk="all" / "bits" with the table: the tables and the labels in walk order
+            sorted_tables(centroids, vmeans, layout.k_sizes, skipped, scale, q.dtype)
+            return torch.gather(layout.q_labels, 2, layout.q_perm)
+
+        def tables_skip_list():  # skip bytes read in place, the list built from them
+            skip_tables(centroids, vmeans, layout.k_sizes, scale, q.dtype)
+            return walk_tables_skip(layout.q_labels, layout.q_perm, skipped, layout.k_sizes, tiles.block_m,
+                                    tiles.block_n)
+
+        def tables_skip_nolist():  # skip bytes, no list: the centroid tables, ln(n)/scale and the labels
+            skip_tables(centroids, vmeans, layout.k_sizes, scale, q.dtype)
+            return torch.gather(layout.q_labels, 2, layout.q_perm)
+
+        _, _, count = tables_list()
+        work = walk_work(layout, tiles.block_m, tiles.block_n)
+        walked = float(count.float().mean()) / -(-layout.num_k_clusters // tiles.block_n)
+        rows["comp tables (triton_sorted)"] = {"ms": ms(tables_list), "walked_fraction": round(walked, 4), **work}
+        rows["comp tables (triton_sorted, table all)"] = {"ms": ms(tables_nolist)}
+        rows["comp tables (triton_sorted, skip list)"] = {"ms": ms(tables_skip_list)}
+        rows["comp tables (triton_sorted, skip all)"] = {"ms": ms(tables_skip_nolist)}
+    # Agreement of the timed steps: with the torch backend, and every triton_sorted mode with its default.
     for name, out_c in outs.items():
-        rows[f"comp ({name})"]["max_abs_diff_vs_call"] = float((out_c.float() - call.float()).abs().max())
         if name != "torch" and "torch" in outs:
             rows[f"comp ({name})"]["max_abs_diff_vs_torch"] = float((out_c.float() - outs["torch"].float()).abs().max())
-
-    if ear:  # -- SVG-EAR (a warm sparse call of the method at the same density), with each probe --
-        probes = ["auto"] + (["torch"] if q.device.type == "cuda" else [])  # auto: triton on CUDA, torch elsewhere
-        for probe in probes:
-            sfx = "" if probe == "auto" else f" (probe {probe})"
-            method = build_method("svg_ear", cfg=cfg_c, probe=probe)
-            state = MethodState()
-            ctx = AttentionContext(layer_index=1, step_index=5, num_steps=10, state=state, check_finite=False)
-            method(q, k, v, ctx)  # the cold start
-            site = state.cluster_state(*ctx.site())
-            rows[f"svg_ear{sfx}"] = {"ms": ms(lambda m=method, c=ctx: m(q, k, v, c)),
-                                     "density": state.resolved_records()[-1]["density"],
-                                     "compensation": state.resolved_records()[-1].get("compensation"),
-                                     "probe": site.last_kernels.get("probe")}
-            rows[f"ear probe+routing{sfx}"] = {"ms": ms(lambda m=method, c=ctx, st=site: m.route(q, k, v, c, st)),
-                                               "note": "incl. k-means"}
-        rows.update(ear_probe_rows(q, k, v, layout, ms))
-    return rows
+        default = outs.get("triton_sorted")  # the default mode: every other mode should match it bit for bit
+        if name.startswith("triton_sorted, ") and default is not None:
+            rows[f"comp ({name})"]["max_abs_diff_vs_default"] = float((out_c.float() - default.float()).abs().max())
+    return outs
 
 
 _EAR_FLOOR = math.log(1e-8)  # svg2.methods.svg_ear's floor of log E
@@ -371,11 +580,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="compensation step rows, comma-separated (default: every backend the device runs; "
                          "'triton (cluster order)' is the triton kernel walking q_perm)")
     ap.add_argument("--no-ear", action="store_true", help="skip the SVG-EAR rows")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="only count triton_sorted's host ops per (bias, walk) mode at the shape, with fake tensors "
+                         "(no GPU, nothing runs), and write them to --out")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     shape = TINY if args.tiny else WAN14B
     configs = args.configs or ("4x8,3x6" if args.tiny else "300x1000,100x500")
     pairs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
+    if args.count_ops:
+        return count_ops_main(args, shape, pairs)
     if args.comp_backends:
         comp_backends = [b.strip() for b in args.comp_backends.split(",") if b.strip()]
     elif device.type == "cpu":
@@ -408,6 +622,30 @@ def main(argv: list[str] | None = None) -> dict:
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**report, "markdown": md}, indent=2, default=str))
+    return report
+
+
+def count_ops_main(args, shape: dict, pairs: list[tuple[int, int]]) -> dict:
+    """``--count-ops``: host ops of every triton_sorted mode at ``shape`` with the GPU's tiles (fake tensors)."""
+    tiles = CompensationTiles(128, 64, 8, 2) if shape["head_dim"] <= 128 else CompensationTiles(64, 32, 4, 2)
+    modes = ALL_SORTED_MODES
+    results = []
+    lines = ["| (Cq, Ck) | bias walk | ops (aten + the kernel) | MB written | largest (MB, op) |",
+             "|---|---|---|---|---|"]
+    for cq, ck in pairs:
+        q, summary, skipped, q_labels, q_perm, out, lse = fake_wan_inputs(shape, cq, ck)
+        work = sorted_host_work(q, summary, skipped, q_labels, q_perm, 1.0 / math.sqrt(shape["head_dim"]), out,
+                                lse, modes, tiles)
+        results.append({"config": f"({cq}, {ck})", "cq": cq, "ck": ck, "modes": work})
+        for mode, w in work.items():
+            lines.append(f"| ({cq}, {ck}) | {mode} | {w['aten_ops']} | {w['host_mb']} | "
+                         f"{w['largest_host_mb']}, {w['largest_op']} |")
+    md = "\n".join(lines)
+    print(md)
+    report = {"shape": shape, "tiles": [tiles.block_m, tiles.block_n], "torch": torch.__version__,
+              "results": results, "markdown": md}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

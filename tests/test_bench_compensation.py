@@ -71,3 +71,32 @@ def test_f64_probe_reference_matches_the_definition():
     assert live.sum() > 20 and (got - want)[live].abs().max() < 1e-4
     assert (got[:, :, 5] == floor).all()  # the one-key cluster: E = 0 exactly
     assert (got[:, :, 3] == floor).all()  # the empty cluster
+
+
+def test_count_ops_at_wan14b_shape_with_fake_tensors(tmp_path):
+    """--count-ops counts triton_sorted's host work per (bias, walk) mode at Wan 14B (B=1, H=40, S=75,600, D=128,
+    (300, 1000)) without a GPU: the default (fp32 bias table + host list) materialises the (H, Cq, CK_PAD) fp32
+    table; the modes without the host list do a fraction of the ops, and the skip-byte modes write no (Cq, Ck)
+    table at all."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    sys.path.insert(0, str(ROOT))
+    from bench_compensation import main
+
+    report = main(["--count-ops", "--configs", "300x1000", "--out", str(tmp_path / "ops.json")])
+    modes = report["results"][0]["modes"]
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert set(saved["results"][0]["modes"]) == set(modes) == {"table list", "table all", "table bits", "skip list",
+                                                               "skip all", "skip bits"}
+    table_bytes = 40 * 300 * 1024 * 4  # the padded fp32 bias table
+    assert modes["table list"]["largest_host_mb"] * 2**20 >= table_bytes * 0.999
+    assert modes["table list"]["ops"].count("svg2_kernels.compensation_attention_sorted") == 1
+    for mode in ("skip list", "skip all", "skip bits"):
+        assert modes[mode]["largest_host_mb"] * 2**20 < 40 * 300 * 1000 * 4 * 0.6  # no (Cq, Ck) fp32 table
+        assert "aten.abs" not in modes[mode]["ops"]  # no isfinite of a bias table
+    assert "aten.where" not in modes["skip all"]["ops"]  # no bias table built
+    assert modes["skip all"]["ops"] == modes["skip bits"]["ops"]
+    assert modes["table all"]["ops"] == modes["table bits"]["ops"]
+    n = {m: w["aten_ops"] for m, w in modes.items()}
+    assert n["skip all"] <= 7 < n["table all"] <= 12 < n["skip list"] < n["table list"]
+    mb = {m: w["host_mb"] for m, w in modes.items()}
+    assert mb["skip all"] < mb["skip list"] < mb["table all"] < mb["table list"]

@@ -364,19 +364,27 @@ def sorted_end_to_end_case():
 
 
 def sorted_opcheck_case():
-    """Schema and fake-tensor checks of the triton_sorted custom op (merged and centroid-only)."""
-    from svg2_kernels.compensation_sorted import _sorted_op, sorted_tables, walk_tables
+    """Schema and fake-tensor checks of the triton_sorted custom op (merged and centroid-only), for the bias table
+    with its walk list and for the skip bytes with each walk (list, every tile, in-kernel bitmask)."""
+    from svg2_kernels.compensation_sorted import _sorted_op, skip_tables, sorted_tables, walk_tables, walk_tables_skip
 
     q, k, v, layout = make_case(sv=40, d=16, ck=7, cq=4, dtype=torch.float16, seed=6)
     summ = summary_of(k, v, layout)
     out_s, lse_s = sparse_result(q, k, v, layout, 0.25)
-    kc, vm, bias = sorted_tables(summ.centroids, summ.value_means, summ.sizes, ~layout.block_map, 0.25, q.dtype)
+    skipped = ~layout.block_map
+    kc, vm, bias = sorted_tables(summ.centroids, summ.value_means, summ.sizes, skipped, 0.25, q.dtype)
     labs, lst, count = walk_tables(layout.q_labels, layout.q_perm, bias, 16, 16)
-    base = (q, kc, vm, bias, labs, layout.q_perm, lst, count)
-    for o, lo in ((None, None), (out_s, lse_s)):
-        torch.library.opcheck(_sorted_op, (*base, o, lo, 0.25, [16, 16, 4, 1, 0], -1),
-                              test_utils=("test_schema", "test_faketensor"))
-    return "sorted_opcheck", True, "schema and fake tensor ok"
+    kc_s, vm_s, lnb = skip_tables(summ.centroids, summ.value_means, summ.sizes, 0.25, q.dtype)
+    labs_s, lst_s, count_s = walk_tables_skip(layout.q_labels, layout.q_perm, skipped, summ.sizes, 16, 16)
+    calls = [((q, kc, vm, bias, None, labs, layout.q_perm, lst, count), 0),
+             ((q, kc_s, vm_s, skipped, lnb, labs_s, layout.q_perm, lst_s, count_s), 0),
+             ((q, kc_s, vm_s, skipped, lnb, labs_s, layout.q_perm, None, None), 1),
+             ((q, kc_s, vm_s, skipped, lnb, labs_s, layout.q_perm, None, None), 2)]
+    for base, walk in calls:
+        for o, lo in ((None, None), (out_s, lse_s)):
+            torch.library.opcheck(_sorted_op, (*base, o, lo, 0.25, [16, 16, 4, 1, 0], -1, walk),
+                                  test_utils=("test_schema", "test_faketensor"))
+    return "sorted_opcheck", True, f"schema and fake tensor ok ({len(calls)} argument sets)"
 
 
 _DT = {"fp16": torch.float16, "fp32": torch.float32}
