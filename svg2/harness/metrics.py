@@ -16,6 +16,11 @@ Per-frame values are kept (``psnr_frames``: per-frame PSNR whatever the pooling,
 can be recomputed; ``ssim_frames`` and ``lpips_frames`` as the convention computes them). LPIPS needs the
 torchvision backbone weights: downloaded on first use when allowed (``metrics.lpips_allow_download``, default
 on; ``SVG2_OFFLINE=1`` forbids it), otherwise *skipped with the reason*, never reported as 0.
+
+Memory: a metric call holds one float32 copy of each video; PSNR and SSIM then run on chunks of frames, cast to
+float64 only while measured (:data:`METRIC_CHUNK_BYTES`), LPIPS on batches of 16 frames, on the suite's device
+(``metrics.device``). Working memory therefore does not grow with the number of frames, and the per-frame values
+are those of a whole-video computation.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
 def as_video(x: Any, name: str = "video") -> torch.Tensor:
-    """Validate a video and return it as float32 ``[F, 3, H, W]`` in [0, 1] on the CPU."""
+    """Validate a video and return it as float32 ``[F, 3, H, W]`` in [0, 1] on the CPU.
+
+    Makes one copy of the video (the returned tensor) and leaves the input as it is."""
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, torch.Tensor):
@@ -51,14 +58,18 @@ def as_video(x: Any, name: str = "video") -> torch.Tensor:
         raise TypeError(f"{name}: expected a numpy array or torch tensor of shape [F, H, W, 3], got {type(x).__name__}")
     if t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"{name}: expected shape [frames, height, width, 3] (channels last), got {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    elif not t.is_floating_point():
+    if t.dtype != torch.uint8 and not t.is_floating_point():
         raise TypeError(f"{name}: expected float in [0, 1] or uint8, got dtype {t.dtype}")
-    t = t.float()
-    if not torch.isfinite(t).all():
+    # The channels-first float32 copy in one pass (uint8 then divided in place: the values of t.float() / 255);
+    # NaN and inf show in its min and max, so no mask of the whole video is needed.
+    v = t.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if t.dtype == torch.uint8:
+        v.div_(255.0)
+    if not v.numel():
+        return v
+    lo, hi = (float(x) for x in torch.aminmax(v))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name}: holds NaN or inf values")
-    lo, hi = float(t.min()), float(t.max())
     if lo < -1e-4 or hi > 1 + 1e-4:
         hint = ""
         if hi > 2:
@@ -66,7 +77,7 @@ def as_video(x: Any, name: str = "video") -> torch.Tensor:
         elif lo < -0.5:
             hint = " (looks like [-1, 1]: map it with (x + 1) / 2)"
         raise ValueError(f"{name}: values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
-    return t.clamp_(0, 1).permute(0, 3, 1, 2).contiguous()
+    return v.clamp_(0, 1)
 
 
 def _pair(ref: Any, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,19 +88,69 @@ def _pair(ref: Any, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return r, o
 
 
-def psnr_per_frame(ref: Any, out: Any) -> torch.Tensor:
-    """PSNR in dB per frame, data range 1.0: ``[F]`` (inf where a frame is identical)."""
+# Memory: every per-frame metric runs on chunks of frames, each cast to float64 (on the metric device) only
+# while it is measured, so the working memory does not grow with the number of frames. A chunk's estimated
+# working set (the bytes per pixel of one frame below, times its pixels and frames) stays under
+# METRIC_CHUNK_BYTES; a chunk holds at least one frame. Every frame is computed alone by the same operations
+# whatever the chunk, so the per-frame values do not depend on the chunking (tests/test_harness_metrics_memory.py
+# compares them with whole-video calls).
+METRIC_CHUNK_BYTES = 512 * 2**20
+# Peak working bytes per pixel of one frame (3 channels), measured on the CPU and rounded up (an upper bound on
+# CUDA too). On the CPU torchmetrics' SSIM convolution (F.conv2d in float64) unfolds the 11x11 window over its 5
+# stacked inputs (im2col): 5 * 121 * 8 bytes per pixel and channel group, some 2 GiB for one 480x832 frame.
+_BYTES_PER_PIXEL = {"psnr": 160, "ssim_svg": 400, "ssim": 5600}
+
+
+def _chunk_frames(shape: tuple[int, ...], cost: str, budget: int | None = None) -> int:
+    """Frames per chunk for the metric ``cost`` names (a key of ``_BYTES_PER_PIXEL``), of videos of ``shape``
+    ``[F, 3, H, W]``: as many as fit in ``budget`` (default :data:`METRIC_CHUNK_BYTES`), at least one."""
+    per_frame = _BYTES_PER_PIXEL[cost] * shape[-2] * shape[-1]
+    budget = METRIC_CHUNK_BYTES if budget is None else budget
+    return max(1, min(shape[0], budget // per_frame))
+
+
+def _per_frame(fn: Any, r: torch.Tensor, o: torch.Tensor, cost: str, device: Any = "cpu",
+               chunk_frames: int | None = None) -> torch.Tensor:
+    """``fn(ref, out) -> [n]`` over chunks of the validated videos ``r``, ``o`` (``[F, 3, H, W]`` float32), each
+    chunk cast to float64 on ``device``: ``[F]`` float64 on the CPU. ``chunk_frames``: frames per chunk (None:
+    sized by :data:`METRIC_CHUNK_BYTES`)."""
+    dev = torch.device(device)
+    n = chunk_frames or _chunk_frames(tuple(r.shape), cost)
+    vals = []
+    for i in range(0, r.shape[0], n):
+        a = r[i:i + n].to(dev, torch.float64)
+        b = o[i:i + n].to(dev, torch.float64)
+        vals.append(fn(a, b).cpu())
+        del a, b
+    return torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
+
+
+def _psnr_chunk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
+    return peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def _psnr_frames(r: torch.Tensor, o: torch.Tensor, device: Any = "cpu",
+                 chunk_frames: int | None = None) -> torch.Tensor:
+    return _per_frame(_psnr_chunk, r, o, "psnr", device, chunk_frames).float()
+
+
+def psnr_per_frame(ref: Any, out: Any) -> torch.Tensor:
+    """PSNR in dB per frame, data range 1.0: ``[F]`` (inf where a frame is identical)."""
     r, o = _pair(ref, out)
-    return peak_signal_noise_ratio(o.double(), r.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)).float()
+    return _psnr_frames(r, o)
+
+
+def _mse_chunk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((b - a) ** 2).flatten(1).mean(1)
 
 
 def mean_psnr(ref: Any, out: Any) -> float:
     """PSNR in dB per frame (data range 1.0) averaged over frames, the authors' convention, without the
     ``eval`` extra; an identical frame counts as 120 dB (MSE floored at 1e-12) so the mean stays finite."""
     r, o = _pair(ref, out)
-    mse = ((o.double() - r.double()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    mse = _per_frame(_mse_chunk, r, o, "psnr").clamp_min(1e-12)
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
@@ -103,38 +164,56 @@ def pooled_psnr(psnr_frames: Any) -> float:
     return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
-def ssim_svg_per_frame(ref: Any, out: Any) -> torch.Tensor:
-    """SSIM per frame as the authors' ``svg/utils/metric.py``: means, variances and covariance from an 11x11
-    ``avg_pool2d`` (stride 1, zero padding 5, the padding counted), C1 = 0.01^2, C2 = 0.03^2, and the map
-    averaged over channels and every pixel, borders included: ``[F]``."""
-    import torch.nn.functional as F
-
-    r, o = _pair(ref, out)
+def _check_ssim_size(r: torch.Tensor) -> None:
     if min(r.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs frames of at least 11x11 pixels (11x11 window), got {tuple(r.shape[-2:])}")
-    a, b = r.double(), o.double()
+
+
+def _ssim_svg_chunk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     pool = lambda x: F.avg_pool2d(x, kernel_size=11, stride=1, padding=5)  # noqa: E731
     mu1, mu2 = pool(a), pool(b)
     s11, s22, s12 = pool(a * a) - mu1**2, pool(b * b) - mu2**2, pool(a * b) - mu1 * mu2
     c1, c2 = 0.01**2, 0.03**2
     m = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2))
-    return m.flatten(1).mean(1).float()
+    return m.flatten(1).mean(1)
+
+
+def _ssim_svg_frames(r: torch.Tensor, o: torch.Tensor, device: Any = "cpu",
+                     chunk_frames: int | None = None) -> torch.Tensor:
+    _check_ssim_size(r)
+    return _per_frame(_ssim_svg_chunk, r, o, "ssim_svg", device, chunk_frames).float()
+
+
+def ssim_svg_per_frame(ref: Any, out: Any) -> torch.Tensor:
+    """SSIM per frame as the authors' ``svg/utils/metric.py``: means, variances and covariance from an 11x11
+    ``avg_pool2d`` (stride 1, zero padding 5, the padding counted), C1 = 0.01^2, C2 = 0.03^2, and the map
+    averaged over channels and every pixel, borders included: ``[F]``."""
+    r, o = _pair(ref, out)
+    return _ssim_svg_frames(r, o)
+
+
+def _ssim_frames(r: torch.Tensor, o: torch.Tensor, window: str = "gaussian", device: Any = "cpu",
+                 chunk_frames: int | None = None) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    def chunk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return structural_similarity_index_measure(b, a, data_range=1.0, kernel_size=11, sigma=1.5,
+                                                   gaussian_kernel=(window == "gaussian"), reduction="none")
+
+    _check_ssim_size(r)
+    return _per_frame(chunk, r, o, "ssim", device, chunk_frames).float()
 
 
 def ssim_per_frame(ref: Any, out: Any, window: str = "gaussian") -> torch.Tensor:
     """SSIM per frame, torchmetrics' implementation with an 11x11 window (``gaussian``: sigma 1.5; ``box``:
     uniform; the border the window does not cover is left out): ``[F]``. The authors' variant (zero-padded
     mean filter) is :func:`ssim_svg_per_frame`."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     if window not in SSIM_WINDOWS:
         raise ValueError(f"unknown SSIM window {window!r}; use one of {SSIM_WINDOWS}")
     r, o = _pair(ref, out)
-    if min(r.shape[-2:]) < 11:
-        raise ValueError(f"SSIM needs frames of at least 11x11 pixels (11x11 window), got {tuple(r.shape[-2:])}")
-    vals = structural_similarity_index_measure(o.double(), r.double(), data_range=1.0, kernel_size=11, sigma=1.5,
-                                               gaussian_kernel=(window == "gaussian"), reduction="none")
-    return vals.float()
+    return _ssim_frames(r, o, window)
 
 
 def _torchvision_weights_file(net: str) -> tuple[str, str, Path]:
@@ -242,6 +321,14 @@ class LpipsScorer:
         if self.model is None:
             raise RuntimeError(f"LPIPS({self.net}) is unavailable: {self.skip_reason}")
         r, o = _pair(ref, out)
+        return self._per_frame(r, o, batch)
+
+    @torch.no_grad()
+    def _per_frame(self, r: torch.Tensor, o: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """:meth:`per_frame` of videos validated by ``_pair`` (``[F, 3, H, W]`` float32): ``batch`` frames at a
+        time on the scorer's device, so memory is bounded by the batch, not the video."""
+        if self.model is None:
+            raise RuntimeError(f"LPIPS({self.net}) is unavailable: {self.skip_reason}")
         if min(r.shape[-2:]) < 32:
             raise ValueError(f"LPIPS({self.net}) needs frames of at least 32x32 pixels, got {tuple(r.shape[-2:])}; "
                              "set metrics.lpips_nets=[] for smaller videos")
@@ -321,7 +408,8 @@ class MetricSuite:
 
     ``lpips_nets``: the backbones measured (``lpips_<net>`` columns); None = the convention's only; [] = none.
     The ``lpips`` column is the convention's backbone when measured, else the first measured one
-    (``lpips_net`` says which)."""
+    (``lpips_net`` says which). ``device``: where PSNR, SSIM and LPIPS run (``metrics.device``; auto: CUDA when
+    there is one); the videos are validated on the CPU and go there a chunk of frames at a time."""
 
     convention: str = "standard"
     psnr: bool = True
@@ -389,19 +477,21 @@ class MetricSuite:
         ``lpips{suffix}_frames``; other measured backbones as ``lpips_<net>{suffix}_frames``)."""
         scalars: dict[str, float] = {}
         frames: dict[str, list[float]] = {}
+        # Validated once (one float32 copy of each video); every metric then works on chunks of frames on the
+        # suite's device (float64 for PSNR and SSIM), so memory stays a few copies of the video whatever its length.
         r, o = _pair(ref, out)
-        rv, ov = r.permute(0, 2, 3, 1), o.permute(0, 2, 3, 1)
+        dev = self.device
         if self.psnr:
-            v = psnr_per_frame(rv, ov)
+            v = _psnr_frames(r, o, dev)
             scalars["psnr" + suffix] = mean_finite(v) if self.conv.psnr_pooling == "frames" else pooled_psnr(v)
             frames[f"psnr{suffix}_frames"] = v.tolist()
         if self.ssim:
-            v = ssim_svg_per_frame(rv, ov) if self.conv.ssim == "svg_box" else ssim_per_frame(rv, ov, "gaussian")
+            v = _ssim_svg_frames(r, o, dev) if self.conv.ssim == "svg_box" else _ssim_frames(r, o, "gaussian", dev)
             scalars["ssim" + suffix], frames[f"ssim{suffix}_frames"] = mean_finite(v), v.tolist()
         primary = self.primary
         for n, s in self._lpips.items():
             if s.available:
-                v = s.per_frame(rv, ov)
+                v = s._per_frame(r, o)
                 scalars[f"lpips_{n}{suffix}"] = mean_finite(v)
                 if s is primary:
                     scalars["lpips" + suffix], frames[f"lpips{suffix}_frames"] = mean_finite(v), v.tolist()

@@ -72,13 +72,19 @@ class ReferenceCache:
             return None
         if not isinstance(meta, dict) or meta.get("key", key) != key:
             return None  # not this key's entry (a foreign or damaged folder): regenerate
-        frames = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
-        return frames, meta
+        if not _finite(frames):
+            return None  # a NaN/inf reference (stored before put() refused them): regenerate
+        return _as_float32(frames), meta
 
     def put(self, key: str, frames: np.ndarray, meta: dict[str, Any], fps: int,
             write_video: bool = True) -> tuple[np.ndarray, Path | None]:
         """Store a reference; returns the frames as stored (what every comparison uses) and the MP4 path
         (None when ``write_video`` is False, e.g. imageio-ffmpeg is not installed)."""
+        if not _finite(frames):
+            # A reference with NaN/inf (a diverged or random-weight VAE) is never cached: every comparison with it
+            # would fail, on every relaunch too.
+            raise ValueError("the dense reference video holds NaN or inf values (not cached): the pipeline "
+                             "diverged (for model.loader=random: the random VAE's output)")
         d = self.entry(key)
         d.mkdir(parents=True, exist_ok=True)
         if self.dtype == "uint8":
@@ -91,8 +97,22 @@ class ReferenceCache:
         mp4 = write_mp4(d / "video.mp4", frames, fps=fps) if write_video else None
         meta = {**meta, "key": key, "format": _FORMAT, "frames_dtype": self.dtype, "created_at": time.time()}
         atomic_write_text(d / "meta.json", json.dumps(meta, sort_keys=True, default=str, indent=1))
-        out = stored.astype(np.float32) / 255.0 if stored.dtype == np.uint8 else stored.astype(np.float32)
-        return out, mp4
+        return _as_float32(stored), mp4
 
     def clear(self, key: str) -> None:
         shutil.rmtree(self.entry(key), ignore_errors=True)
+
+
+def _finite(frames: np.ndarray) -> bool:
+    """Whether every value is finite (NaN and inf show in the min and max: no mask of the whole video)."""
+    if frames.dtype == np.uint8 or not frames.size:
+        return True
+    return bool(np.isfinite(frames.min()) and np.isfinite(frames.max()))
+
+
+def _as_float32(frames: np.ndarray) -> np.ndarray:
+    """Stored frames as float32 in [0, 1] (uint8 divided by 255 in place: one float32 copy)."""
+    out = frames.astype(np.float32)
+    if frames.dtype == np.uint8:
+        out /= 255.0
+    return out

@@ -131,7 +131,7 @@ class MetricsConfig:
     lpips_random_backbone: bool = False  # tests only: randomly initialised backbone, recorded as such
     lpips_allow_download: bool = True  # fetch absent backbone weights on first use (never under SVG2_OFFLINE=1)
     compare_on: list[str] = field(default_factory=lambda: ["memory", "mp4"])
-    device: str = "auto"
+    device: str = "auto"  # where PSNR, SSIM and LPIPS run, a chunk of frames at a time: auto (CUDA if any) | cpu | cuda
 
 
 @dataclass

@@ -48,8 +48,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 16) -> Path:
     with imageio.get_writer(tmp, fps=fps, codec=MP4_SETTINGS["codec"], quality=MP4_SETTINGS["quality"],
                             pixelformat=MP4_SETTINGS["pixelformat"], macro_block_size=1,
                             ffmpeg_log_level="error") as w_:
-        for f in to_uint8(frames):
-            w_.append_data(f)
+        for f in frames:  # one frame at a time: no uint8 (or float temporaries) of the whole video
+            w_.append_data(to_uint8(f))
     tmp.replace(path)
     return path
 
@@ -61,4 +61,6 @@ def read_mp4(path: str | Path) -> np.ndarray:
 
     with imageio.get_reader(Path(path), format="ffmpeg") as r:
         frames = np.stack([np.asarray(f)[..., :3] for f in r])
-    return frames.astype(np.float32) / 255.0
+    out = frames.astype(np.float32)
+    out /= 255.0  # in place: one float32 copy of the video
+    return out
