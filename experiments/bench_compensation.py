@@ -400,30 +400,24 @@ def comp_step_rows(q, k, v, layout, out_s, lse, ms, comp_backends: list[str], ro
 
         steps[name] = (step, backend)
         if backend == "triton_sorted":
+
+            def sorted_step(**launch):  # the public call with one launch choice named (mode, or fixed tiles)
+                def run():
+                    summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
+                    out, lse_c = compensation_attention_sorted(q, summary.centroids, summary.value_means,
+                                                               summary.sizes, skipped, layout.q_labels, scale,
+                                                               out_s, lse, q_perm=layout.q_perm, **launch)
+                    return out, lse_c, "triton_sorted"
+
+                return run
+
             for bias, walk in SORTED_MODES:  # autotuned like the default row; the numbers are the same bit for bit
-
-                def mode(bias=bias, walk=walk):
-                    summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
-                    out, lse_c = compensation_attention_sorted(q, summary.centroids, summary.value_means,
-                                                               summary.sizes, skipped, layout.q_labels, scale,
-                                                               out_s, lse, q_perm=layout.q_perm, bias=bias,
-                                                               walk=walk)
-                    return out, lse_c, "triton_sorted"
-
-                steps[f"triton_sorted, {bias} {walk}"] = (mode, "triton_sorted")
-        if backend == "triton_sorted" and q.device.type == "cuda":
-            for tma, warps, stages in SORTED_FIXED:
-                tiles = CompensationTiles(128, 64, warps, stages)
-
-                def fixed(tiles=tiles, tma=tma):
-                    summary = summarize_key_clusters(ks, vs, layout.k_sizes, centroids)
-                    out, lse_c = compensation_attention_sorted(q, summary.centroids, summary.value_means,
-                                                               summary.sizes, skipped, layout.q_labels, scale,
-                                                               out_s, lse, q_perm=layout.q_perm, tiles=tiles,
-                                                               use_tma=tma)
-                    return out, lse_c, "triton_sorted"
-
-                steps[f"triton_sorted, {'tma' if tma else 'ptr'} {warps}w {stages}s"] = (fixed, None)
+                steps[f"triton_sorted, {bias} {walk}"] = (sorted_step(bias=bias, walk=walk), "triton_sorted")
+            if q.device.type == "cuda":
+                for tma, warps, stages in SORTED_FIXED:
+                    tiles = CompensationTiles(128, 64, warps, stages)
+                    steps[f"triton_sorted, {'tma' if tma else 'ptr'} {warps}w {stages}s"] = (
+                        sorted_step(tiles=tiles, use_tma=tma), None)
     outs = {}
     for name, (step, backend) in steps.items():
         try:
