@@ -131,7 +131,7 @@ def _figure(g: pd.DataFrame, xcol: str, xlabel: str, higher_x: bool, title: str,
     fig.tight_layout()
     written = []
     for ext in ("png", "svg"):
-        p = stem.with_suffix(f".{ext}")
+        p = stem.with_name(f"{stem.name}.{ext}")  # not with_suffix: model names have dots (wan2.1-t2v-14b)
         fig.savefig(p, dpi=130 if ext == "png" else None, bbox_inches="tight")
         written.append(p)
     plt.close(fig)

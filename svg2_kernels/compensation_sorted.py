@@ -591,14 +591,15 @@ def _(q, centroids, value_means, bias, log_n, walk_labels, q_perm, walk_list, wa
 
 SORTED_BIAS = ("table", "skip")
 SORTED_WALKS = tuple(_WALKS)
-# The (bias, walk) mode of calls that name none (the registry entry, so ``auto``): still the path measured on the
-# H200 (results/compensation). The others do less host work (Wan 14B (300, 1000), fake-tensor count: 41 aten ops
-# and 308 MB written -> 12 (table, all / bits) or 7 (skip, all / bits)) for the same numbers bit for bit, but none
-# is less work in every part: "all" walks ~3.5% more centroid tiles at density 0.25 (0.9686 walked), "bits" adds
-# a prologue, and the skip-byte bias lengthens the loop (sm_90a SASS, Triton 3.6, 4 warps, one tile: table list
-# 761 instructions, table all 745, table bits 766, skip all 929, skip bits 1006). The bench times each mode
-# (experiments/bench_compensation.py); switch here on its numbers.
-DEFAULT_MODE: tuple[str, str] = ("table", "list")
+# The (bias, walk) mode of calls that name none (the registry entry, so ``auto``). Every mode gives the same numbers
+# bit for bit; they differ in host work (Wan 14B (300, 1000), fake-tensor count: 41 aten ops and 308 MB written for
+# table list -> 12 for table all / bits, 7 for skip all / bits) and in the loop ("all" walks ~3.5% more centroid
+# tiles at density 0.25, "bits" adds a prologue, the skip-byte bias lengthens the loop: sm_90a SASS, Triton 3.6,
+# 4 warps, one tile: table list 761 instructions, table all 745, table bits 766, skip all 929, skip bits 1006).
+# "table all" is the default because it was the fastest compensation pass measured on the H200 (Wan 14B 720p,
+# (300, 1000), density 0.25, experiments/bench_compensation.py): 4.72 ms against 5.56 for table list (its host
+# tables 0.37 vs 1.44 ms), and no slower inside the compensated call (86.9 vs 87.1 ms; results/compensation).
+DEFAULT_MODE: tuple[str, str] = ("table", "all")
 
 
 def compensation_attention_sorted(

@@ -236,6 +236,22 @@ def test_cpu_latency_is_not_presented_as_a_result(tmp_path):
     assert "![quality_density_m](quality_density_m.png)" in (out / "README.md").read_text()
 
 
+def test_model_names_with_dots_get_their_own_plots(tmp_path):
+    # Path.with_suffix cut "wan2.1-t2v-14b" to "wan2": two models' plots overwrote each other as quality_density_wan2.
+    rows = []
+    for model in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+        rows += _dense_rows(model=model)
+        rows += [_row("a", p, 25.0, target=0.3, sparse=0.3, model=model) for p in ("p1", "p2")]
+    out = tmp_path / "r"
+    assert main([str(_store(tmp_path / "results", rows)), "--out", str(out)]) == 0
+    index = (out / "README.md").read_text()
+    for model in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+        for kind in ("pareto", "quality_density"):
+            assert (out / f"{kind}_{model}.png").is_file() and (out / f"{kind}_{model}.svg").is_file()
+            assert f"![{kind}_{model}]({kind}_{model}.png)" in index
+    assert not list(out.glob("*_wan2.png")) and not list(out.glob("*_wan2.1-t2v-1.png"))
+
+
 def test_overhead_bound_run_is_flagged(tmp_path):
     rows = _dense_rows()
     for p in ("p1", "p2"):  # every sparse variant slower than dense on a GPU
