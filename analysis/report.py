@@ -63,7 +63,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
     ours = (out / "README.md").is_file() and (out / "README.md").read_text().startswith("# svg2 report")
     written: list[Path] = []
     _ok, warnings = prepare(df)
-    warnings = _unreadable_rows(paths) + warnings
+    warnings = _unreadable_rows(paths) + warnings + _mixed_revisions(_ok)
     s_all = summarise(df, tolerance=tolerance)
     s = summarise(df, tolerance=tolerance, off_target=off_target)
     dropped = len(s_all) - len(s)
@@ -82,7 +82,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
             written.append(out / "table1_mp4.md")
         written += plot_all(s, out)
         net = s["lpips_net"].dropna().iloc[0] if s["lpips_net"].notna().any() else None
-        notes.append(f"LPIPS: {net} backbone" if net else "LPIPS: not measured" + _lpips_reason(df))
+        notes.append(_lpips_note(df, net) if net else "LPIPS: not measured" + _lpips_reason(df))
         if "ssim_window" in df.columns and df["ssim_window"].notna().any():
             notes.append("SSIM window: " + ", ".join(sorted(df["ssim_window"].dropna().astype(str).unique())))
         src = s["speedup_source"].dropna().unique() if "speedup_source" in s else []
@@ -153,6 +153,29 @@ def drop_failed(paths: list[str | Path]) -> list[tuple[Path, int]]:
                                  "report it without --drop-failed")
             out.append((store, ResultsStore(store).drop_failed()))
     return out
+
+
+def _lpips_note(df: pd.DataFrame, net: str) -> str:
+    """The backbone, and whether it was randomly initialised (metrics.lpips_random_backbone: a dry run's cost
+    figure whose values say nothing about quality)."""
+    col = f"lpips_{net}_status"
+    if col in df.columns and (df[col] == "random_backbone").any():
+        return (f"LPIPS: {net} backbone **randomly initialised** (metrics.lpips_random_backbone=true): "
+                "its values measure the metric's cost only, not perceptual quality")
+    return f"LPIPS: {net} backbone"
+
+
+def _mixed_revisions(ok: pd.DataFrame) -> list[str]:
+    """Rows from several svg2 code revisions in one table: row keys hash the model, weights, method and settings,
+    not the code, so a sweep relaunched after a code change keeps its old rows beside the new ones."""
+    if ok.empty or "git_rev" not in ok.columns:
+        return []
+    revs = sorted({str(r)[:8] for r in ok["git_rev"].dropna()})
+    if len(revs) < 2:
+        return []
+    return [f"rows come from {len(revs)} svg2 revisions ({', '.join(revs[:4])}{' ...' if len(revs) > 4 else ''}): "
+            "row keys do not include the code, so rows finished before a code change were kept. To compare one "
+            "revision, run the sweep under a new name (or delete its store) after the change."]
 
 
 def _lpips_reason(df: pd.DataFrame) -> str:

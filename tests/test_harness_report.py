@@ -403,3 +403,19 @@ def test_pareto_series_per_configuration(tmp_path):
     assert order == sorted(order)  # legend in natural order: Cq=8 before Cq=32
     _h, body = _table((tmp_path / "r" / "table1.md").read_text())
     assert [r[1] for r in body][1:3] == ["SVG2 (Cq=8, Ck=64, p=0.5)", "SVG2 (Cq=8, Ck=64, p=0.9)"]
+
+
+def test_random_lpips_backbone_and_mixed_revisions_are_said(tmp_path):
+    rows = _dense_rows(git_rev="a" * 40, lpips_alex=0.0, lpips_alex_status="random_backbone")
+    rows += [_row("a", p, 25.0, target=0.3, sparse=0.3, git_rev=rev * 40, lpips_alex=0.1,
+                  lpips_alex_status="random_backbone") for p, rev in (("p1", "a"), ("p2", "b"))]
+    out = tmp_path / "r"
+    assert main([str(_store(tmp_path / "results", rows)), "--out", str(out)]) == 0
+    index = (out / "README.md").read_text()
+    assert "LPIPS: alex backbone **randomly initialised**" in index
+    assert "rows come from 2 svg2 revisions (aaaaaaaa, bbbbbbbb)" in index
+    one = _dense_rows(git_rev="c" * 40) + [_row("a", p, 25.0, target=0.3, sparse=0.3, git_rev="c" * 40,
+                                                lpips_alex=0.1, lpips_alex_status="ok") for p in ("p1", "p2")]
+    assert main([str(_store(tmp_path / "one", one)), "--out", str(tmp_path / "o")]) == 0
+    index = (tmp_path / "o" / "README.md").read_text()
+    assert "svg2 revisions" not in index and "LPIPS: alex backbone" in index and "randomly" not in index
