@@ -381,6 +381,9 @@ def test_gzipped_jsonl_results_folder(tmp_path):
     (committed / "results.jsonl.gz").write_bytes(gzip.compress((store / "results.jsonl").read_bytes()))
     assert main([str(committed), "--out", str(tmp_path / "r")]) == 0
     assert "A (target=0.3)" in (tmp_path / "r" / "table1.md").read_text()
+    # the file itself, as a user copies it from a README, names the same store
+    assert main([str(committed / "results.jsonl.gz"), "--out", str(tmp_path / "r2")]) == 0
+    assert (tmp_path / "r2" / "table1.md").read_text() == (tmp_path / "r" / "table1.md").read_text()
 
 
 def test_pareto_series_per_configuration(tmp_path):

@@ -220,10 +220,13 @@ class ResultsStore:
 
 
 def find_stores(path: str | Path) -> list[Path]:
-    """Store folders at or under ``path`` (a store, a run/sweep folder, or a folder of sweeps)."""
+    """Store folders at or under ``path`` (a store, a run/sweep folder, a folder of sweeps, or a store's
+    results.parquet / results.jsonl[.gz] file)."""
     path = Path(path)
     # A committed results folder may keep only the JSONL mirror, gzipped (results/ in the repository).
     snapshots = ("results.parquet", "results.jsonl", "results.jsonl.gz")
+    if path.is_file() and path.name in snapshots:  # the snapshot file itself names its store
+        return [path.parent]
     if (path / "rows").is_dir() or any((path / n).is_file() for n in snapshots):
         return [path]
     found = {p.parent for n in snapshots for p in path.glob(f"**/{n}")} | {p.parent for p in path.glob("**/rows")
