@@ -55,10 +55,14 @@ def write_report(paths: list[str | Path], out_dir: str | Path, *, off_target: st
 
 
 def build_report(paths: list[str | Path], out_dir: str | Path, *, off_target: str = "flag",
-                 tolerance: float = DENSITY_TOLERANCE) -> tuple[list[Path], list[str]]:
-    """:func:`write_report`, returning (the paths written, the warnings)."""
+                 tolerance: float = DENSITY_TOLERANCE, psnr_pooling: str | None = None
+                 ) -> tuple[list[Path], list[str]]:
+    """:func:`write_report`, returning (the paths written, the warnings). ``psnr_pooling`` ("frames" | "video")
+    re-pools PSNR from the stored per-frame values first (:func:`repool_psnr`)."""
     out = Path(out_dir)
     df = load_results(*paths)
+    if psnr_pooling is not None:
+        df = repool_psnr(df, psnr_pooling)
     out.mkdir(parents=True, exist_ok=True)
     ours = (out / "README.md").is_file() and (out / "README.md").read_text().startswith("# svg2 report")
     written: list[Path] = []
@@ -153,6 +157,44 @@ def drop_failed(paths: list[str | Path]) -> list[tuple[Path, int]]:
                                  "report it without --drop-failed")
             out.append((store, ResultsStore(store).drop_failed()))
     return out
+
+
+PSNR_POOLINGS = {"frames": "mean of per-frame PSNRs (the authors' svg convention)",
+                 "video": "PSNR of the squared error pooled over all frames (the standard convention)"}
+
+
+def repool_psnr(df: pd.DataFrame, pooling: str) -> pd.DataFrame:
+    """Recompute ``psnr`` (and ``psnr_mp4``) of every finished row from its per-frame values (``psnr_frames``,
+    ``psnr_mp4_frames``) under ``pooling``, without regenerating. Only the PSNR pooling can change this way: the
+    SSIM window and the LPIPS backbone of a convention need the videos, so they stay as measured, and the row's
+    convention is renamed ``<convention>+psnr:<pooling>`` so that tables never present the mix as either
+    convention. A finished row without per-frame values is an error (it predates them: regenerate it)."""
+    from svg2.harness.metrics import pooled_psnr
+
+    if pooling not in PSNR_POOLINGS:
+        raise ValueError(f"psnr pooling {pooling!r}: use one of {sorted(PSNR_POOLINGS)} "
+                         "(frames: " + PSNR_POOLINGS["frames"] + "; video: " + PSNR_POOLINGS["video"] + ")")
+    df = df.copy()
+    ok = df["status"] == "ok" if "status" in df.columns else pd.Series(False, index=df.index)
+    for col in ("psnr", "psnr_mp4"):
+        if col not in df.columns or not df.loc[ok, col].notna().any():
+            continue
+        frames_col = f"{col}_frames"
+        has = ok & df[col].notna()
+        values = df[frames_col] if frames_col in df.columns else pd.Series(None, index=df.index)
+        missing = has & values.map(lambda v: not isinstance(v, list | tuple) or not len(v))
+        if missing.any():
+            raise ValueError(f"{int(missing.sum())} finished row(s) have {col} but no {frames_col} (rows written "
+                             f"before per-frame values were kept): regenerate them, or report without "
+                             f"--psnr-pooling")
+        if pooling == "video":
+            df.loc[has, col] = values[has].map(pooled_psnr)
+        else:
+            df.loc[has, col] = values[has].map(lambda v: float(pd.Series(v, dtype="float64").mean()))
+    conv = df["metric_convention"] if "metric_convention" in df.columns else pd.Series(None, index=df.index)
+    df["metric_convention"] = conv.where(~ok, conv.fillna("unrecorded").astype(str) + f"+psnr:{pooling}")
+    df["psnr_pooling"] = df.get("psnr_pooling", pd.Series(None, index=df.index)).where(~ok, pooling)
+    return df
 
 
 def _lpips_note(df: pd.DataFrame, net: str) -> str:
@@ -259,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density-tolerance", type=float, default=DENSITY_TOLERANCE, metavar="FRAC",
                     help=f"relative miss of the target density still counted as matched (default "
                          f"{DENSITY_TOLERANCE})")
+    ap.add_argument("--psnr-pooling", choices=sorted(PSNR_POOLINGS), default=None,
+                    help="recompute PSNR from the stored per-frame values under this pooling (frames: mean of "
+                         "per-frame PSNRs, the svg convention; video: error pooled over all frames, standard); "
+                         "SSIM and LPIPS stay as measured, and the convention is shown as <name>+psnr:<pooling>")
     ap.add_argument("--drop-failed", action="store_true",
                     help="first move the failed rows out of the store(s) (to <store>/dropped/), then report")
     args = ap.parse_args(argv)
@@ -272,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"svg2-report: removed {n} failed row(s) from {store}"
                       + (f" (moved to {store / 'dropped'})" if n else ""))
         files, warnings = build_report(args.paths, out, off_target=args.off_target,
-                                       tolerance=args.density_tolerance)
+                                       tolerance=args.density_tolerance, psnr_pooling=args.psnr_pooling)
     except (FileNotFoundError, ValueError) as e:
         print(f"svg2-report: {e}", file=sys.stderr)
         return 2

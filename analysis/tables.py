@@ -439,9 +439,9 @@ def caption_lines(s: pd.DataFrame, tolerance: float = DENSITY_TOLERANCE, dropped
         lines.append("No row has a target density, so no method is ranked (bold compares methods at one matched "
                      "density only: sweep method.cfg.target_density).")
     if _flag(s, "is_floor").any():
-        lines.append("Dense floor: the same dense video through another exact attention path (float32, SDPA math "
-                     "backend); a method whose difference from dense is within the floor's is indistinguishable "
-                     "from dense.")
+        lines.append("Dense floor: the same dense video through another exact attention path (float32 SDPA: the "
+                     "memory-efficient backend on CUDA, math elsewhere; method.cfg.backend); a method whose "
+                     "difference from dense is within the floor's is indistinguishable from dense.")
     else:
         lines.append("No dense floor row: add method=dense_floor to the sweep to see which differences are real.")
     conv = s["metric_convention"] if "metric_convention" in s else pd.Series(None, index=s.index)

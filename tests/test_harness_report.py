@@ -422,3 +422,30 @@ def test_random_lpips_backbone_and_mixed_revisions_are_said(tmp_path):
     assert main([str(_store(tmp_path / "one", one)), "--out", str(tmp_path / "o")]) == 0
     index = (tmp_path / "o" / "README.md").read_text()
     assert "svg2 revisions" not in index and "LPIPS: alex backbone" in index and "randomly" not in index
+
+
+def test_psnr_repooled_from_per_frame_values(tmp_path):
+    """Item 2 of the harness issue: a PSNR pooling of the other convention is recomputed from the stored
+    per-frame values, without regenerating; a row without them is refused, not silently kept."""
+    from analysis.report import repool_psnr
+    from svg2.harness.metrics import pooled_psnr
+
+    frames = [10.0, 30.0]  # MSE 0.1 and 0.001
+    rows = [_row("dense", "p1", math.inf, density=1.0, metric_convention="standard", psnr_frames=[120.0, 120.0]),
+            _row("a", "p1", pooled_psnr(frames), target=0.3, sparse=0.3, metric_convention="standard",
+                 psnr_frames=frames, psnr_pooling="video")]
+    df = pd.DataFrame(rows)
+    per_frame = repool_psnr(df, "frames")
+    assert per_frame.loc[1, "psnr"] == pytest.approx(20.0)  # mean of the per-frame PSNRs
+    assert df.loc[1, "psnr"] == pytest.approx(-10 * math.log10(0.0505))  # pooled: the input is left as it was
+    assert per_frame.loc[1, "metric_convention"] == "standard+psnr:frames"
+    assert repool_psnr(per_frame, "video").loc[1, "psnr"] == pytest.approx(df.loc[1, "psnr"])
+
+    store = _store(tmp_path / "s", rows)
+    assert main([str(store), "--out", str(tmp_path / "r"), "--psnr-pooling", "frames"]) == 0
+    table = (tmp_path / "r" / "table1.md").read_text()
+    assert "standard+psnr:frames" in table and "20.00" in table
+    old = _store(tmp_path / "old", [_row("a", "p1", 20.0, target=0.3, sparse=0.3)])  # no per-frame values
+    assert main([str(old), "--out", str(tmp_path / "r2"), "--psnr-pooling", "video"]) == 2
+    with pytest.raises(ValueError, match="use one of"):
+        repool_psnr(df, "yuv")

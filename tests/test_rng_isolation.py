@@ -106,29 +106,45 @@ TINY_METHODS = {
 }
 
 
-def _global_states() -> tuple:
-    return (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+def _global_states(cuda: bool = False) -> tuple:
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    return (*states, torch.cuda.get_rng_state()) if cuda else states
 
 
-@pytest.mark.parametrize("name", list(TINY_METHODS))
-def test_methods_leave_the_global_random_state_alone(name):
+def _states_around_a_generation(name: str, device: str = "cpu") -> tuple[tuple, tuple]:
     cfg = _compose(["model=tiny", f"method={name}", "method.cfg.dense_steps_frac=0.0", "method.cfg.dense_layers=0",
                     *TINY_METHODS[name]])
     method = method_spec(cfg).build()
-    pipe = tiny_wan_pipeline(init_seed=0)  # UniPC: the pipeline itself draws nothing from the global stream
+    pipe = tiny_wan_pipeline(init_seed=0).to(device)  # UniPC: the pipeline itself draws nothing from the stream
     handle = enable_svg2(pipe, method=method)
     try:
         torch.manual_seed(7)
         np.random.seed(7)
         random.seed(7)
-        before = _global_states()
+        before = _global_states(cuda=device == "cuda")
         pipe(prompt="a red ball rolls", generator=torch.Generator().manual_seed(0), output_type="np",
              guidance_scale=1.0, max_sequence_length=16, **SIZE)
-        after = _global_states()
+        after = _global_states(cuda=device == "cuda")
         st = handle.stats()
         assert st["num_calls"] > 0 and st["num_dense_calls"] == 0  # every call took the method's own path
     finally:
         handle.remove()
+    return before, after
+
+
+@pytest.mark.parametrize("name", list(TINY_METHODS))
+def test_methods_leave_the_global_random_state_alone(name):
+    before, after = _states_around_a_generation(name)
     assert torch.equal(before[0], after[0]), f"{name} drew from the global torch RNG"
     assert np.array_equal(before[1], after[1]), f"{name} drew from numpy's global RNG"
     assert before[2] == after[2], f"{name} drew from Python's random module"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(TINY_METHODS))
+def test_methods_leave_the_cuda_random_state_alone(name):
+    """On a GPU the pipeline's noise may come from the CUDA generator: no method (Triton kernels, k-means on
+    the device) may advance it."""
+    before, after = _states_around_a_generation(name, device="cuda")
+    assert torch.equal(before[0], after[0]), f"{name} drew from the global torch RNG"
+    assert torch.equal(before[3], after[3]), f"{name} drew from the CUDA RNG"

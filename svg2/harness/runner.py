@@ -515,7 +515,7 @@ class _Job:
             scalars.update(sc)
             per_frame.update(pf)
         row.update(scalars, metrics_s=time.perf_counter() - t_metrics)  # PSNR/SSIM/LPIPS (+ MP4 decode)
-        row.update(per_frame)  # psnr_frames, ssim_frames, lpips_frames (+ _mp4): any convention recomputes from them
+        row.update(per_frame)  # psnr_frames (+ _mp4): either PSNR pooling recomputes (svg2-report --psnr-pooling)
         row.update(suite.describe())
         row.update(compared_on=",".join(self.compare_on), mp4_skipped_reason=self.mp4_why,
                    mp4_settings_json=_json(MP4_SETTINGS), status="ok", finished_at=time.time(), **self.env)
