@@ -241,3 +241,25 @@ def test_baselines_experiment_preset_builds_every_method():
             described = method.describe()
             assert 0.2 in (described.get("target_density"), described.get("density")), name
     GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 26, 1 << 12, 37])  # one chunk; many row chunks; head groups of one
+def test_exact_block_mass_is_the_scatter_definition(monkeypatch, chunk_elems):
+    """The matmul form (query blocks reduced first, keys once at the end) equals the definition (every
+    probability scattered to its (query block, key block)) in float64, whatever the chunking; rows sum to the
+    block sizes; labels need not be contiguous or sorted; Sq != Sk."""
+    from svg2.methods import oracle as oracle_mod
+
+    monkeypatch.setattr(oracle_mod, "_CHUNK_ELEMS", chunk_elems)
+    g = torch.Generator().manual_seed(3)
+    n, sq, sk, d, cq, ck = 5, 37, 29, 8, 4, 6
+    q = torch.randn(n, sq, d, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(n, sk, d, generator=g, dtype=torch.bfloat16)
+    lq = torch.randint(0, cq, (n, sq), generator=g)
+    lk = torch.randint(0, ck, (n, sk), generator=g)
+    mass = oracle_mod.exact_block_mass(q, k, lq, lk, cq, ck, 0.4)
+    ref = oracle_mod._exact_block_mass_scatter(q, k, lq, lk, cq, ck, 0.4)
+    assert mass.dtype == torch.float32 and mass.shape == (n, cq, ck)
+    torch.testing.assert_close(mass.double(), ref, atol=2e-6, rtol=1e-5)
+    sizes = torch.stack([torch.bincount(lq[i], minlength=cq) for i in range(n)]).double()
+    torch.testing.assert_close(mass.double().sum(-1), sizes, atol=1e-5, rtol=0)

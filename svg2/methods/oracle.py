@@ -42,28 +42,57 @@ from svg2.selection import select_target_density, select_top_p
 __all__ = ["ExactScoreSelection", "OracleRasterMethod", "OracleKMeansMethod", "OracleMethod", "exact_block_mass"]
 
 _PARTITIONS = ("raster", "kmeans")
-_CHUNK_ELEMS = 1 << 24
+# Elements of one (heads, rows, keys) probability chunk: 2^26 fp32 = 256 MiB. The chunk is sized over rows and
+# heads together, so a batched call (B x H in the hundreds) still takes hundreds of rows per matmul instead of a
+# handful (the earlier rows-only sizing gave 5 rows per chunk at B x H = 512, S = 8,192: thousands of launches).
+_CHUNK_ELEMS = 1 << 26
 
 
 def exact_block_mass(q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor,
                      num_q_blocks: int, num_k_blocks: int, scale: float) -> torch.Tensor:
     """Sum of exact attention probabilities (softmax over the given keys) per (query block, key block).
 
+    ``mass = Mq^T P Mk`` with ``P`` the float32 softmax and ``Mq``, ``Mk`` the one-hot block memberships: the
+    query side is reduced first, chunk by chunk, into a (Cq, Sk) accumulator by a matmul (no scatter atomics over
+    the S x S probabilities), and the key side once at the end. One-hot products are exact, so this is the same
+    sum as a scatter up to float32 summation order.
+
     Args:
-        q, k: (N, S, D); q_labels, k_labels: (N, S) int64 block ids.
+        q: (N, Sq, D); k: (N, Sk, D); q_labels: (N, Sq), k_labels: (N, Sk) int64 block ids.
     Returns:
         (N, Cq, Ck) float32; row i sums to the number of tokens in query block i.
     """
-    n, s, d = q.shape
-    mass = torch.zeros(n, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
-    kf = k.float()
-    rows = max(1, _CHUNK_ELEMS // max(1, n * k.shape[1]))
-    for s0 in range(0, s, rows):
-        s1 = min(s, s0 + rows)
-        p = torch.softmax(torch.matmul(q[:, s0:s1].float(), kf.transpose(1, 2)) * scale, dim=-1)
-        per_key_block = torch.zeros(n, s1 - s0, num_k_blocks, dtype=torch.float32, device=q.device)
-        per_key_block.scatter_add_(2, k_labels[:, None, :].expand(n, s1 - s0, -1), p)
-        mass.scatter_add_(1, q_labels[:, s0:s1, None].expand(-1, -1, num_k_blocks), per_key_block)
+    n, sq, _ = q.shape
+    sk = k.shape[1]
+    mass = torch.empty(n, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
+    # Heads per group: the (g, Cq, Sk) accumulator and the (g, Sk, Ck) key one-hot stay within one chunk.
+    heads = max(1, min(n, _CHUNK_ELEMS // max(1, sk * max(num_q_blocks, num_k_blocks))))
+    for h0 in range(0, n, heads):
+        h1 = min(n, h0 + heads)
+        g = h1 - h0
+        kf = k[h0:h1].float()
+        ql = q_labels[h0:h1]
+        acc = torch.zeros(g, num_q_blocks, sk, dtype=torch.float32, device=q.device)
+        rows = max(1, _CHUNK_ELEMS // (g * sk))
+        for s0 in range(0, sq, rows):
+            s1 = min(sq, s0 + rows)
+            p = torch.softmax(torch.matmul(q[h0:h1, s0:s1].float(), kf.transpose(1, 2)) * scale, dim=-1)
+            onehot_q = torch.nn.functional.one_hot(ql[:, s0:s1], num_q_blocks).to(torch.float32)  # (g, r, Cq)
+            acc.baddbmm_(onehot_q.transpose(1, 2), p)
+        onehot_k = torch.nn.functional.one_hot(k_labels[h0:h1], num_k_blocks).to(torch.float32)  # (g, Sk, Ck)
+        torch.bmm(acc, onehot_k, out=mass[h0:h1])
+    return mass
+
+
+def _exact_block_mass_scatter(q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor,
+                              num_q_blocks: int, num_k_blocks: int, scale: float) -> torch.Tensor:
+    """The definition, by scatter over every probability (the test reference of :func:`exact_block_mass`)."""
+    n, sq, _ = q.shape
+    p = torch.softmax(torch.matmul(q.double(), k.double().transpose(1, 2)) * scale, dim=-1)
+    per_key_block = torch.zeros(n, sq, num_k_blocks, dtype=torch.float64, device=q.device)
+    per_key_block.scatter_add_(2, k_labels[:, None, :].expand(n, sq, -1), p)
+    mass = torch.zeros(n, num_q_blocks, num_k_blocks, dtype=torch.float64, device=q.device)
+    mass.scatter_add_(1, q_labels[:, :, None].expand(-1, -1, num_k_blocks), per_key_block)
     return mass
 
 
