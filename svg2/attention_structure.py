@@ -106,7 +106,7 @@ class TopKMass:
         self.rows, self.keys = p.shape
         self.text = torch.zeros(self.rows, dtype=p.dtype, device=p.device) if text is None else text
         srt = p.sort(dim=-1, descending=True).values
-        # pooled first: it needs a second sort over all pairs, the per-row sort is reused in place by cumsum
+        # the pooled order sorts the row-sorted pairs again (any order would do; this one is already sorted runs)
         self._pooled = _cumsum0(srt.flatten().sort(descending=True).values)
         self._per_row = _cumsum0(srt)
 
