@@ -6,6 +6,22 @@ o_sparse the renormalised attention under the mask (exactly what the variable-bl
 Both are measured per (batch, head) on ``num_rows`` sampled video query rows; text keys (joint text models)
 are always kept, padded text keys always masked, as in every method.
 
+The *bound* (``svg2.attention_structure.recall_bound``) is the largest recall any mask keeping as many token
+pairs reaches: the mass of the top-k exact attention weights. Every method row carries ``bound`` (the pooled
+top-k over its sampled rows, k = the pairs its layout keeps there: no layout of that density does better,
+whatever its shape) and ``bound_row`` (each row's top density x keys: the bound for layouts giving every row
+the same budget; a method with uneven row budgets, e.g. SVG2's clusters, can exceed it). The CLI (and
+``recall_sweep(..., bound_curve=True)``) also adds one ``bound`` row (method ``"bound"``) per target density,
+drawn as the bound curve. The exact-score methods (``oracle_raster``, ``oracle_kmeans``) are recall-greedy
+selections over one partition, not bounds.
+
+Head types (``--by-head-type``): every (record, batch, head) is classified by ``HeadTypeRule`` from its own
+Q/K (``svg2.attention_structure.head_stats`` / ``classify_heads``): ``uniform`` (top-15% mass below a
+threshold), ``local`` (most of the top mass within +-1 frame, +-4 tokens), ``temporal`` (most of it at the
+query's own position in other frames) or ``content`` (most of it elsewhere). Content is inferred from
+geometry only: recorded Q/K/V carry no object ids, so no head is classified by content affinity to objects.
+Records without a ``video_shape`` are tagged ``unknown``.
+
 Workflow:
   1. during a generation run, wrap the installed method with a recorder (opt-in; writes Q/K/V of selected
      layers / steps / branches / heads to disk)::
@@ -15,7 +31,8 @@ Workflow:
 
   2. offline: ``python -m analysis.recall --records runs/qkv --out recall.png --csv recall.csv``
      (or ``--synthetic 8,16,16`` for synthetic heads with known structure): every method of the grid is
-     evaluated at several densities on the same Q/K/V, one curve per method.
+     evaluated at several densities on the same Q/K/V, one curve per method, and the bound;
+     ``--by-head-type`` adds the table of recall and output error per method per head type.
 """
 
 from __future__ import annotations
@@ -32,20 +49,25 @@ from typing import Any
 import torch
 
 from svg2.attention import ClusterState, build_layout
+from svg2.attention_structure import BOUND, HEAD_TYPES, classify_heads, head_stats, recall_bound
 from svg2.layout import ClusterLayout
 from svg2.methods import AttentionContext, AttentionMethod, MethodState, build_method
 from svg2.methods.blockwise import VIDEO_SHAPE_KEY, LayoutMethod, layout_mask_rows
 from svg2.methods.svg2 import SVG2Method
 
 __all__ = [
+    "BOUND",
+    "HeadTypeRule",
     "RecallResult",
     "attention_recall",
     "method_layout",
     "sample_rows",
     "MethodSpec",
     "default_grid",
+    "target_density",
     "recall_sweep",
     "summarize",
+    "head_type_table",
     "plot_recall",
     "QKVRecorder",
     "RecordingMethod",
@@ -57,11 +79,13 @@ __all__ = [
 @dataclass(frozen=True)
 class RecallResult:
     """Per (batch, head) float64 tensors: token-pair density of the layout over the video block, attention
-    recall and relative output error on the sampled rows."""
+    recall and relative output error on the sampled rows, and ``rows_density``: the share of the video pairs
+    of the sampled rows the layout keeps (the density its recall was earned with, which the bound takes)."""
 
     density: torch.Tensor
     recall: torch.Tensor
     rel_error: torch.Tensor
+    rows_density: torch.Tensor | None = None
 
 
 def sample_rows(num_video: int, num_rows: int | None, seed: int = 0, device: torch.device | str = "cpu"
@@ -108,12 +132,14 @@ def attention_recall(
     o_ref = p @ v.double()
     if layout is None:
         one = torch.ones(b, h, dtype=torch.float64, device=q.device)
-        return RecallResult(one, one.clone(), torch.zeros_like(one))
-    keep = torch.cat([layout_mask_rows(layout, rows), text_ok.expand(b, h, r, num_text_tokens)], -1)
+        return RecallResult(one, one.clone(), torch.zeros_like(one), one.clone())
+    video_keep = layout_mask_rows(layout, rows)  # (B, H, r, Sv)
+    keep = torch.cat([video_keep, text_ok.expand(b, h, r, num_text_tokens)], -1)
     recall = (p * keep).sum(-1).mean(-1)
     o = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0) @ v.double()
     err = (o - o_ref).flatten(2).norm(dim=-1) / o_ref.flatten(2).norm(dim=-1).clamp_min(1e-30)
-    return RecallResult(layout.density_per_head().double(), recall, err)
+    rows_density = video_keep.sum((-1, -2)).double() / (r * sv)
+    return RecallResult(layout.density_per_head().double(), recall, err, rows_density)
 
 
 def method_layout(method: AttentionMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -179,6 +205,48 @@ def _record_context(rec: dict[str, Any], state: MethodState) -> AttentionContext
                             scale=rec.get("scale"), state=state, extra=extra)
 
 
+def target_density(spec: MethodSpec) -> float | None:
+    """The density a spec aims at (``target_density``, else SVG1's own ``density`` knob), or None (top-p)."""
+    value = spec.kwargs.get("target_density")
+    if value is None:
+        value = spec.kwargs.get("density")
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class HeadTypeRule:
+    """How ``recall_sweep`` classifies heads (``svg2.attention_structure.head_stats`` then ``classify_heads``).
+
+    ``top_frac``: the concentration measure is the mass of each row's top ``top_frac`` keys; ``uniform_below``:
+    heads below it are ``uniform``; ``window`` (frames, rows, cols): the local window whose share of the top
+    mass makes a head ``local`` (at least ``local_share``); ``column`` (rows, cols): the query's own position,
+    whose share through time makes a head ``temporal``; the rest are ``content``. ``num_rows`` query rows are
+    sampled per head (seed: the record index)."""
+
+    top_frac: float = 0.15
+    uniform_below: float = 0.3
+    local_share: float = 0.5
+    window: tuple[int, int, int] = (1, 4, 4)
+    column: tuple[int, int] = (1, 1)
+    num_rows: int = 512
+
+    def classify(self, q: torch.Tensor, k: torch.Tensor, video_shape: Sequence[int] | None, *,
+                 scale: float | None = None, seed: int = 0) -> list[list[str]]:
+        """Head type per (batch, head) of q, k (B, H, S, D) whose first prod(video_shape) tokens are video
+        tokens in raster order (text tokens after them are left out: the types are about the video grid).
+        Without a video shape every head is ``unknown``."""
+        b, h = q.shape[:2]
+        if video_shape is None:
+            return [["unknown"] * h for _ in range(b)]
+        grid = tuple(int(x) for x in video_shape)
+        sv = math.prod(grid)
+        return [classify_heads(head_stats(q[bi:bi + 1, :, :sv], k[bi:bi + 1, :, :sv], grid, top_frac=self.top_frac,
+                                          window=self.window, column=self.column, num_rows=self.num_rows,
+                                          seed=seed, scale=scale),
+                               uniform_below=self.uniform_below, local_share=self.local_share)
+                for bi in range(b)]
+
+
 def recall_sweep(
     records: Iterable[dict[str, Any]],
     specs: Sequence[MethodSpec],
@@ -186,45 +254,107 @@ def recall_sweep(
     num_rows: int | None = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    bound: bool = True,
+    bound_curve: bool = False,
+    head_types: HeadTypeRule | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every spec on every record (dicts with q, k, v (B, H, S, D) and optional layer, step,
     branch, heads, video_shape, num_text_tokens, text_mask, scale). Every method's sparse layout is
     evaluated on every record (its dense warm-up schedule is ignored).
-    Returns one row per (record, spec, batch, head)."""
+
+    Returns one row per (record, spec, batch, head): density, recall, rel_error and, with ``bound``, the
+    top-k ``bound`` / ``bound_row`` at the pairs the layout keeps on the sampled rows. ``bound_curve`` adds one
+    ``BOUND`` row per (record, target density of the specs, batch, head) (rel_error None; the bound curve of
+    ``plot_recall``; off by default because callers such as ``experiments/testbed_structure.py`` add their own
+    with ``svg2.testbed.structure.bound_rows``). With ``head_types`` every row gets ``head_type``
+    (``HeadTypeRule.classify``)."""
     out = []
     for ri, rec in enumerate(records):
         q, k, v = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k", "v"))
         heads = rec.get("heads") or list(range(q.shape[1]))
+        num_text = int(rec.get("num_text_tokens", 0))
+        rows = sample_rows(q.shape[2] - num_text, num_rows, seed + ri, device)  # the bound needs the same rows
+        results = []
         for spec in specs:
             method = build_method(spec.method, **spec.kwargs)  # method_layout ignores the warm-up
             ctx = _record_context(rec, MethodState())
             layout = method_layout(method, q, k, v, ctx)
-            res = attention_recall(q, k, v, layout, num_rows=num_rows, scale=ctx.scale,
-                                   num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask, seed=seed + ri)
+            res = attention_recall(q, k, v, layout, rows=rows, scale=ctx.scale,
+                                   num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
+            results.append((spec.label, json.dumps(spec.kwargs), res.density, res.recall, res.rel_error,
+                            res.rows_density))
+        ctx = _record_context(rec, MethodState())
+        if bound or bound_curve:
+            targets = sorted({d for d in map(target_density, specs) if d is not None}) if bound_curve else []
+            b, h = q.shape[:2]
+            # every layout's own kept share and every target density, read off one sort per head
+            dens = torch.stack([rows_density.cpu() for *_, rows_density in results]
+                               + [torch.full((b, h), d, dtype=torch.float64) for d in targets])
+            tk = recall_bound(q, k, dens, rows=rows, scale=ctx.scale, num_text_tokens=ctx.num_text_tokens,
+                              text_mask=ctx.text_mask)
+            pooled, per_row = tk.pooled.cpu(), tk.per_row.cpu()
+            for ti, d in enumerate(targets):
+                results.append((BOUND, json.dumps({"target_density": d}), torch.full((b, h), d, dtype=torch.float64),
+                                pooled[len(specs) + ti], None, None))
+        types = head_types.classify(q, k, rec.get("video_shape"), scale=ctx.scale, seed=ri) if head_types else None
+        for i, (label, kwargs, density, recall, rel_error, _) in enumerate(results):
             for bi in range(q.shape[0]):
                 for hi, head in enumerate(heads):
-                    out.append(dict(record=ri, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
-                                    batch=bi, head=int(head), method=spec.label, kwargs=json.dumps(spec.kwargs),
-                                    density=float(res.density[bi, hi]), recall=float(res.recall[bi, hi]),
-                                    rel_error=float(res.rel_error[bi, hi])))
+                    row = dict(record=ri, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
+                               batch=bi, head=int(head), method=label, kwargs=kwargs,
+                               density=float(density[bi, hi]), recall=float(recall[bi, hi]),
+                               rel_error=None if rel_error is None else float(rel_error[bi, hi]))
+                    if bound or bound_curve:
+                        row.update(bound=float(pooled[i, bi, hi]), bound_row=float(per_row[i, bi, hi]))
+                    if types is not None:
+                        row["head_type"] = types[bi][hi]
+                    out.append(row)
     return out
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean density, recall and relative error per (method, kwargs), sorted by method then density."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+_MEANS = ("density", "recall", "rel_error", "bound", "bound_row")
+
+
+def summarize(rows: Sequence[dict[str, Any]], by: str | None = None) -> list[dict[str, Any]]:
+    """Mean density, recall, relative error, bound and bound_row (over the rows that have them; None when none
+    does, as rel_error of ``BOUND`` rows) and the row count ``n`` per (method, kwargs), or per (``row[by]``,
+    method, kwargs) with the group in ``by``'s column. Sorted by group, method, density."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["method"], row["kwargs"])].append(row)
+        group = "" if by is None else str(row.get(by, "unknown"))
+        groups[(group, row["method"], row["kwargs"])].append(row)
     out = []
-    for (label, kwargs), g in groups.items():
-        means = {key: sum(r[key] for r in g) / len(g) for key in ("density", "recall", "rel_error")}
-        out.append(dict(method=label, kwargs=kwargs, n=len(g), **means))
-    return sorted(out, key=lambda r: (r["method"], r["density"]))
+    for (group, label, kwargs), g in groups.items():
+        means = {}
+        for key in _MEANS:
+            vals = [float(r[key]) for r in g if r.get(key) not in (None, "")]
+            means[key] = sum(vals) / len(vals) if vals else None
+        out.append(dict(**({by: group} if by is not None else {}), method=label, kwargs=kwargs, n=len(g), **means))
+    return sorted(out, key=lambda r: (r.get(by, "") if by else "", r["method"], r["density"]))
+
+
+def head_type_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: mean recall, top-k bound and relative output error per head type, method and target
+    density (rows of ``recall_sweep(..., head_types=...)``); ``n heads`` counts (record, batch, head) triples."""
+    order = {t: i for i, t in enumerate((*HEAD_TYPES, "unknown"))}
+    summary = sorted(summarize(rows, by="head_type"),
+                     key=lambda r: (order.get(r["head_type"], len(order)), r["method"] == BOUND, r["method"],
+                                    r["density"]))
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    lines = ["| head type | method | target density | n heads | density | recall | bound | rel. error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        target = json.loads(r["kwargs"]) if r["kwargs"] else {}
+        td = target.get("target_density", target.get("density"))
+        lines.append(f"| {r['head_type']} | {r['method']} | {fmt(td, '.2f')} | {r['n']} | {r['density']:.3f} | "
+                     f"{r['recall']:.3f} | {fmt(r['bound'], '.3f')} | {fmt(r['rel_error'], '.4f')} |")
+    return lines
 
 
 def plot_recall(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Two panels, one curve per method: attention recall vs density and relative output error vs density
-    (means over records and heads)."""
+    (means over records and heads); the top-k ``bound`` (no mask of a density keeps more) in black on the
+    recall panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,8 +364,12 @@ def plot_recall(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label in sorted({r["method"] for r in summary}):
         pts = [r for r in summary if r["method"] == label]
-        style = "--" if label.startswith("exact-score") else "-"
         x = [p["density"] for p in pts]
+        if label == BOUND:
+            ax_r.plot(x, [p["recall"] for p in pts], "k:", marker="_", ms=8, lw=1.5,
+                      label="bound (top-k weights, any mask)")
+            continue
+        style = "--" if label.startswith("exact-score") else "-"
         ax_r.plot(x, [p["recall"] for p in pts], style, marker="o", ms=4, label=label)
         ax_e.plot(x, [p["rel_error"] for p in pts], style, marker="o", ms=4, label=label)
     ax_r.set(xlabel="density (kept share of token pairs)", ylabel="attention recall", ylim=(0, 1.02))
@@ -348,6 +482,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="recall.png")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--no-bound", action="store_true", help="skip the top-k recall bound (one sort per head)")
+    ap.add_argument("--by-head-type", action="store_true",
+                    help="classify every (record, batch, head) and tabulate recall / error per head type")
+    ap.add_argument("--head-type-table", default=None,
+                    help="where the per-head-type table goes (default: next to --out, <stem>_head_types.md)")
+    ap.add_argument("--uniform-below", type=float, default=HeadTypeRule.uniform_below,
+                    help="top-15%% mass below which a head is uniform")
+    ap.add_argument("--local-share", type=float, default=HeadTypeRule.local_share,
+                    help="share of the top mass inside the window (or at the own position) for local (temporal)")
+    ap.add_argument("--window", default=",".join(map(str, HeadTypeRule.window)),
+                    help="local window half-widths: frames,rows,cols (tokens)")
     args = ap.parse_args(argv)
 
     if args.synthetic:
@@ -364,18 +509,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs = default_grid([float(x) for x in args.densities.split(",")], block_size=args.block_size,
                          tile_size=tuple(int(x) for x in args.tile_size.split(",")), num_q_centroids=cq,
                          num_k_centroids=ck)
+    rule = None
+    if args.by_head_type:
+        window = tuple(int(x) for x in args.window.split(","))
+        rule = HeadTypeRule(uniform_below=args.uniform_below, local_share=args.local_share, window=window)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = recall_sweep(records, specs, num_rows=args.num_rows, seed=args.seed, device=device)
-    print(f"{'method':28s} {'density':>8s} {'recall':>8s} {'rel_err':>8s}")
+    rows = recall_sweep(records, specs, num_rows=args.num_rows, seed=args.seed, device=device,
+                        bound=not args.no_bound, bound_curve=not args.no_bound, head_types=rule)
+    print(f"{'method':28s} {'density':>8s} {'recall':>8s} {'bound':>8s} {'rel_err':>8s}")
     for r in summarize(rows):
-        print(f"{r['method']:28s} {r['density']:8.3f} {r['recall']:8.3f} {r['rel_error']:8.4f}")
+        bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
+        err = "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}"
+        print(f"{r['method']:28s} {r['density']:8.3f} {r['recall']:8.3f} {bound:>8s} {err:>8s}")
     print("plot:", plot_recall(rows, args.out, title))
+    if rule is not None:
+        lines = head_type_table(rows)
+        print("\n".join(lines))
+        table = Path(args.head_type_table or Path(args.out).with_name(Path(args.out).stem + "_head_types.md"))
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(f"# Recall and output error per head type: {title}\n\n" + "\n".join(lines) + "\n")
+        print("head types:", table)
     if args.csv:
         import csv
 
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for r in rows for key in r)))
             writer.writeheader()
             writer.writerows(rows)
         print("rows:", args.csv)

@@ -25,10 +25,10 @@ import torch
 import svg2.methods.blockwise as blockwise_module
 import svg2.methods.svg2 as svg2_module
 from analysis.recall import attention_recall
+from svg2.attention_structure import recall_bound
 from svg2.layout import ClusterLayout
 from svg2.methods import AttentionContext, MethodState, build_method
 from svg2.synthetic import VideoShape, clustered_qkv
-from svg2.testbed.structure import recall_bound
 
 DENSITIES = (0.10, 0.25)
 SHAPE = VideoShape(heads=2, frames=16, height=6, width=8)  # 768 tokens; 16 frames: SVG1's sink is 1/16

@@ -22,17 +22,10 @@ from analysis.recall import (
 )
 from analysis.synthetic import synthetic_qkv
 from svg2.attention import dense_attention
+from svg2.attention_structure import BOUND, HeadStats, classify_heads, head_stats, recall_bound
 from svg2.methods import AttentionContext, MethodState, build_method
 from svg2.synthetic import VideoShape, clustered_qkv
-from svg2.testbed.structure import (
-    BOUND,
-    HeadStats,
-    classify_heads,
-    head_stats,
-    head_type_markdown,
-    recall_bound,
-    summarize_by,
-)
+from svg2.testbed.structure import head_type_markdown, summarize_by
 
 SHAPE = (4, 4, 4)
 SV = math.prod(SHAPE)
@@ -120,7 +113,8 @@ def test_cli_on_synthetic_heads(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("svg2", "svg1", "positional", "radial", "sliding_tile", "exact-score"):
         assert name in out
-    assert (tmp_path / "r.png").exists() and (tmp_path / "r.csv").read_text().count("\n") == 1 + 7 * 2
+    # 7 methods and the bound at the one target density, 2 heads each
+    assert (tmp_path / "r.png").exists() and (tmp_path / "r.csv").read_text().count("\n") == 1 + 8 * 2
 
 
 def test_recorder_during_a_tiny_wan_generation(tmp_path):

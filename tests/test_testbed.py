@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from svg2.attention_structure import head_stats
 from svg2.mini.checker import FG_THRESHOLD
 from svg2.mini.data import DIRECTIONS, OBJECT_COLORS, SHAPES, held_out_triples
 from svg2.testbed import data
@@ -22,7 +23,6 @@ from svg2.testbed.model import (
     quantize_state,
     save_testbed,
 )
-from svg2.testbed.structure import head_stats
 
 
 def _scenes(n=6, seed=0, **kw):

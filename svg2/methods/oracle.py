@@ -13,7 +13,8 @@ What it is not: an upper bound. It maximises attention *recall* among masks made
     the dropped keys and on the renormalisation over the kept ones (on the mini model at the long point,
     ``oracle_raster`` scores 22.3 / 25.7 dB PSNR at target density 0.15 / 0.3 where SVG1 scores 23.8 / 26.0).
 The largest recall any mask of a given density can reach is the top-k bound of the recall analysis
-(``svg2.testbed.structure.recall_bound``: the k = density x pairs highest exact attention weights).
+(``svg2.attention_structure.recall_bound``: the k = density x pairs highest exact attention weights), which
+``analysis.recall`` reports beside every method (its ``bound`` column, and the ``bound`` rows and curve).
 
 Methods (one class each, so a config names only the parameters its partition takes):
   * ``oracle_raster``: contiguous raster blocks of ``block_size`` video tokens (the partition of
