@@ -217,3 +217,16 @@ def test_a_killed_single_run_resumes_from_its_stable_store(tmp_path):
     assert len((store / "results.jsonl").read_text().splitlines()) == 2
     launches = sorted(p.parent.name for p in (tmp_path / "outputs" / "resume").glob("*/.hydra"))
     assert len(launches) == 2  # the killed launch's folder is kept beside the relaunch's
+
+
+def test_submitit_jobs_name_their_folders_after_the_launch(tmp_path, monkeypatch, capfd):
+    """Jobs that hydra-submitit runs in other processes resolve ${svg2_launch:} there: to the launch's id."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    code, out = run_svg2_cli(["-m", "hydra/launcher=submitit_local", *TINY, "prompts.limit=1", "method=dense,svg2",
+                              f"cache.dir={tmp_path / 'c'}", f"hydra.sweep.dir={sweep}"], monkeypatch, capfd)
+    assert code == 0, out
+    launches = {p.parent.name for p in sweep.glob("*/*/.hydra")}
+    assert len(launches) == 1 and len(list(sweep.glob("*/*/.hydra"))) == 2, launches  # one launch, two jobs
+    assert len(ResultsStore(sweep / "results").rows()) == 2
