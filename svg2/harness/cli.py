@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from svg2.harness.launch import LAUNCH_ENV, single_run_store, start_launch
 from svg2.harness.ranks import rank_policy
 from svg2.harness.runner import run_job
 from svg2.harness.session import RunSession
@@ -67,8 +68,8 @@ def run_from_hydra(cfg: DictConfig, session: RunSession) -> dict[str, Any]:
     out_dir = Path(hc.runtime.output_dir)
     if cfg.store.dir:
         store_dir = Path(os.path.expanduser(cfg.store.dir))
-    else:
-        store_dir = (Path(hc.sweep.dir) if multirun else out_dir) / "results"
+    else:  # one store per sweep or run name, above the per-launch job folders: a relaunch resumes it
+        store_dir = Path(hc.sweep.dir) / "results" if multirun else single_run_store(out_dir)
     job_info = {"job_num": hc.job.num if multirun else 0, "override_dirname": hc.job.override_dirname or "default",
                 "output_dir": str(out_dir)}
     store_dir = policy.shared_path(store_dir)
@@ -118,6 +119,8 @@ def main() -> None:
 
     register_configs()
     session = RunSession()
+    before = os.environ.get(LAUNCH_ENV)
+    start_launch()  # this invocation's id: its job folders are its own (svg2.harness.launch)
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def svg2_run(cfg: DictConfig) -> dict[str, Any]:
@@ -129,6 +132,11 @@ def main() -> None:
         # Every finished row is on disk already (atomic row files): say so, without a traceback.
         _interrupted(session)
         raise SystemExit(130) from None
+    finally:  # another invocation in this process (tests, notebooks) starts its own launch
+        if before is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = before
     lines = summary_lines(session)
     if lines:
         print("\n".join(lines), file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ class ReferenceCache:
             stored = (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
         else:
             stored = frames.astype(self.dtype)
-        tmp = d / f".frames.{os.getpid()}.npy"
+        tmp = d / f".frames.{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"  # own name: launches may share the cache
         np.save(tmp, stored)
         os.replace(tmp, d / "frames.npy")
         mp4 = write_mp4(d / "video.mp4", frames, fps=fps) if write_video else None

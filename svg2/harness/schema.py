@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from svg2.config import KERNEL_FIELDS, SVG2Config
+from svg2.harness.launch import ensure_launch_resolver
 from svg2_kernels.plan import TileConfig
 
 __all__ = ["SVG2Overrides", "ModelConfig", "MethodConfig", "KernelConfig", "PromptsConfig", "MetricsConfig",
@@ -156,7 +157,8 @@ class LatencyConfig:
 
 @dataclass
 class StoreConfig:
-    dir: Optional[str] = None  # None: <sweep dir>/results in a multirun, <run dir>/results otherwise
+    # None: <sweep dir>/results in a multirun; outputs/<name>/results in a run (beside its per-launch folders)
+    dir: Optional[str] = None
     retry_failed: bool = True  # a relaunch retries rows that failed; finished rows are always skipped
     save_videos: bool = True
 
@@ -201,7 +203,9 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas (idempotent). ``conf/config.yaml`` lists ``svg2_run_schema`` first."""
+    """Register the schemas and the ``${svg2_launch:}`` resolver of the job folders (idempotent).
+    ``conf/config.yaml`` lists ``svg2_run_schema`` first."""
+    ensure_launch_resolver()
     node = OmegaConf.structured(RunConfig)
     # method.cfg takes the method's own parameters beside the typed SVG2 knobs (see MethodConfig.cfg).
     OmegaConf.set_struct(node.method.cfg, False)

@@ -5,22 +5,28 @@ every row).
 
 :func:`check_run_config` returns the problems of one job config (an empty list when it can run). What is checked:
 the method and its SVG2 knobs (``method_spec``: the method class, its parameters, SVG2Config ranges, kernel
-names), the model preset's values (frames, steps, sizes, dtype, device, loader, weights), seeds, the prompt
-selection (the prompts are loaded: a bad file or an empty selection is reported here), batch size, parallel
-mode, metric comparisons, warm-up runs and the reference cache's dtype. Pretrained weights are checked where
-it costs nothing: a local folder must exist, and with HF_HUB_OFFLINE=1 a Hub id must be in the cache.
+names from the kernel registry; the method object is built, so its constructor checks its own arguments; a named
+kernel must be able to run on the job's device), the model preset's values (frames, steps, sizes, dtype, device,
+loader, weights), seeds, the prompt selection (the prompts are loaded: a bad file or an empty selection is
+reported here), batch size, parallel mode, metric comparisons, warm-up runs and the reference cache's dtype.
+Pretrained weights are checked where it costs nothing: a local folder must exist, and with HF_HUB_OFFLINE=1 a
+Hub id must be in the cache.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-__all__ = ["check_run_config", "check_model", "sweep_job_overrides", "ValidateCallback", "ConfigProblems"]
+__all__ = ["check_run_config", "check_model", "kernel_device_problems", "sweep_job_overrides", "ValidateCallback",
+           "ConfigProblems"]
 
 _LOADERS = ("diffusers", "random", "tiny_wan", "callable")
 _CACHE_DTYPES = ("float16", "float32", "uint8")
@@ -138,6 +144,115 @@ def _check_prompts(cfg: Any) -> list[str]:
     return []
 
 
+def _check_kernel_names(cfg: Any) -> tuple[list[str], Any]:
+    """Unknown kernel names (``kernel.attention``, ``kernel.kmeans``), looked up in the kernel registry, one line
+    each with the registered names; and the config with each unknown name replaced by ``auto``, so that the other
+    checks still run on it (SVG2Config would stop at the first unknown name)."""
+    from svg2_kernels.registry import get_attention_variant, get_kmeans_variant
+
+    out: list[str] = []
+    bad: list[str] = []
+    for field_name, get in (("attention", get_attention_variant), ("kmeans", get_kmeans_variant)):
+        name = cfg.kernel.get(field_name)
+        if name == "auto" or not isinstance(name, str):
+            continue  # not a string: SVG2Config's type check says so
+        try:
+            get(name)
+        except KeyError as e:
+            out.append(f"kernel.{field_name}={name}: {e.args[0]}")
+            bad.append(field_name)
+    if not bad:
+        return out, cfg
+    job = copy.deepcopy(cfg)
+    with read_write(job), open_dict(job):
+        for field_name in bad:
+            job.kernel[field_name] = "auto"
+    return out, job
+
+
+def _svg2_knob_problems(cfg: Any) -> list[str]:
+    """Each SVG2 knob of ``model.svg2``, ``method.cfg`` and ``kernel.tiles`` that SVG2Config refuses on its own
+    (on top of the defaults), one line each naming the override to fix."""
+    from svg2.config import SVG2Config
+    from svg2.harness.runner import _set
+
+    fields = set(SVG2Config.field_names())
+    knobs = [(f"model.svg2.{k}", k, v) for k, v in _set(cfg.model.svg2).items() if k in fields]
+    knobs += [(f"method.cfg.{k}", k, v) for k, v in _set(cfg.method.cfg).items() if k in fields]
+    tiles = _set(cfg.kernel.get("tiles"))
+    if tiles:
+        knobs.append(("kernel.tiles", "attention_tiles", tiles))
+    out = []
+    for where, key, value in knobs:
+        try:
+            SVG2Config.from_dict({key: value})
+        except (KeyError, TypeError, ValueError) as e:
+            out.append(f"{where}={value}: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    return out
+
+
+def _check_method(spec: Any, model: Any) -> list[str]:
+    """Problems the method object finds in its own arguments (its constructor checks them: a bad
+    ``method.cfg.backend`` of dense_floor), and named kernels that cannot run on the job's device."""
+    if spec.stock:
+        return []
+    try:
+        with warnings.catch_warnings():  # a deprecation warning is the runner's to give, once
+            warnings.simplefilter("ignore")
+            spec.build()
+    except (ValueError, KeyError, TypeError) as e:
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e
+        return [f"method {spec.name!r} (method.cfg): {why}"]
+    if spec.cfg is not None:
+        attention, kmeans = spec.cfg.attention_kernel, spec.cfg.kmeans_kernel
+    else:  # a method that shares the kernel knobs with SVG2 gets them as arguments; others run no kernel
+        attention, kmeans = spec.kwargs.get("attention_kernel", "auto"), spec.kwargs.get("kmeans_kernel", "auto")
+    return kernel_device_problems(attention, kmeans, str(model.get("device", "auto")))
+
+
+def kernel_device_problems(attention: str, kmeans: str, device: str) -> list[str]:
+    """Named kernels (not ``auto``) that cannot run on ``device`` (a ``model.device`` value) at all, by what the
+    registry's variants declare (their ``devices`` and the packages they require); one line each, listing the
+    registered kernels that can. Whether a kernel takes the model's head dim, dtype and sequence length is
+    known only once the model is loaded: the variant's ``not_supported_reasons`` decides that at the call."""
+    from svg2.harness.models import ModelLoadError, resolve_device
+    from svg2_kernels.registry import (
+        available_attention_variants,
+        available_kmeans_variants,
+        get_attention_variant,
+        get_kmeans_variant,
+    )
+
+    try:
+        dev = resolve_device(device).type
+    except (ModelLoadError, RuntimeError, ValueError):
+        return []  # check_model reports the device
+    out: list[str] = []
+    for key, name, get, names in (("kernel.attention", attention, get_attention_variant, available_attention_variants),
+                                  ("kernel.kmeans", kmeans, get_kmeans_variant, available_kmeans_variants)):
+        if name == "auto":
+            continue
+        try:
+            variant = get(name)
+        except KeyError:
+            continue  # an unknown name: SVG2Config already said so, with the known names
+        why = _refusal(variant, dev)
+        if why:
+            fit = [n for n in names() if not _refusal(get(n), dev)]
+            out.append(f"{key}={name}: {why}; on {dev} use {key}=auto or one of {fit}"
+                       + (" (kernel=<name> sets both kernels)" if key == "kernel.attention" else ""))
+    return out
+
+
+def _refusal(variant: Any, device_type: str) -> str:
+    """Why ``variant`` can run nothing on ``device_type`` (empty: it may run, depending on the inputs)."""
+    why = [f"package '{p}' is not installed" for p in variant.requires if importlib.util.find_spec(p) is None]
+    if device_type not in variant.devices:
+        why.append(f"kernel {variant.name!r} runs on {'/'.join(variant.devices)}, not on this job's device "
+                   f"({device_type})")
+    return "; ".join(why)
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
@@ -147,11 +262,16 @@ def check_run_config(cfg: Any) -> list[str]:
     from svg2.harness.ranks import mode_of
     from svg2.harness.runner import method_spec, resolve_batch_size
 
-    out: list[str] = []
+    out, job = _check_kernel_names(cfg)
     try:
-        method_spec(cfg)
+        spec = method_spec(job)
     except (ValueError, KeyError, TypeError) as e:
-        out.append(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        # SVG2Config stops at its first bad field: name each bad knob on its own line (the message when none
+        # is bad alone)
+        out += (_svg2_knob_problems(job) or [msg]) if msg.startswith("invalid SVG2 settings") else [msg]
+    else:
+        out += _check_method(spec, job.model)
     out += check_model(cfg.model)
     seeds = list(cfg.seeds) if cfg.get("seeds") is not None else []
     if not seeds:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +43,21 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 16) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {h}x{w}")
-    with imageio.get_writer(tmp, fps=fps, codec=MP4_SETTINGS["codec"], quality=MP4_SETTINGS["quality"],
-                            pixelformat=MP4_SETTINGS["pixelformat"], macro_block_size=1,
-                            ffmpeg_log_level="error") as w_:
-        for f in frames:  # one frame at a time: no uint8 (or float temporaries) of the whole video
-            w_.append_data(to_uint8(f))
-    tmp.replace(path)
+    # A temp name of its own: two processes writing one video (launches sharing a reference cache or a store)
+    # must not write into, or rename away, each other's file.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.mp4")
+    try:
+        with imageio.get_writer(tmp, fps=fps, codec=MP4_SETTINGS["codec"], quality=MP4_SETTINGS["quality"],
+                                pixelformat=MP4_SETTINGS["pixelformat"], macro_block_size=1,
+                                ffmpeg_log_level="error") as w_:
+            for f in frames:  # one frame at a time: no uint8 (or float temporaries) of the whole video
+                w_.append_data(to_uint8(f))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
