@@ -260,6 +260,25 @@ def _pad_rows(x: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torc
     return torch.nn.functional.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]), value=value).contiguous()
 
 
+def _ck_pad(ck: int) -> int:
+    """CK_PAD: the key-cluster count rounded up to a multiple of 128 (``_CK_ALIGN``)."""
+    return -(-ck // _CK_ALIGN) * _CK_ALIGN
+
+
+def _block_d(d: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two >= 16."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _padded_centroids(centroids: torch.Tensor, value_means: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids and value means (B, H, CK_PAD, BLOCK_D) in ``dtype``, zero padding (fresh, contiguous): the
+    centroid tables of :func:`prepare_tables` and of the sorted kernel's ``bias="table"``."""
+    ck, d = centroids.shape[-2:]
+    ck_pad, bd = _ck_pad(ck), _block_d(d)
+    return _pad_rows(centroids.to(dtype), ck_pad, bd), _pad_rows(value_means.to(dtype), ck_pad, bd)
+
+
 def _launch(q, kc, vm, skip, log2n, q_labels, q_perm, out_in, lse_in, scale, tiles):
     """kc / vm (B, H, CK_PAD, BLOCK_D), skip (B, H, Cq, CK_PAD) uint8, log2n (B, H, CK_PAD): padded, contiguous."""
     b, h, s, d = q.shape
@@ -324,11 +343,9 @@ def prepare_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: to
     """The kernel's padded per-head tables: centroids and value means (B, H, CK_PAD, BLOCK_D) in ``dtype``,
     skip (B, H, Cq, CK_PAD) uint8 and log2 n (B, H, CK_PAD) fp32 (-inf: empty or padding). CK_PAD is Ck rounded
     up to 128, BLOCK_D the head dim rounded up to a power of two >= 16. A few MB at Wan 14B: a copy each."""
-    ck, d = centroids.shape[-2:]
-    ck_pad = -(-ck // _CK_ALIGN) * _CK_ALIGN
-    bd = max(16, 1 << (d - 1).bit_length())
-    kc = _pad_rows(centroids.to(dtype), ck_pad, bd)
-    vm = _pad_rows(value_means.to(dtype), ck_pad, bd)
+    ck = centroids.shape[-2]
+    ck_pad = _ck_pad(ck)
+    kc, vm = _padded_centroids(centroids, value_means, dtype)
     log2n = torch.nn.functional.pad(torch.log2(sizes.float()), (0, ck_pad - ck), value=float("-inf")).contiguous()
     skip = torch.nn.functional.pad(skipped.view(torch.uint8), (0, ck_pad - ck)).contiguous()
     return kc, vm, skip, log2n

@@ -43,10 +43,12 @@ import torch
 
 from svg2_kernels._triton import HAS_TMA, HAS_TRITON, TensorDescriptor, interpreting, tl, triton
 from svg2_kernels.compensation import (
-    _CK_ALIGN,
     CompensationTiles,
     TritonCompensation,
+    _block_d,
+    _ck_pad,
     _pad_rows,
+    _padded_centroids,
     check_compensation_args,
 )
 from svg2_kernels.registry import register_compensation_variant
@@ -370,11 +372,9 @@ def sorted_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: tor
     padding), and the bias table (B, H, Cq, CK_PAD) fp32 in raw-score units: ``ln(n_j) / scale`` where query
     cluster i skips non-empty key cluster j, else -inf (kept, empty, padding). CK_PAD: Ck rounded up to 128;
     BLOCK_D: the head dim rounded up to a power of two >= 16. About 49 MB of bias at Wan 14B (300, 1000)."""
-    ck, d = centroids.shape[-2:]
-    ck_pad = -(-ck // _CK_ALIGN) * _CK_ALIGN
-    bd = max(16, 1 << (d - 1).bit_length())
-    kc = _pad_rows(centroids.to(dtype), ck_pad, bd)
-    vm = _pad_rows(value_means.to(dtype), ck_pad, bd)
+    ck = centroids.shape[-2]
+    ck_pad = _ck_pad(ck)
+    kc, vm = _padded_centroids(centroids, value_means, dtype)
     lnb = torch.log(sizes.float()) * (1.0 / float(scale))  # log 0 = -inf: empty clusters weigh 0
     bias = torch.where(skipped, lnb[:, :, None, :], float("-inf"))
     bias = torch.nn.functional.pad(bias, (0, ck_pad - ck), value=float("-inf")).contiguous()
@@ -392,13 +392,13 @@ def skip_tables(centroids: torch.Tensor, value_means: torch.Tensor, sizes: torch
     (a per-head stride of 1000 floats is not known to be). At Wan 14B (300, 1000), D = 128: two casts (10 + 10 MB
     of bf16) and three small ops (160 KB) instead of the 49 MB (Cq, CK_PAD) fp32 table."""
     d = centroids.shape[-1]
-    bd = max(16, 1 << (d - 1).bit_length())
+    bd = _block_d(d)
     if bd == d:
         kc, vm = centroids.to(dtype).contiguous(), value_means.to(dtype).contiguous()  # no copy when already so
     else:
         kc, vm = (_pad_rows(x.to(dtype), x.shape[-2], bd) for x in (centroids, value_means))
     ck = sizes.shape[-1]
-    ck_pad = -(-ck // _CK_ALIGN) * _CK_ALIGN
+    ck_pad = _ck_pad(ck)
     lnb = torch.full((*sizes.shape[:-1], ck_pad), float("-inf"), device=sizes.device)
     # log of an integer tensor is computed in the default float dtype (one launch instead of a cast and a log).
     direct = not sizes.is_floating_point() and torch.get_default_dtype() == torch.float32

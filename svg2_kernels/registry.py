@@ -103,11 +103,7 @@ class AttentionVariant:
     fuses_query_permutation: bool = False
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
-        reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
-        if inputs.device_type not in self.devices:
-            reasons.append(f"device '{inputs.device_type}' not in {self.devices}")
-        if inputs.dtype not in self.dtypes:
-            reasons.append(f"dtype {inputs.dtype} not in {self.dtypes}")
+        reasons = _support_reasons(self, inputs)
         if self.head_dims is not None and inputs.head_dim not in self.head_dims:
             reasons.append(f"head dim {inputs.head_dim} not in {self.head_dims}")
         return reasons
@@ -150,12 +146,7 @@ class KMeansVariant:
     requires: tuple[str, ...] = ()
 
     def not_supported_reasons(self, inputs: KMeansInputs) -> list[str]:
-        reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
-        if inputs.device_type not in self.devices:
-            reasons.append(f"device '{inputs.device_type}' not in {self.devices}")
-        if inputs.dtype not in self.dtypes:
-            reasons.append(f"dtype {inputs.dtype} not in {self.dtypes}")
-        return reasons
+        return _support_reasons(self, inputs)
 
     def run(self, x, centroids, iters):  # pragma: no cover
         raise NotImplementedError
@@ -181,12 +172,7 @@ class CompensationVariant:
     fuses_merge: bool = False  # merges with the sparse out / lse in its epilogue
 
     def not_supported_reasons(self, inputs: CompensationInputs) -> list[str]:
-        reasons = [f"package '{p}' is not installed" for p in self.requires if not _has_package(p)]
-        if inputs.device_type not in self.devices:
-            reasons.append(f"device '{inputs.device_type}' not in {self.devices}")
-        if inputs.dtype not in self.dtypes:
-            reasons.append(f"dtype {inputs.dtype} not in {self.dtypes}")
-        return reasons
+        return _support_reasons(self, inputs)
 
     def run(self, q, centroids, value_means, sizes, skipped, q_labels, scale, out=None, lse=None,
             q_perm=None):  # pragma: no cover
@@ -203,6 +189,19 @@ def triton_interpreting() -> bool:
 
 def _has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def _support_reasons(variant: AttentionVariant | KMeansVariant | CompensationVariant,
+                    inputs: AttentionInputs | KMeansInputs | CompensationInputs) -> list[str]:
+    """The checks every kernel variant shares: why ``variant`` refuses ``inputs`` on its declared ``requires``
+    (missing packages), ``devices`` and ``dtypes``; empty when it accepts them. Each variant's
+    ``not_supported_reasons`` starts from this list and appends its own limits (head dims, Triton, GPU)."""
+    reasons = [f"package '{p}' is not installed" for p in variant.requires if not _has_package(p)]
+    if inputs.device_type not in variant.devices:
+        reasons.append(f"device '{inputs.device_type}' not in {variant.devices}")
+    if inputs.dtype not in variant.dtypes:
+        reasons.append(f"dtype {inputs.dtype} not in {variant.dtypes}")
+    return reasons
 
 
 # --------------------------------------------------------------------------------------------- torch

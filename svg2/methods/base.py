@@ -17,7 +17,7 @@ from svg2.config import SVG2Config
 from svg2.timing import ComponentTimer
 
 __all__ = ["AttentionContext", "AttentionMethod", "MethodState", "register_method", "build_method",
-           "available_methods", "method_class", "compensation_record"]
+           "available_methods", "method_class", "compensation_record", "check_target_density"]
 
 
 class MethodState:
@@ -145,6 +145,14 @@ def compensation_record(cfg: Any, state: ClusterState) -> dict[str, Any]:
     if getattr(cfg, "layout_every", 1) > 1:
         row["layout_reused"] = state.last_layout_reused
     return row
+
+
+def check_target_density(target_density: float | None) -> float | None:
+    """The matched-density knob the methods share (a matched-density sweep sets it on each): a share of the token
+    pairs in (0, 1], or None (the method's own rule). Returned unchanged; a value outside the range is refused."""
+    if target_density is not None and not 0.0 < target_density <= 1.0:
+        raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+    return target_density
 
 
 def dense_schedule(dense_steps_frac: float, dense_layers: int, ctx: AttentionContext) -> bool:

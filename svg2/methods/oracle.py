@@ -36,7 +36,7 @@ import torch
 from svg2.attention import build_layout
 from svg2.config import SVG2Config
 from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.base import AttentionContext, check_target_density, register_method
 from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
 from svg2.selection import select_target_density, select_top_p
 
@@ -120,8 +120,7 @@ class ExactScoreSelection(LayoutMethod):
             refuse_single_token_compensation(self.name, block_size, self.compensate)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        if target_density is not None and not 0.0 < target_density <= 1.0:
-            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+        check_target_density(target_density)
         self.partition = partition
         self.block_size = int(block_size)
         self.top_p = float(top_p)

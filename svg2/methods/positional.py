@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.base import AttentionContext, check_target_density, register_method
 from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation, softmax_scale, static_layout
 from svg2.selection import centroid_scores, select_target_density, select_top_p
 
-__all__ = ["PositionalMethod", "block_means", "raster_block_scores", "raster_block_layout"]
+__all__ = ["PositionalMethod", "RasterBlockSelection", "block_means", "raster_block_scores", "raster_block_layout"]
 
 
 def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,32 +66,55 @@ def raster_block_layout(block_map: torch.Tensor, q: torch.Tensor, ctx: Attention
                          num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
 
 
-@register_method("positional")
-class PositionalMethod(LayoutMethod):
-    """Raster-order blocks with mean-pooled Q/K centroids and SVG2's top-p / target-density selection."""
+class RasterBlockSelection(LayoutMethod):
+    """Shared machinery of ``positional`` and ``sol_attn``: raster-order blocks of ``block_size`` video tokens,
+    SVG2's centroid estimate on their mean-pooled Q and K (:func:`raster_block_scores`), then the subclass's
+    :meth:`select` rule, or SVG2's matched-density selection when ``target_density`` is set.
 
-    def __init__(self, block_size: int = 64, top_p: float = 0.9, min_kc_ratio: float = 0.10,
-                 target_density: float | None = None, **schedule: Any) -> None:
-        super().__init__(**schedule)
+    Subclasses call ``_setup_blocks`` from their constructor (this class has none of its own, so each registered
+    method's parameters are exactly its constructor's)."""
+
+    block_size: int
+    min_kc_ratio: float
+    target_density: float | None
+
+    def _setup_blocks(self, block_size: int, min_kc_ratio: float, target_density: float | None) -> None:
+        """Check and keep the block settings (after ``LayoutMethod.__init__``, which sets ``compensate``)."""
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
         refuse_single_token_compensation(self.name, block_size, self.compensate)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        if target_density is not None and not 0.0 < target_density <= 1.0:
-            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
         self.block_size = int(block_size)
-        self.top_p = float(top_p)
         self.min_kc_ratio = float(min_kc_ratio)
-        self.target_density = target_density
+        self.target_density = check_target_density(target_density)
+
+    def select(self, scores: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
+        """The method's own rule: scores (N, Cq, Ck) row-stochastic, q_sizes (N, Cq), k_sizes (N, Ck) tokens per
+        block -> block_map (N, Cq, Ck) bool."""
+        raise NotImplementedError
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
         scores, qs, ks = raster_block_scores(q, k, ctx, self.block_size)
         if self.target_density is not None:
             block_map = select_target_density(scores, qs, ks, self.target_density, self.min_kc_ratio)
         else:
-            block_map = select_top_p(scores, self.top_p, self.min_kc_ratio)
+            block_map = self.select(scores, qs, ks)
         return raster_block_layout(block_map, q, ctx, self.block_size)
+
+
+@register_method("positional")
+class PositionalMethod(RasterBlockSelection):
+    """Raster-order blocks with mean-pooled Q/K centroids and SVG2's top-p / target-density selection."""
+
+    def __init__(self, block_size: int = 64, top_p: float = 0.9, min_kc_ratio: float = 0.10,
+                 target_density: float | None = None, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        self._setup_blocks(block_size, min_kc_ratio, target_density)
+        self.top_p = float(top_p)
+
+    def select(self, scores: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
+        return select_top_p(scores, self.top_p, self.min_kc_ratio)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_size": self.block_size, "top_p": self.top_p,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.base import AttentionContext, check_target_density, register_method
 from svg2.methods.blockwise import LayoutMethod, on_device, static_density, static_layout, video_shape
 
 __all__ = ["RadialMethod", "radial_block_map"]
@@ -136,8 +136,7 @@ class RadialMethod(LayoutMethod):
                              "at temporal distance 1: half a frame for Wan, a whole frame for HunyuanVideo)")
         if block_size < 1 or not decay_factor > 0 or not math.isfinite(decay_factor):
             raise ValueError("block_size must be >= 1 and decay_factor > 0")
-        if target_density is not None and not 0.0 < target_density <= 1.0:
-            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+        check_target_density(target_density)
         self.block_size = int(block_size)
         self.decay_factor = float(decay_factor)
         self.model_type = model_type

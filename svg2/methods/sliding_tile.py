@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, register_method
+from svg2.methods.base import AttentionContext, check_target_density, register_method
 from svg2.methods.blockwise import LayoutMethod, on_device, static_density, static_layout, video_shape
 
 __all__ = ["SlidingTileMethod", "tile_labels", "sta_block_map"]
@@ -100,8 +100,7 @@ class SlidingTileMethod(LayoutMethod):
         self.window = _triple(window, "window")
         if any(k % 2 == 0 for k in self.window):
             raise ValueError(f"window={self.window} must be odd in every axis (centred on the query tile)")
-        if target_density is not None and not 0.0 < target_density <= 1.0:
-            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
+        check_target_density(target_density)
         self.target_density = target_density
 
     def resolved_window(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:

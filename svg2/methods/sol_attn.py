@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
-from svg2.layout import ClusterLayout
-from svg2.methods.base import AttentionContext, register_method
-from svg2.methods.blockwise import LayoutMethod, refuse_single_token_compensation
-from svg2.methods.positional import raster_block_layout, raster_block_scores
-from svg2.selection import min_key_clusters, select_target_density
+from svg2.methods.base import register_method
+from svg2.methods.positional import RasterBlockSelection
+from svg2.selection import min_key_clusters
 
 __all__ = ["SolAttnMethod", "select_threshold"]
 
@@ -52,7 +50,7 @@ def select_threshold(scores: torch.Tensor, k_sizes: torch.Tensor, threshold: flo
 
 
 @register_method("sol_attn")
-class SolAttnMethod(LayoutMethod):
+class SolAttnMethod(RasterBlockSelection):
     """Raster blocks, threshold on block-mean scores, compensation of every skipped block (always on)."""
 
     @classmethod
@@ -65,27 +63,15 @@ class SolAttnMethod(LayoutMethod):
             raise ValueError("sol_attn always compensates its skipped blocks (that is the method); for dropping them "
                              "use method=positional, whose compensate option is off by default")
         super().__init__(compensate=True, **schedule)
-        if block_size < 1:
-            raise ValueError(f"block_size={block_size} must be >= 1")
-        refuse_single_token_compensation(self.name, block_size, True)
         if not (math.isfinite(threshold) and threshold >= 0):
             raise ValueError(f"threshold={threshold} must be a finite number >= 0 (in units of the uniform share)")
         if not 0.0 <= min_kc_ratio <= 1.0:
             raise ValueError(f"min_kc_ratio={min_kc_ratio} must be in [0, 1]")
-        if target_density is not None and not 0.0 < target_density <= 1.0:
-            raise ValueError(f"target_density={target_density} must be in (0, 1] or None")
-        self.block_size = int(block_size)
+        self._setup_blocks(block_size, min_kc_ratio, target_density)
         self.threshold = float(threshold)
-        self.min_kc_ratio = float(min_kc_ratio)
-        self.target_density = target_density
 
-    def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> ClusterLayout:
-        scores, qs, ks = raster_block_scores(q, k, ctx, self.block_size)
-        if self.target_density is not None:
-            block_map = select_target_density(scores, qs, ks, self.target_density, self.min_kc_ratio)
-        else:
-            block_map = select_threshold(scores, ks, self.threshold, self.min_kc_ratio)
-        return raster_block_layout(block_map, q, ctx, self.block_size)
+    def select(self, scores: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
+        return select_threshold(scores, k_sizes, self.threshold, self.min_kc_ratio)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_size": self.block_size, "threshold": self.threshold,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ __all__ = [
     "captions",
     "caption_vocabulary",
     "held_out_triples",
+    "avoid_held_out",
+    "draw_radius",
+    "object_phrases",
 ]
 
 # name -> RGB in [0, 1]. Objects: bright, saturated. Backgrounds: dark shades.
@@ -94,6 +98,42 @@ def held_out_triples() -> frozenset[tuple[int, int, int]]:
         if len(picked) == 12:
             break
     return frozenset(picked)
+
+
+def avoid_held_out(color: torch.Tensor, shape: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+    """``color`` with every object that would show a held-out (colour, shape, direction) triple moved to the next
+    colour (never held out with the same shape and direction, see :func:`held_out_triples`). Motions 0-3 must be
+    the four ``DIRECTIONS``, in order. All (B, K) long."""
+    held = torch.zeros(len(_OBJ_NAMES), len(SHAPES), len(DIRECTIONS), dtype=torch.bool)
+    for c, s, d in held_out_triples():
+        held[c, s, d] = True
+    bad = (motion < 4) & held[color, shape, motion.clamp(max=3)]
+    return torch.where(bad, (color + 1) % len(_OBJ_NAMES), color)
+
+
+def draw_radius(size_class: torch.Tensor, size_radius: tuple[tuple[float, float], ...],
+                g: torch.Generator) -> torch.Tensor:
+    """Radii drawn uniformly in each object's ``size_radius[size_class]`` (lo, hi) range; shaped like
+    ``size_class``."""
+    lo = torch.tensor([a for a, _ in size_radius])[size_class]
+    hi = torch.tensor([b for _, b in size_radius])[size_class]
+    return lo + (hi - lo) * torch.rand(size_class.shape, generator=g)
+
+
+def object_phrases(scene: Any, b: int, sizes: tuple[str, ...], motions: tuple[str, ...]) -> list[str]:
+    """The caption of every active object of scene ``b`` in slot order, e.g. 'a small red circle moves left',
+    'an orange cross bounces' (size "": medium). ``scene``: a batch with (B, K) ``active``, ``size_class``,
+    ``color``, ``shape`` and ``motion`` (a :class:`Scene` or a testbed ``WorldScene``), indices into ``sizes``,
+    the object colours, ``SHAPES`` and ``motions``."""
+    out = []
+    for k in range(scene.active.shape[1]):
+        if not scene.active[b, k]:
+            continue
+        size, color = sizes[scene.size_class[b, k]], _OBJ_NAMES[scene.color[b, k]]
+        first = size or color
+        words = ["an" if first[0] in "aeiou" else "a"] + ([size] if size else [])
+        out.append(" ".join(words + [color, SHAPES[scene.shape[b, k]], motions[scene.motion[b, k]]]))
+    return out
 
 
 def caption_vocabulary() -> list[str]:
@@ -193,16 +233,9 @@ def sample_scenes(batch_size: int, generator: torch.Generator, *, train: bool = 
     # a circle that rotates looks still: give it another motion
     motion = torch.where((shape == 0) & (motion == 7), torch.randint(0, 7, (B, K), generator=g), motion)
     if train:
-        held = torch.zeros(len(_OBJ_NAMES), len(SHAPES), len(DIRECTIONS), dtype=torch.bool)
-        for c, s, d in held_out_triples():
-            held[c, s, d] = True
-        is_dir = motion < 4
-        bad = is_dir & held[color, shape, motion.clamp(max=3)]
-        color = torch.where(bad, (color + 1) % len(_OBJ_NAMES), color)
+        color = avoid_held_out(color, shape, motion)
     size_class = torch.randint(len(SIZES), (B, K), generator=g)
-    lo = torch.tensor([a for a, _ in SIZE_RADIUS])[size_class]
-    hi = torch.tensor([b for _, b in SIZE_RADIUS])[size_class]
-    radius = lo + (hi - lo) * torch.rand((B, K), generator=g)
+    radius = draw_radius(size_class, SIZE_RADIUS, g)
     bg_color = torch.randint(len(_BG_NAMES), (B,), generator=g)
     # never an object colour name equal to the background's ("a green square over a green background")
     bg_as_obj = torch.tensor([_OBJ_NAMES.index(n) if n in _OBJ_NAMES else -1 for n in _BG_NAMES])
@@ -264,9 +297,7 @@ def scenes_from_spec(specs: list[dict], generator: torch.Generator) -> Scene:
         scene.bg_style[b] = BG_STYLES.index(spec["bg_style"])
         scene.bg_color[b] = _BG_NAMES.index(spec["bg_color"])
         scene.pan[b] = PAN_DIRS.index(spec.get("pan", ""))
-    lo = torch.tensor([a for a, _ in SIZE_RADIUS])[scene.size_class]
-    hi = torch.tensor([b for _, b in SIZE_RADIUS])[scene.size_class]
-    scene.radius = lo + (hi - lo) * torch.rand((B, MAX_OBJECTS), generator=generator)
+    scene.radius = draw_radius(scene.size_class, SIZE_RADIUS, generator)
     _fill_background(scene, generator)
     _layout(scene, generator)
     return scene
@@ -276,17 +307,7 @@ def captions(scene: Scene) -> list[str]:
     """One caption per scene, e.g. 'a small red circle moves left over a striped blue background'."""
     out = []
     for b in range(scene.batch_size):
-        parts = []
-        for k in range(MAX_OBJECTS):
-            if not scene.active[b, k]:
-                continue
-            size = SIZES[scene.size_class[b, k]]
-            first = size or _OBJ_NAMES[scene.color[b, k]]
-            article = "an" if first[0] in "aeiou" else "a"
-            words = [article] + ([size] if size else []) + [_OBJ_NAMES[scene.color[b, k]], SHAPES[scene.shape[b, k]],
-                                                       MOTIONS[scene.motion[b, k]]]
-            parts.append(" ".join(words))
-        text = " and ".join(parts)
+        text = " and ".join(object_phrases(scene, b, SIZES, MOTIONS))
         text += f" over a {BG_STYLES[scene.bg_style[b]]} {_BG_NAMES[scene.bg_color[b]]} background"
         pan = PAN_DIRS[scene.pan[b]]
         if pan:

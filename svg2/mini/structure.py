@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-__all__ = ["TopMassRecorder", "measure_top_mass"]
+__all__ = ["TopMassRecorder", "measure_top_mass", "wan_rope"]
 
 
 class _Probe(WanAttnProcessor):
@@ -27,13 +27,14 @@ class _Probe(WanAttnProcessor):
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
+            q, k = wan_rope(q, *rotary_emb), wan_rope(k, *rotary_emb)
         self.recorder._record(self.layer, q, k)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # same arithmetic as diffusers' WanAttnProcessor (interleaved pairs)
+def wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding of q or k (B, S, H, D), with the arithmetic of diffusers' WanAttnProcessor
+    (interleaved pairs); ``cos``, ``sin`` are the ``rotary_emb`` the processor receives."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from svg2.mini.data import BG_COLORS, DIRECTIONS, OBJECT_COLORS, SHAPES, held_out_triples
+from svg2.mini.data import BG_COLORS, OBJECT_COLORS, SHAPES, avoid_held_out, draw_radius, object_phrases
 
 __all__ = [
     "MOTIONS",
@@ -118,13 +118,6 @@ def _u(g: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> torc
     return lo + (hi - lo) * torch.rand(shape, generator=g)
 
 
-def _held_mask() -> torch.Tensor:
-    held = torch.zeros(len(_OBJ_NAMES), len(SHAPES), len(DIRECTIONS), dtype=torch.bool)
-    for c, s, d in held_out_triples():
-        held[c, s, d] = True
-    return held
-
-
 def _draw_world(B: int, g: torch.Generator, aspect: torch.Tensor) -> dict[str, torch.Tensor]:
     """World colours, texture seed, camera path and occluders (everything but the objects)."""
     out: dict[str, torch.Tensor] = {}
@@ -166,10 +159,8 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
     motion = torch.where(torch.rand((B, K), generator=g) < 0.25, torch.randint(0, 4, (B, K), generator=g), motion)
     out["color"], out["shape"], out["motion"] = color, shape, motion
     size_class = torch.randint(len(SIZES), (B, K), generator=g)
-    lo = torch.tensor([a for a, _ in SIZE_RADIUS])[size_class]
-    hi = torch.tensor([b for _, b in SIZE_RADIUS])[size_class]
     out["size_class"] = size_class
-    out["radius"] = lo + (hi - lo) * torch.rand((B, K), generator=g)
+    out["radius"] = draw_radius(size_class, SIZE_RADIUS, g)
     out["x0"] = torch.rand((B, K), generator=g) * aspect[:, None]
     out["y0"] = torch.rand((B, K), generator=g)
     speed = _u(g, (B, K), 0.3, 2.0)  # frame heights per clip
@@ -197,9 +188,7 @@ def _draw_objects(B: int, g: torch.Generator, train: bool, aspect: torch.Tensor)
         out[key][:, 1] = torch.where(dup, out[key][:, 0], out[key][:, 1])
     out["x0"][:, 1] = torch.where(dup, (out["x0"][:, 0] + 0.5 * aspect) % aspect, out["x0"][:, 1])
     if train:  # after the duplicates, which copy a look onto another slot's motion
-        m = out["motion"]
-        bad = (m < 4) & _held_mask()[out["color"], out["shape"], m.clamp(max=3)]
-        out["color"] = torch.where(bad, (out["color"] + 1) % len(_OBJ_NAMES), out["color"])
+        out["color"] = avoid_held_out(out["color"], out["shape"], out["motion"])
     return out
 
 
@@ -264,16 +253,7 @@ def captions(scene: WorldScene) -> list[str]:
     pans up'. Every object is named (in slot order); textures are not: they must be read from the clip."""
     out = []
     for b in range(scene.batch_size):
-        parts = []
-        for k in range(MAX_OBJECTS):
-            if not scene.active[b, k]:
-                continue
-            size = SIZES[scene.size_class[b, k]]
-            color = _OBJ_NAMES[scene.color[b, k]]
-            first = size or color
-            words = ["an" if first[0] in "aeiou" else "a"] + ([size] if size else [])
-            parts.append(" ".join(words + [color, SHAPES[scene.shape[b, k]], MOTIONS[scene.motion[b, k]]]))
-        text = " and ".join(parts) + f" over a {_BG_NAMES[scene.bg_color[b]]} world"
+        text = " and ".join(object_phrases(scene, b, SIZES, MOTIONS)) + f" over a {_BG_NAMES[scene.bg_color[b]]} world"
         pan = PANS[scene.pan[b]]
         cam = []
         if pan:

@@ -32,18 +32,10 @@ from svg2.attention_structure import (
     head_stats,
     recall_bound,
 )
+from svg2.mini.structure import wan_rope
 
 __all__ = ["HEAD_TYPES", "BOUND", "HeadStats", "RecallBound", "StructureProbe", "bound_rows", "classify_heads",
            "head_stats", "head_type_markdown", "recall_bound", "summarize_by", "tag_head_types"]
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # the arithmetic of diffusers' WanAttnProcessor (interleaved pairs)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
-    out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
-    return out.type_as(x)
 
 
 def bound_rows(records: Sequence[dict[str, Any]], density: float, rows: Sequence[torch.Tensor | None], *,
@@ -138,7 +130,7 @@ class _Probe(WanAttnProcessor):
             k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
             v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
             if rotary_emb is not None:
-                q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
+                q, k = wan_rope(q, *rotary_emb), wan_rope(k, *rotary_emb)
             self.owner._record(self.layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
