@@ -169,7 +169,7 @@ def repool_psnr(df: pd.DataFrame, pooling: str) -> pd.DataFrame:
     SSIM window and the LPIPS backbone of a convention need the videos, so they stay as measured, and the row's
     convention is renamed ``<convention>+psnr:<pooling>`` so that tables never present the mix as either
     convention. A finished row without per-frame values is an error (it predates them: regenerate it)."""
-    from svg2.harness.metrics import pooled_psnr
+    from svg2.harness.metrics import pool_psnr
 
     if pooling not in PSNR_POOLINGS:
         raise ValueError(f"psnr pooling {pooling!r}: use one of {sorted(PSNR_POOLINGS)} "
@@ -187,10 +187,7 @@ def repool_psnr(df: pd.DataFrame, pooling: str) -> pd.DataFrame:
             raise ValueError(f"{int(missing.sum())} finished row(s) have {col} but no {frames_col} (rows written "
                              f"before per-frame values were kept): regenerate them, or report without "
                              f"--psnr-pooling")
-        if pooling == "video":
-            df.loc[has, col] = values[has].map(pooled_psnr)
-        else:
-            df.loc[has, col] = values[has].map(lambda v: float(pd.Series(v, dtype="float64").mean()))
+        df.loc[has, col] = values[has].map(lambda v: pool_psnr(v, pooling))
     conv = df["metric_convention"] if "metric_convention" in df.columns else pd.Series(None, index=df.index)
     df["metric_convention"] = conv.where(~ok, conv.fillna("unrecorded").astype(str) + f"+psnr:{pooling}")
     df["psnr_pooling"] = df.get("psnr_pooling", pd.Series(None, index=df.index)).where(~ok, pooling)

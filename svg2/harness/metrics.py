@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_video", "psnr_per_frame", "mean_psnr", "pooled_psnr", "ssim_per_frame", "ssim_svg_per_frame",
+__all__ = ["as_video", "psnr_per_frame", "mean_psnr", "pooled_psnr", "pool_psnr", "ssim_per_frame",
+           "ssim_svg_per_frame",
            "MetricConvention", "CONVENTIONS", "get_convention", "metrics_identity", "LpipsScorer", "MetricSuite",
            "mean_finite", "fetch_backbone"]
 
@@ -162,6 +163,18 @@ def pooled_psnr(psnr_frames: Any) -> float:
         return math.nan
     mse = float(torch.pow(10.0, -p / 10).mean())
     return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def pool_psnr(psnr_frames: Any, pooling: str) -> float:
+    """A video's PSNR from its per-frame PSNRs under a convention's pooling: ``"frames"`` (mean of the per-frame
+    values, the authors') or ``"video"`` (:func:`pooled_psnr`). The run and ``svg2-report --psnr-pooling`` both
+    pool through here, so a re-pooled table equals a run under that pooling."""
+    if pooling == "frames":
+        return mean_finite(psnr_frames)
+    if pooling == "video":
+        return pooled_psnr(psnr_frames)
+    raise ValueError(f"psnr pooling {pooling!r}: use 'frames' (mean of per-frame PSNRs) or 'video' (error pooled "
+                     "over all frames)")
 
 
 def _check_ssim_size(r: torch.Tensor) -> None:
@@ -483,7 +496,7 @@ class MetricSuite:
         dev = self.device
         if self.psnr:
             v = _psnr_frames(r, o, dev)
-            scalars["psnr" + suffix] = mean_finite(v) if self.conv.psnr_pooling == "frames" else pooled_psnr(v)
+            scalars["psnr" + suffix] = pool_psnr(v, self.conv.psnr_pooling)
             frames[f"psnr{suffix}_frames"] = v.tolist()
         if self.ssim:
             v = _ssim_svg_frames(r, o, dev) if self.conv.ssim == "svg_box" else _ssim_frames(r, o, "gaussian", dev)
