@@ -243,6 +243,16 @@ def test_baselines_experiment_preset_builds_every_method():
     GlobalHydra.instance().clear()
 
 
+def _exact_block_mass_scatter(q, k, q_labels, k_labels, num_q_blocks, num_k_blocks, scale):
+    """The definition, in float64: every probability scattered to its (query block, key block)."""
+    n, sq, _ = q.shape
+    p = torch.softmax(torch.matmul(q.double(), k.double().transpose(1, 2)) * scale, dim=-1)
+    per_key_block = torch.zeros(n, sq, num_k_blocks, dtype=torch.float64)
+    per_key_block.scatter_add_(2, k_labels[:, None, :].expand(n, sq, -1), p)
+    mass = torch.zeros(n, num_q_blocks, num_k_blocks, dtype=torch.float64)
+    return mass.scatter_add_(1, q_labels[:, :, None].expand(-1, -1, num_k_blocks), per_key_block)
+
+
 @pytest.mark.parametrize("chunk_elems", [1 << 26, 1 << 12, 37])  # one chunk; many row chunks; head groups of one
 def test_exact_block_mass_is_the_scatter_definition(monkeypatch, chunk_elems):
     """The matmul form (query blocks reduced first, keys once at the end) equals the definition (every
@@ -258,7 +268,7 @@ def test_exact_block_mass_is_the_scatter_definition(monkeypatch, chunk_elems):
     lq = torch.randint(0, cq, (n, sq), generator=g)
     lk = torch.randint(0, ck, (n, sk), generator=g)
     mass = oracle_mod.exact_block_mass(q, k, lq, lk, cq, ck, 0.4)
-    ref = oracle_mod._exact_block_mass_scatter(q, k, lq, lk, cq, ck, 0.4)
+    ref = _exact_block_mass_scatter(q, k, lq, lk, cq, ck, 0.4)
     assert mass.dtype == torch.float32 and mass.shape == (n, cq, ck)
     torch.testing.assert_close(mass.double(), ref, atol=2e-6, rtol=1e-5)
     sizes = torch.stack([torch.bincount(lq[i], minlength=cq) for i in range(n)]).double()

@@ -85,18 +85,6 @@ def exact_block_mass(q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k
     return mass
 
 
-def _exact_block_mass_scatter(q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor,
-                              num_q_blocks: int, num_k_blocks: int, scale: float) -> torch.Tensor:
-    """The definition, by scatter over every probability (the test reference of :func:`exact_block_mass`)."""
-    n, sq, _ = q.shape
-    p = torch.softmax(torch.matmul(q.double(), k.double().transpose(1, 2)) * scale, dim=-1)
-    per_key_block = torch.zeros(n, sq, num_k_blocks, dtype=torch.float64, device=q.device)
-    per_key_block.scatter_add_(2, k_labels[:, None, :].expand(n, sq, -1), p)
-    mass = torch.zeros(n, num_q_blocks, num_k_blocks, dtype=torch.float64, device=q.device)
-    mass.scatter_add_(1, q_labels[:, :, None].expand(-1, -1, num_k_blocks), per_key_block)
-    return mass
-
-
 class ExactScoreSelection(LayoutMethod):
     """Shared machinery: exact block masses over a partition, then SVG2's selection on them.
 
