@@ -41,6 +41,7 @@ __all__ = [
     "available_attention_variants",
     "available_kmeans_variants",
     "available_compensation_variants",
+    "missing_package_reasons",
 ]
 
 
@@ -191,12 +192,17 @@ def _has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def missing_package_reasons(variant: AttentionVariant | KMeansVariant | CompensationVariant) -> list[str]:
+    """One line per package of ``variant.requires`` that is not installed (a refusal on any input)."""
+    return [f"package '{p}' is not installed" for p in variant.requires if not _has_package(p)]
+
+
 def _support_reasons(variant: AttentionVariant | KMeansVariant | CompensationVariant,
                     inputs: AttentionInputs | KMeansInputs | CompensationInputs) -> list[str]:
     """The checks every kernel variant shares: why ``variant`` refuses ``inputs`` on its declared ``requires``
     (missing packages), ``devices`` and ``dtypes``; empty when it accepts them. Each variant's
     ``not_supported_reasons`` starts from this list and appends its own limits (head dims, Triton, GPU)."""
-    reasons = [f"package '{p}' is not installed" for p in variant.requires if not _has_package(p)]
+    reasons = missing_package_reasons(variant)
     if inputs.device_type not in variant.devices:
         reasons.append(f"device '{inputs.device_type}' not in {variant.devices}")
     if inputs.dtype not in variant.dtypes:

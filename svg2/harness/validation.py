@@ -16,7 +16,6 @@ Hub id must be in the cache.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -246,7 +245,9 @@ def kernel_device_problems(attention: str, kmeans: str, device: str) -> list[str
 
 def _refusal(variant: Any, device_type: str) -> str:
     """Why ``variant`` can run nothing on ``device_type`` (empty: it may run, depending on the inputs)."""
-    why = [f"package '{p}' is not installed" for p in variant.requires if importlib.util.find_spec(p) is None]
+    from svg2_kernels.registry import missing_package_reasons
+
+    why = missing_package_reasons(variant)
     if device_type not in variant.devices:
         why.append(f"kernel {variant.name!r} runs on {'/'.join(variant.devices)}, not on this job's device "
                    f"({device_type})")
