@@ -19,6 +19,7 @@ comparisons=(
   "--vary method --values sol_attn,positional --match target_density --where-second compensate=true"
   "--vary method --values oracle_kmeans,svg2 --match $M --where-second compensate=false"
   "--vary method --values oracle_kmeans,svg2 --match $M --where-second compensate=true"
+  "--vary method --values oracle_kmeans,oracle_raster --match $M"
   "--vary layout_every --values 2,none --match method,target_density,compensate,min_kc_ratio"
   "--vary layout_every --values 4,none --match method,target_density,compensate,min_kc_ratio"
 )
