@@ -43,6 +43,10 @@ INCLUDE_ROOTS = ("flashinfer/data/include", "flashinfer/data/csrc", "flashinfer/
                  "flashinfer/data/spdlog/include")
 SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".hpp", ".inc", ".jinja", ".inl")
 _INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+# CUTLASS names libcu++ headers through a macro, ``#include CUDA_STD_HEADER(utility)`` -> <cuda/std/utility>.
+# Missing them, the build falls back to the CUDA toolkit's own CCCL, whose macros clash with the bundled copy's
+# (nvcc 13 on the H200: "missing binary operator before token '('" at `#if _CCCL_HAS_CUDA_COMPILER()`).
+_CUDA_STD_INCLUDE = re.compile(r'^\s*#\s*include\s+CUDA_STD_HEADER\(\s*(\w+)\s*\)', re.M)
 _MINIMAL_INIT = '''"""Trimmed flashinfer (svg2 experiments/vendor_flashinfer.py): variable-block sparse prefill only."""
 from ._build_meta import __version__ as __version__  # noqa: F401
 
@@ -160,7 +164,8 @@ def source_closure(z: zipfile.ZipFile, py_files: set[str]) -> set[str]:
         keep.add(path)
         text = z.read(path).decode(errors="replace")
         here = str(PurePosixPath(path).parent)
-        for inc in _INCLUDE.findall(text):
+        incs = _INCLUDE.findall(text) + [f"cuda/std/{h}" for h in _CUDA_STD_INCLUDE.findall(text)]
+        for inc in incs:
             for root in (here, *INCLUDE_ROOTS):
                 cand = str(PurePosixPath(root) / inc)
                 if cand in names:
