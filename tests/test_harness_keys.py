@@ -77,6 +77,12 @@ def test_files_identity_follows_content_and_caches_hashes(tmp_path):
     assert files_identity(w, c2) == first and c2.hashed == 0
     (w / ".lock").write_text("changed")
     assert files_identity(w, FileHashCache(cache_file)) == first
+    # Documentation beside the weights (a model card, a loss plot) is not part of their identity.
+    (w / "MODEL_CARD.md").write_text("# card")
+    (w / "sub" / "loss.png").write_bytes(b"png")
+    assert files_identity(w, FileHashCache(cache_file)) == first
+    (w / "MODEL_CARD.md").write_text("# card, edited")
+    assert files_identity(w, FileHashCache(cache_file)) == first
     # Same size, new content, new mtime: re-hashed, new identity.
     st = (w / "a.bin").stat()
     (w / "a.bin").write_bytes(b"\x01" * 64)

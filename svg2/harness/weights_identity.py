@@ -91,14 +91,21 @@ class FileHashCache:
         return digest
 
 
+# Documentation beside the weights: editing a model card must not rekey every row and dense reference made with
+# those weights (it did: a card edit made a resumed sweep regenerate its references and rerun finished rows).
+_DOC_SUFFIXES = frozenset({".md", ".rst", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf"})
+
+
 def _weight_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (itself, if a file), hidden files and folders excepted, sorted."""
+    """Every regular file under ``root`` (itself, if a file), sorted; hidden files and folders and documentation
+    (``_DOC_SUFFIXES``: model cards, plots) excepted."""
     if root.is_file():
         return [root]
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() not in _DOC_SUFFIXES]
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
