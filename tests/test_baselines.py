@@ -253,6 +253,25 @@ def _exact_block_mass_scatter(q, k, q_labels, k_labels, num_q_blocks, num_k_bloc
     return mass.scatter_add_(1, q_labels[:, :, None].expand(-1, -1, num_k_blocks), per_key_block)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_block_mass_on_cuda_tensor_cores_is_the_definition(dtype):
+    """The CUDA path (fp32-accumulated half-precision matmuls, P split into fp16 high / low parts) against the
+    float64 definition on the CPU, at a size where the rows are long."""
+    from svg2.methods import oracle as oracle_mod
+
+    g = torch.Generator().manual_seed(4)
+    n, sq, sk, d, cq, ck = 6, 300, 1000, 64, 8, 24
+    q = (2 * torch.randn(n, sq, d, generator=g)).to(dtype)
+    k = torch.randn(n, sk, d, generator=g).to(dtype)
+    lq = torch.randint(0, cq, (n, sq), generator=g)
+    lk = torch.randint(0, ck, (n, sk), generator=g)
+    mass = oracle_mod.exact_block_mass(q.cuda(), k.cuda(), lq.cuda(), lk.cuda(), cq, ck, 0.125).cpu()
+    ref = _exact_block_mass_scatter(q, k, lq, lk, cq, ck, 0.125)
+    torch.testing.assert_close(mass.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("chunk_elems", [1 << 26, 1 << 12, 37])  # one chunk; many row chunks; head groups of one
 def test_exact_block_mass_is_the_scatter_definition(monkeypatch, chunk_elems):
     """The matmul form (query blocks reduced first, keys once at the end) equals the definition (every
