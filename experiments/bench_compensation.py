@@ -161,7 +161,11 @@ class _Rows(dict):
 
 
 # Fixed launches of triton_sorted timed beside its autotuned one (which of them the tuner picks is recorded).
-SORTED_FIXED = ((True, 8, 2), (True, 4, 2), (False, 8, 2), (False, 8, 3))
+# triton_sorted's fixed launches beside the autotuned default: (descriptor loads, BLOCK_M, BLOCK_N, warps, stages).
+# 128 x 64 is the default tile; 128 x 128 halves the loop's trips at Ck = 1000 (16 -> 8), where the prologue
+# (Q, labels, skip rows) and the merge epilogue weigh against a short loop: the candidates for the 5% target.
+SORTED_FIXED = ((True, 128, 64, 8, 2), (True, 128, 64, 4, 2), (False, 128, 64, 8, 2), (False, 128, 64, 8, 3),
+                (True, 128, 128, 8, 2), (True, 128, 128, 8, 3), (True, 64, 128, 4, 2))
 # triton_sorted's (bias, walk) modes (svg2_kernels.compensation_sorted): the fp32 bias table or the bias built in
 # the kernel from the skip bytes; the host walk list, every tile, or the in-kernel bitmask. The same numbers bit
 # for bit. The bench times DEFAULT_MODE as ``comp (triton_sorted)`` and each other mode, autotuned, beside it.
@@ -420,9 +424,10 @@ def comp_step_rows(q, k, v, layout, out_s, lse, ms, comp_backends: list[str], ro
             for bias, walk in other_sorted_modes():  # autotuned like the default row; the same numbers bit for bit
                 steps[f"triton_sorted, {bias} {walk}"] = (sorted_step(bias=bias, walk=walk), "triton_sorted")
             if q.device.type == "cuda":
-                for tma, warps, stages in SORTED_FIXED:
-                    tiles = CompensationTiles(128, 64, warps, stages)
-                    steps[f"triton_sorted, {'tma' if tma else 'ptr'} {warps}w {stages}s"] = (
+                for tma, bm, bn, warps, stages in SORTED_FIXED:
+                    tiles = CompensationTiles(bm, bn, warps, stages)
+                    size = "" if (bm, bn) == (128, 64) else f"{bm}x{bn} "
+                    steps[f"triton_sorted, {size}{'tma' if tma else 'ptr'} {warps}w {stages}s"] = (
                         sorted_step(tiles=tiles, use_tma=tma), None)
     outs = {}
     for name, (step, backend) in steps.items():

@@ -668,11 +668,12 @@ def test_gpu_sorted_within_twice_the_torch_error_and_like_triton(dtype):
     assert _lse_err(lse, lref) <= 2 * _lse_err(llow, lref) + 1e-3
     out_t, lse_t, _ = compensate(*args, backend="triton")
     assert _max_err(out, out_t) <= 1e-2 and _lse_err(lse, lse_t) <= 1e-4
-    for tma, warps, stages in ((True, 8, 2), (True, 4, 2), (False, 8, 3)):
+    for tma, bm, bn, warps, stages in ((True, 128, 64, 8, 2), (True, 128, 64, 4, 2), (False, 128, 64, 8, 3),
+                                       (True, 128, 128, 8, 2), (True, 64, 128, 4, 2)):
         o, lo = compensation_attention_sorted(q, summ.centroids, summ.value_means, summ.sizes, ~layout.block_map,
                                               layout.q_labels, scale, out_s, lse_s, q_perm=layout.q_perm,
-                                              tiles=CompensationTiles(128, 64, warps, stages), use_tma=tma)
-        assert _max_err(o, out) <= 1e-2 and _lse_err(lo, lse) <= 1e-4, (tma, warps, stages)
+                                              tiles=CompensationTiles(bm, bn, warps, stages), use_tma=tma)
+        assert _max_err(o, out) <= 1e-2 and _lse_err(lo, lse) <= 1e-4, (tma, bm, bn, warps, stages)
 
 
 @cuda

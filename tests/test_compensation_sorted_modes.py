@@ -255,6 +255,8 @@ INTERP_CASES = {
     "fp16_d48_tma": lambda: modes_case("fp16_d48_tma", _F16, True, d=48, ck=23, sv=133, cq=6, seed=2),
     "fp32_ck32_unmasked": lambda: modes_case("fp32_ck32_unmasked", _F32, True, ck=32, sv=96, cq=6, seed=3),
     "fp16_tiles32": lambda: modes_case("fp16_tiles32", _F16, True, tiles=(32, 32), seed=4),
+    # BLOCK_N above BLOCK_M (the 128 x 128 candidate of the H200 tile sweep, scaled down)
+    "fp16_tiles16x32": lambda: modes_case("fp16_tiles16x32", _F16, True, tiles=(16, 32), ck=70, seed=5),
     "fp32_ck36_words4": lambda: modes_case("fp32_ck36_words4", _F32, True, ck=36, sv=130, cq=7, seed=12),
     "fp16_ck30_words2_ptr": lambda: modes_case("fp16_ck30_words2_ptr", _F16, False, ck=30, sv=110, cq=6, seed=13),
     "fp32_ck200_ptr": lambda: modes_case("fp32_ck200_ptr", _F32, False, d=16, ck=200, sv=150, cq=9, seed=6),
