@@ -77,6 +77,12 @@ class SVG2Config:
             fastest that accepts the inputs; the kernel that ran is recorded).
         attention_tiles: tile overrides of the Triton attention kernels (``svg2_kernels.TileConfig`` or a
             mapping of its fields); None or unset fields: the kernel's measured defaults.
+    Execution (never changes results):
+        cuda_graph: opt-in CUDA-graph replay of the warm sparse call per call site and input signature (the
+            cold call and the first warm call run eagerly; see ``svg2.cuda_graph`` and
+            notes/cuda_graph_replay.md). Configurations or inputs that cannot be captured safely run eagerly
+            (the reason is logged once). Left out of ``to_dict()`` while False, so results keyed on the config
+            before this knob existed keep their keys.
     seed: seeds k-means initialisation (deterministic under a seed).
     """
 
@@ -97,6 +103,7 @@ class SVG2Config:
     kmeans_kernel: str = "auto"
     attention_tiles: TileConfig | None = None
     seed: int = 0
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_tiles is not None and not isinstance(self.attention_tiles, TileConfig):
@@ -120,7 +127,7 @@ class SVG2Config:
             raise ValueError(f"SVG2Config.layout_every={self.layout_every} must be >= 1: it is the number of denoising "
                              "steps one layout serves (1 = recompute the layout at every step)")
         _check_int("layout_every", self.layout_every, 1)
-        for name in ("seed_centroids_in_warmup", "order_key_clusters", "compensate"):
+        for name in ("seed_centroids_in_warmup", "order_key_clusters", "compensate", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SVG2Config.{name} must be a bool")
         for name in ("attention_kernel", "kmeans_kernel"):
@@ -148,4 +155,9 @@ class SVG2Config:
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a plain dict; ``cuda_graph`` only when True (an execution option added later: configs
+        without it keep the dict, and the result keys built from it, they had)."""
+        d = dataclasses.asdict(self)
+        if not self.cuda_graph:
+            del d["cuda_graph"]
+        return d

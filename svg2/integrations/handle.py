@@ -320,6 +320,7 @@ class SVG2Handle:
         if self.removed:
             return
         for t in self.targets:
+            t.state.drop_graphs()  # CUDA graphs (SVG2Config.cuda_graph) and their static buffers
             for attn, processor in t.originals:
                 attn.processor = processor
             for h in t.hooks:

@@ -29,6 +29,11 @@ class MethodState:
         self._cache: dict[tuple[Any, ...], Any] = {}
         self.records: list[dict[str, Any]] = []
         self.timer = timer
+        # CUDA graphs of the sparse calls (SVG2Config.cuda_graph): created at the first call that asks, kept
+        # across reset() (they are keyed on shapes, and every replay first copies the site's current centroids
+        # in), dropped by drop_graphs() (handle.remove()). ``graph_backend``: None = torch.cuda; tests inject one.
+        self.graphs: Any = None
+        self.graph_backend: Any = None
 
     def cluster_state(self, *key: Any) -> ClusterState:
         if key not in self._clusters:
@@ -41,6 +46,18 @@ class MethodState:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def graph_cache(self) -> Any:
+        """This pipeline's ``svg2.cuda_graph.GraphCache`` (created on first use)."""
+        if self.graphs is None:
+            from svg2.cuda_graph import GraphCache
+
+            self.graphs = GraphCache(self.graph_backend)
+        return self.graphs
+
+    def drop_graphs(self) -> None:
+        """Release the captured graphs and their static buffers."""
+        self.graphs = None
 
     def record(self, **row: Any) -> None:
         self.records.append(row)

@@ -41,6 +41,14 @@ class SVG2Method(AttentionMethod):
                                   scale=ctx.scale)
             ctx.state.record(**base, density=1.0, dense=True)
             return out
+        if self.cfg.cuda_graph:  # opt-in: captured / replayed warm calls (None: this call runs eagerly below)
+            res = ctx.state.graph_cache().call(self.cfg, state, ctx.site(), q, k, v, ctx)
+            if res is not None:
+                out, density = res
+                ctx.state.record(**base, density=density, dense=False, kernel=state.last_kernels.get("attention"),
+                                 kmeans_kernel=state.last_kernels.get("kmeans"), cuda_graph=True,
+                                 **compensation_record(self.cfg, state))
+                return out
         out, layout = svg2_attention(q, k, v, self.cfg, state, num_text_tokens=ctx.num_text_tokens,
                                      text_mask=ctx.text_mask, scale=ctx.scale, check_finite=ctx.check_finite,
                                      timer=ctx.state.timer, heads=ctx.heads)
