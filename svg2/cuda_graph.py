@@ -4,14 +4,14 @@ An eager sparse call is host-bound on small models (Wan 2.1 1.3B at 480p: ~10.5 
 ``svg2.benchmark.graph_ms``). With ``cuda_graph=True`` the svg2 method hands every sparse call to the
 :class:`GraphCache` of its pipeline (one per :class:`~svg2.methods.MethodState`, owned by the handle that
 ``enable_svg2`` returns; no module globals). Per call site (layer x CFG branch) and input signature (shape,
-strides, dtype, device, scale):
+strides, dtype, device, scale, and the SVG2Config itself: a graph bakes in every knob):
 
 1. the cold call (``kmeans_iters_init`` iterations, CPU-drawn initial centroids) always runs eagerly;
 2. the first ``EAGER_WARM_CALLS`` warm calls run eagerly (Triton compiles and autotunes there, never in a capture);
-3. the next warm call copies q, k, v and the site's centroids into static buffers, runs once on a side stream (its
-   result is this call's result) and is captured into a ``torch.cuda.CUDAGraph`` (k-means warm iterations,
+3. the next warm call copies q, k, v and the site's centroids into static buffers, runs once on a side stream
+   (its result is this call's result) and is captured into a ``torch.cuda.CUDAGraph`` (k-means warm iterations,
    selection, layout, kernel plan, attention, and in-place ``copy_`` of the new centroids into the static
-   centroid buffers);
+   centroid buffers); if the capture raises, that site and signature stay eager (the reason is logged);
 4. later calls copy q, k, v in, replay, and return a clone of the static output.
 
 The k-means state: eager ``svg2_attention`` *rebinds* ``ClusterState.q_centroids`` / ``k_centroids`` to fresh
@@ -69,15 +69,18 @@ class CudaGraphBackend:
     def new_pool(self) -> Any:
         return torch.cuda.graph_pool_handle()
 
-    def capture(self, fn: Callable[[], None], pool: Any) -> Callable[[], None]:
-        """Run ``fn`` once on a side stream (the warm-up PyTorch asks for; its effects are this call's result),
-        capture it, and return the replay. The capture itself executes nothing."""
+    def warmup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once on a side stream, the warm-up PyTorch asks for before a capture. Its effects are this
+        call's result."""
         cur = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(cur)
         with torch.cuda.stream(side):
             fn()
         cur.wait_stream(side)
+
+    def capture(self, fn: Callable[[], None], pool: Any) -> Callable[[], None]:
+        """Capture ``fn`` (executes nothing) and return the replay."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             fn()
@@ -113,7 +116,7 @@ class _Buffers:
 
 @dataclass
 class _Graph:
-    replay: Callable[[], None]
+    replay: Callable[[], None] | None  # None: the capture failed
     buffers: _Buffers
     q_centroids: torch.Tensor  # static, this site's: updated in place by every replay
     k_centroids: torch.Tensor
@@ -125,6 +128,7 @@ class _Graph:
 class _Site:
     warm_eager: dict[tuple, int] = field(default_factory=dict)
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
+    failed: set[tuple] = field(default_factory=set)  # signatures whose capture raised: eager from then on
 
 
 class GraphCache:
@@ -132,7 +136,7 @@ class GraphCache:
 
     ``call`` returns ``(out, density)`` when the call ran from a graph (captured now or replayed), or None when
     the caller must run it eagerly. ``events`` counts what happened (eager_cold, eager_warm, capture, replay,
-    refused, full) for tests and stats."""
+    refused, full, capture_failed, eager_failed) for tests and stats."""
 
     def __init__(self, backend: Any = None, *, eager_warm_calls: int = EAGER_WARM_CALLS,
                  max_graphs_per_site: int = MAX_GRAPHS_PER_SITE) -> None:
@@ -168,11 +172,16 @@ class GraphCache:
         if _cold(state, b * h, cq, ck, d):  # cold start: eager (many iterations, CPU-drawn initial centroids)
             self._count("eager_cold")
             return None
+        # The config is part of the signature: a graph bakes in every knob (a benchmark that changes
+        # target_density between runs gets a new graph, not a replay at the old density).
         sig = (tuple(q.shape), tuple(q.stride()), tuple(k.stride()), tuple(v.stride()), q.dtype, str(q.device),
-               ctx.scale)
+               ctx.scale, cfg)
         st = self.sites.setdefault(site, _Site())
         g = st.graphs.get(sig)
         if g is None:
+            if sig in st.failed:
+                self._count("eager_failed")
+                return None
             if len(st.graphs) >= self.max_graphs_per_site:
                 self._count("full")
                 self._say(f"more than {self.max_graphs_per_site} input signatures at one call site")
@@ -183,8 +192,12 @@ class GraphCache:
                 self._count("eager_warm")
                 return None
             g = self._capture(cfg, state, sig, q, k, v, ctx.scale)
-            st.graphs[sig] = g
-            self._count("capture")
+            if g.replay is None:
+                st.failed.add(sig)
+                self._count("capture_failed")
+            else:
+                st.graphs[sig] = g
+                self._count("capture")
         else:
             self._load(g, state, q, k, v)
             g.replay()
@@ -229,7 +242,12 @@ class GraphCache:
             g.density.copy_(layout.density_per_head().mean())
             kernels.update(tmp.last_kernels)
 
+        self.backend.warmup(fn)  # this call's result (an error here is the eager call's own error)
         if self.pool is None:
             self.pool = self.backend.new_pool()
-        g.replay = self.backend.capture(fn, self.pool)
+        try:
+            g.replay = self.backend.capture(fn, self.pool)
+        except Exception as e:  # a host sync or an uncapturable op on this path: this signature stays eager
+            g.replay = None
+            self._say(f"capture failed ({type(e).__name__}: {e}); this site and input signature run eagerly")
         return g

@@ -21,9 +21,9 @@ CFG = SVG2Config(num_q_centroids=6, num_k_centroids=12, kmeans_iters_init=8, kme
 
 
 class FakeBackend:
-    """Stands in for torch.cuda graphs on CPU: ``capture`` runs the call once (as the real one does on its side
-    stream) and returns a replay that runs the same closure again, which reads and writes only the static
-    buffers. Counts captures and replays."""
+    """Stands in for torch.cuda graphs on CPU: ``warmup`` runs the call once (the real one does it on a side
+    stream), ``capture`` executes nothing and returns a replay that runs the same closure again, which reads and
+    writes only the static buffers. Counts captures and replays."""
 
     name = "fake"
 
@@ -39,8 +39,10 @@ class FakeBackend:
         self.pools += 1
         return object()
 
-    def capture(self, fn, pool):
+    def warmup(self, fn):
         fn()
+
+    def capture(self, fn, pool):
         self.captures += 1
 
         def replay():
@@ -317,3 +319,34 @@ def test_cuda_graph_tiny_wan_two_branches_equals_eager():
         _same(se[key][0], sg[key][0], exact)
         _same(se[key][1], sg[key][1], exact)
     assert exact, "eager svg2 is not bitwise reproducible here: graph replay was compared with a tolerance only"
+
+
+def test_config_change_recaptures_instead_of_replaying_the_old_config():
+    """A benchmark changes method.cfg (target_density) between runs: the graph of the old config must not replay."""
+    cfg = CFG.replace(target_density=0.5)
+    m, eager = build_method("svg2", cfg=cfg.replace(cuda_graph=True)), build_method("svg2", cfg=cfg)
+    st, se = MethodState(), MethodState()
+    st.graph_backend = FakeBackend()
+    for step in range(8):
+        if step == 4:
+            m.cfg = m.cfg.replace(target_density=0.2)
+            eager.cfg = eager.cfg.replace(target_density=0.2)
+        q, k, v = _inputs(step, "cond")
+        assert torch.equal(m(q, k, v, _ctx(st, step=step)), eager(q, k, v, _ctx(se, step=step))), step
+    assert [r["density"] for r in st.resolved_records()] == [r["density"] for r in se.resolved_records()]
+    assert st.graphs.events == {"eager_cold": 1, "eager_warm": 2, "capture": 2, "replay": 3}
+
+
+class FailingCapture(FakeBackend):
+    def capture(self, fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_failed_capture_keeps_the_result_and_stays_eager(caplog):
+    caplog.set_level(logging.WARNING, logger="svg2.cuda_graph")
+    se, sg, rows = _run_pair(steps=5, layers=(0,), branches=("cond",), backend=FailingCapture())
+    for step, _branch, _layer, oe, og in rows:
+        assert torch.equal(oe, og), step
+    _assert_same_state(se, sg)
+    assert sg.graphs.events == {"eager_cold": 1, "eager_warm": 1, "capture_failed": 1, "eager_failed": 2}
+    assert sum("capture failed (RuntimeError" in r.getMessage() for r in caplog.records) == 1
