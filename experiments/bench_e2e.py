@@ -27,6 +27,7 @@ of the steps dense). Per model, in one process:
   ``svg2.integrations.opaque``): no graph break; the graph breaks and graphs counted are in the JSON.
 
 Usage (GPU):  python experiments/bench_e2e.py --out $OUT --models wan1.3b,wan14b,hunyuan720p --compile wan1.3b
+              add --cuda-graph to replay the warm sparse calls as CUDA graphs (SVG2Config.cuda_graph; issue 18)
 CPU smoke:    python experiments/bench_e2e.py --tiny --out /tmp/e2e   (tiny Wan and tiny HunyuanVideo)
 Results: one JSON per model and a markdown table (``e2e.md``) in --out.
 """
@@ -144,9 +145,12 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
     # -- SVG2 ----------------------------------------------------------------------------------------------
     densities = args.densities
     sparse_frac = min(f for _, f in spec["scenarios"])
+    graphs = bool(getattr(args, "cuda_graph", False))
+    res["cuda_graph"] = graphs
     cfg = SVG2Config(num_q_centroids=cq, num_k_centroids=ck, target_density=densities[0],
-                     dense_steps_frac=sparse_frac, dense_layers=1)
-    handle = enable_svg2(model, cfg, timing=not compiled)
+                     dense_steps_frac=sparse_frac, dense_layers=1, cuda_graph=graphs)
+    # --cuda-graph: no component timer (replayed calls have no per-component sections; svg2.cuda_graph)
+    handle = enable_svg2(model, cfg, timing=not compiled and not graphs)
     if compiled:  # the blocks stay compiled; they recompile once with our processors
         torch._dynamo.reset()
         _reset_counters()
@@ -179,6 +183,8 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
     for d in densities:
         handle.method.cfg = handle.method.cfg.replace(target_density=d)
         fwd(runner)  # warm call at this density
+        if graphs:
+            fwd(runner)  # --cuda-graph: the capture call (the first warm call above ran eagerly); timed: replays
         if handle.timer is not None:
             handle.timer.reset()
         n_before = len(handle.targets[0].state.records)
@@ -205,6 +211,12 @@ def bench_model(name: str, args, device, dtype, compiled: bool, log) -> dict:
                if eff.get("mean") is not None else ""))
         args.save(res)
     res["svg2_peak_gb"] = peak_gb(device)
+    if graphs:
+        cache = handle.targets[0].state.graphs
+        res["cuda_graph_events"] = dict(cache.events) if cache is not None else {}
+        res["cuda_graph_refusals"] = list(cache.reasons) if cache is not None else []
+        log(f"  cuda graphs: {res['cuda_graph_events']}" + (f", eager because: {res['cuda_graph_refusals']}"
+                                                             if res["cuda_graph_refusals"] else ""))
     if compiled:
         res["svg2_graphs"] = _graph_counts()
         log(f"  compiled with svg2: {res['svg2_graphs']}")
@@ -288,6 +300,8 @@ def main(argv=None) -> None:
                    help="timed calls per mode for the large models (wan14b ~12 s, hunyuan720p ~30 s each)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip stages that start after this many s")
     p.add_argument("--out", default="results/e2e")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                   help="SVG2Config.cuda_graph: replay warm sparse calls as CUDA graphs (no component timing)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on tiny Wan and HunyuanVideo models")
     args = p.parse_args(argv)
     args.densities = [float(x) for x in args.densities.split(",")]

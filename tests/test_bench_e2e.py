@@ -111,3 +111,14 @@ def test_tiny_smoke_compiled_has_no_graph_break(tmp_path):
         assert "error" not in r, r.get("error")
         assert r["svg2_graphs"]["graph_breaks"] == 0 and r["dense_graphs"]["graph_breaks"] == 0
         assert r["svg2"]["0.25"]["measured_density"] < 1
+
+
+def test_tiny_smoke_cuda_graph_flag_on_cpu_runs_eagerly_and_says_why(tmp_path):
+    bench_e2e.main(["--tiny", "--out", str(tmp_path), "--repeats", "1", "--densities", "0.25", "--cuda-graph"])
+    for name, why in (("tiny", "not on a CUDA device"), ("tiny_hunyuan", "joint text tokens")):
+        r = _load(tmp_path, name)
+        assert "error" not in r, r.get("error")
+        assert r["cuda_graph"] is True and r["svg2"]["0.25"]["measured_density"] < 1
+        assert "capture" not in r["cuda_graph_events"] and r["cuda_graph_events"]["refused"] > 0
+        assert len(r["cuda_graph_refusals"]) == 1 and why in r["cuda_graph_refusals"][0]
+        assert "attn_efficiency" not in r["svg2"]["0.25"]  # no component timer with --cuda-graph
