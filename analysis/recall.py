@@ -38,6 +38,7 @@ Workflow:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -54,6 +55,7 @@ from svg2.layout import ClusterLayout
 from svg2.methods import AttentionContext, AttentionMethod, MethodState, build_method
 from svg2.methods.blockwise import VIDEO_SHAPE_KEY, LayoutMethod, layout_mask_rows
 from svg2.methods.svg2 import SVG2Method
+from svg2.methods.svg_ear import SVGEARMethod
 
 __all__ = [
     "BOUND",
@@ -61,6 +63,9 @@ __all__ = [
     "RecallResult",
     "attention_recall",
     "method_layout",
+    "method_output",
+    "compensates",
+    "shared_kmeans",
     "sample_rows",
     "MethodSpec",
     "default_grid",
@@ -109,6 +114,7 @@ def attention_recall(
     num_text_tokens: int = 0,
     text_mask: torch.Tensor | None = None,
     seed: int = 0,
+    output: torch.Tensor | None = None,
 ) -> RecallResult:
     """Recall and relative output error of ``layout`` (None = dense) against exact attention.
 
@@ -116,6 +122,10 @@ def attention_recall(
         q, k, v: (B, H, S, D), video tokens in raster order then ``num_text_tokens`` text tokens.
         layout: the method's ClusterLayout over the video tokens, or None for dense attention.
         rows: video query rows (r,) to evaluate; default ``sample_rows(S_video, num_rows, seed)``.
+        output: the method's own output (B, H, S, D) of this call (``method_output``): the relative error is
+            then that output's on the rows (with whatever the method adds to the kept pairs, e.g. the skipped
+            clusters' compensation) instead of the renormalised softmax under ``layout``'s mask. Recall stays the
+            mass of the pairs ``layout`` computes exactly.
     """
     b, h, s, d = q.shape
     sv = s - num_text_tokens
@@ -136,7 +146,10 @@ def attention_recall(
     video_keep = layout_mask_rows(layout, rows)  # (B, H, r, Sv)
     keep = torch.cat([video_keep, text_ok.expand(b, h, r, num_text_tokens)], -1)
     recall = (p * keep).sum(-1).mean(-1)
-    o = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0) @ v.double()
+    if output is None:
+        o = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0) @ v.double()
+    else:
+        o = output[:, :, rows].double()
     err = (o - o_ref).flatten(2).norm(dim=-1) / o_ref.flatten(2).norm(dim=-1).clamp_min(1e-30)
     rows_density = video_keep.sum((-1, -2)).double() / (r * sv)
     return RecallResult(layout.density_per_head().double(), recall, err, rows_density)
@@ -153,9 +166,61 @@ def method_layout(method: AttentionMethod, q: torch.Tensor, k: torch.Tensor, v: 
         state: ClusterState = ctx.state.cluster_state(*ctx.site())
         return build_layout(q, k, method.cfg, state, num_text_tokens=ctx.num_text_tokens,
                             text_mask=ctx.text_mask, scale=ctx.scale)
+    if isinstance(method, SVGEARMethod):  # SVG2's clusters, error-aware routing (its own ``route``)
+        return method.route(q, k, v, ctx, ctx.state.cluster_state(*ctx.site()))[0]
     if method.name == "dense":
         return None
     raise TypeError(f"cannot get a layout from method {method.name!r} ({type(method).__name__})")
+
+
+def compensates(method: AttentionMethod) -> bool:
+    """Whether ``method`` adds the skipped clusters' compensation to its kept pairs (SVG2 / blockwise methods with
+    ``compensate=True``; SVG-EAR always): its output is then not the renormalised softmax under its mask."""
+    cfg = getattr(method, "cfg", None)
+    return bool(getattr(cfg, "compensate", False) or getattr(method, "compensate", False))
+
+
+def method_output(method: AttentionMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  ctx: AttentionContext) -> torch.Tensor:
+    """The output (B, H, S, D) of ``method``'s own call on q, k, v: compensation applied as the method applies it.
+
+    The call must be a sparse one: build the method with ``dense_steps_frac=0, dense_layers=0`` (as
+    ``recall_sweep`` does) to measure it at any step and layer. ``ctx.state`` should be fresh (a cold clustering,
+    the one ``method_layout`` reproduces on another fresh state)."""
+    if method.is_dense_call(ctx):
+        raise ValueError(f"{method.name!r} schedules this call (layer {ctx.layer_index}, step {ctx.step_index}) "
+                         "dense: build it with dense_steps_frac=0 and dense_layers=0")
+    with torch.no_grad():
+        return method(q, k, v, ctx)
+
+
+@contextlib.contextmanager
+def shared_kmeans() -> Iterator[dict]:
+    """Inside the block, identical k-means calls of ``svg2.attention`` (same input tensor, cluster count,
+    iterations, warm-start centroids, seed, kernel, heads) run once: every SVG2-clustered method of a record
+    (SVG2 at every density, compensated or not, SVG-EAR, their layouts and their own calls) then uses the same
+    clusters, bit for bit, at one clustering's cost. k-means is deterministic under its seed, so this changes no
+    result, only the time (on CPU a cold 50-iteration clustering of 8,192 tokens x 6 heads takes ~20 s).
+    ``sort_points`` is not part of the key: it only decides whether the sorted points come back too, which every
+    caller recomputes when absent. Yields the cache (clear it between records: keys hold tensor addresses)."""
+    import svg2.attention as attn_mod
+
+    real = attn_mod.kmeans
+    cache: dict = {}
+
+    def cached(x, num_clusters, iters, init=None, *, seed=0, kernel="auto", sort_points=False, heads=None):
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, num_clusters, iters,
+               None if init is None else init.data_ptr(), seed, kernel, heads)
+        if key not in cache:
+            cache[key] = (real(x, num_clusters, iters, init, seed=seed, kernel=kernel, sort_points=sort_points,
+                               heads=heads), x)  # keep x alive: its address stays its own
+        return cache[key][0]
+
+    attn_mod.kmeans = cached
+    try:
+        yield cache
+    finally:
+        attn_mod.kmeans = real
 
 
 # -------------------------------------------------------------------------------------------- sweeps
@@ -257,6 +322,7 @@ def recall_sweep(
     bound: bool = True,
     bound_curve: bool = False,
     head_types: HeadTypeRule | None = None,
+    share_clusters: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate every spec on every record (dicts with q, k, v (B, H, S, D) and optional layer, step,
     branch, heads, video_shape, num_text_tokens, text_mask, scale). Every method's sparse layout is
@@ -267,48 +333,78 @@ def recall_sweep(
     ``BOUND`` row per (record, target density of the specs, batch, head) (rel_error None; the bound curve of
     ``plot_recall``; off by default because callers such as ``experiments/testbed_structure.py`` add their own
     with ``svg2.testbed.structure.bound_rows``). With ``head_types`` every row gets ``head_type``
-    (``HeadTypeRule.classify``)."""
+    (``HeadTypeRule.classify``).
+
+    A method that compensates its skipped clusters (``compensates``: SVG2 with ``compensate=True``, SVG-EAR) is
+    also run as itself (``method_output``, its dense warm-up switched off): its ``rel_error`` is that of its
+    own output, compensation included, and its rows say ``compensated=True``; recall stays the mass of the pairs
+    it computes exactly. ``share_clusters``: the methods of one record share their k-means runs
+    (``shared_kmeans``: identical clusters, one clustering's cost)."""
     out = []
     for ri, rec in enumerate(records):
-        q, k, v = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k", "v"))
-        heads = rec.get("heads") or list(range(q.shape[1]))
-        num_text = int(rec.get("num_text_tokens", 0))
-        rows = sample_rows(q.shape[2] - num_text, num_rows, seed + ri, device)  # the bound needs the same rows
-        results = []
-        for spec in specs:
-            method = build_method(spec.method, **spec.kwargs)  # method_layout ignores the warm-up
-            ctx = _record_context(rec, MethodState())
-            layout = method_layout(method, q, k, v, ctx)
-            res = attention_recall(q, k, v, layout, rows=rows, scale=ctx.scale,
-                                   num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask)
-            results.append((spec.label, json.dumps(spec.kwargs), res.density, res.recall, res.rel_error,
-                            res.rows_density))
+        with shared_kmeans() if share_clusters else contextlib.nullcontext():
+            out += _sweep_record(ri, rec, specs, num_rows=num_rows, seed=seed, device=device, bound=bound,
+                                 bound_curve=bound_curve, head_types=head_types)
+    return out
+
+
+def _sweep_record(ri: int, rec: dict[str, Any], specs: Sequence[MethodSpec], *, num_rows: int | None, seed: int,
+                  device: torch.device | str, bound: bool, bound_curve: bool,
+                  head_types: HeadTypeRule | None) -> list[dict[str, Any]]:
+    """``recall_sweep``'s rows of record ``ri``."""
+    out = []
+    q, k, v = (rec[name].to(device=device, dtype=torch.float32) for name in ("q", "k", "v"))
+    heads = rec.get("heads") or list(range(q.shape[1]))
+    num_text = int(rec.get("num_text_tokens", 0))
+    rows = sample_rows(q.shape[2] - num_text, num_rows, seed + ri, device)  # the bound needs the same rows
+    results = []
+    own = []  # per spec: whether rel_error is the method's own (compensated) output's
+    for spec in specs:
+        method = build_method(spec.method, **spec.kwargs)  # method_layout ignores the warm-up
+        output = None
+        if compensates(method):  # its error must include its compensation: run it as itself, never dense
+            method = build_method(spec.method, **{**spec.kwargs, "dense_steps_frac": 0.0, "dense_layers": 0})
+            call_ctx = _record_context(rec, MethodState())
+            output = method_output(method, q, k, v, call_ctx)
+            called = float(call_ctx.state.records[-1]["density"])
         ctx = _record_context(rec, MethodState())
-        if bound or bound_curve:
-            targets = sorted({d for d in map(target_density, specs) if d is not None}) if bound_curve else []
-            b, h = q.shape[:2]
-            # every layout's own kept share and every target density, read off one sort per head
-            dens = torch.stack([rows_density.cpu() for *_, rows_density in results]
-                               + [torch.full((b, h), d, dtype=torch.float64) for d in targets])
-            tk = recall_bound(q, k, dens, rows=rows, scale=ctx.scale, num_text_tokens=ctx.num_text_tokens,
-                              text_mask=ctx.text_mask)
-            pooled, per_row = tk.pooled.cpu(), tk.per_row.cpu()
-            for ti, d in enumerate(targets):
-                results.append((BOUND, json.dumps({"target_density": d}), torch.full((b, h), d, dtype=torch.float64),
-                                pooled[len(specs) + ti], None, None))
-        types = head_types.classify(q, k, rec.get("video_shape"), scale=ctx.scale, seed=ri) if head_types else None
-        for i, (label, kwargs, density, recall, rel_error, _) in enumerate(results):
-            for bi in range(q.shape[0]):
-                for hi, head in enumerate(heads):
-                    row = dict(record=ri, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
-                               batch=bi, head=int(head), method=label, kwargs=kwargs,
-                               density=float(density[bi, hi]), recall=float(recall[bi, hi]),
-                               rel_error=None if rel_error is None else float(rel_error[bi, hi]))
-                    if bound or bound_curve:
-                        row.update(bound=float(pooled[i, bi, hi]), bound_row=float(per_row[i, bi, hi]))
-                    if types is not None:
-                        row["head_type"] = types[bi][hi]
-                    out.append(row)
+        layout = method_layout(method, q, k, v, ctx)
+        if output is not None and abs(called - float(layout.density_per_head().mean())) > 1e-9:
+            raise RuntimeError(f"{spec.label}: its call kept density {called:.6f}, the layout measured here "
+                               f"{float(layout.density_per_head().mean()):.6f}: not the same layout")
+        res = attention_recall(q, k, v, layout, rows=rows, scale=ctx.scale,
+                               num_text_tokens=ctx.num_text_tokens, text_mask=ctx.text_mask, output=output)
+        results.append((spec.label, json.dumps(spec.kwargs), res.density, res.recall, res.rel_error,
+                        res.rows_density))
+        own.append(output is not None)
+    ctx = _record_context(rec, MethodState())
+    if bound or bound_curve:
+        targets = sorted({d for d in map(target_density, specs) if d is not None}) if bound_curve else []
+        b, h = q.shape[:2]
+        # every layout's own kept share and every target density, read off one sort per head
+        dens = torch.stack([rows_density.cpu() for *_, rows_density in results]
+                           + [torch.full((b, h), d, dtype=torch.float64) for d in targets])
+        tk = recall_bound(q, k, dens, rows=rows, scale=ctx.scale, num_text_tokens=ctx.num_text_tokens,
+                          text_mask=ctx.text_mask)
+        pooled, per_row = tk.pooled.cpu(), tk.per_row.cpu()
+        for ti, d in enumerate(targets):
+            results.append((BOUND, json.dumps({"target_density": d}), torch.full((b, h), d, dtype=torch.float64),
+                            pooled[len(specs) + ti], None, None))
+    types = head_types.classify(q, k, rec.get("video_shape"), scale=ctx.scale, seed=ri) if head_types else None
+    for i, (label, kwargs, density, recall, rel_error, _) in enumerate(results):
+        for bi in range(q.shape[0]):
+            for hi, head in enumerate(heads):
+                row = dict(record=ri, layer=ctx.layer_index, step=ctx.step_index, branch=ctx.branch,
+                           batch=bi, head=int(head), method=label, kwargs=kwargs,
+                           density=float(density[bi, hi]), recall=float(recall[bi, hi]),
+                           rel_error=None if rel_error is None else float(rel_error[bi, hi]))
+                if i < len(own):
+                    row["compensated"] = own[i]
+                if bound or bound_curve:
+                    row.update(bound=float(pooled[i, bi, hi]), bound_row=float(per_row[i, bi, hi]))
+                if types is not None:
+                    row["head_type"] = types[bi][hi]
+                out.append(row)
     return out
 
 
