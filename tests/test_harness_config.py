@@ -31,9 +31,9 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option):
-    if group == "launcher" and "slurm" in option:
+    if group == "launcher" and ("slurm" in option or option == "lanes"):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
-                            reason="SLURM launchers need the 'dist' extra: pip install -e '.[dist]'")
+                            reason="submitit launchers (SLURM, lanes) need the 'dist' extra: pip install -e '.[dist]'")
     cfg = _compose([f"{group}={option}"], hydra_cfg=(group == "launcher"))
     OmegaConf.to_container(cfg, resolve=False)  # the whole tree is valid
     if group == "model":
@@ -46,6 +46,9 @@ def test_every_option_composes(group, option):
 
 @pytest.mark.parametrize("preset", _options("experiment"))
 def test_every_experiment_preset_composes(preset):
+    if "/launcher: lanes" in (CONF / "experiment" / f"{preset}.yaml").read_text():
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                            reason=f"experiment={preset} runs in lanes (submitit): pip install -e '.[dist]'")
     cfg = _compose([f"experiment={preset}"], hydra_cfg=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN, "presets sweep without -m"
     params = cfg.hydra.sweeper.params

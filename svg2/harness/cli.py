@@ -7,21 +7,25 @@ regular install as well as from a checkout.
 Exit status: 0 when every row of the jobs this process ran is ok (or already done); 1 when a row failed (a
 summary line says how many, where, and how to retry or drop them); 2 when a job config cannot run (checked for
 every job before the first starts: ``svg2.harness.validation``); 130 on Ctrl-C (the rows saved so far are kept
-and a relaunch of the same command resumes). Jobs that a launcher runs in other processes (SLURM) report
-through their own logs and stores.
+and a relaunch of the same command resumes). Jobs that launcher=lanes runs in local worker processes count as
+the process's own (their records: :mod:`svg2.harness.job_records`); a worker that raised or died fails the launch
+(exit 1, Hydra's error). SLURM jobs report through their own logs and stores.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from svg2.harness.job_records import RECORDS_ENV, read_job_records, write_job_record
 from svg2.harness.launch import LAUNCH_ENV, single_run_store, start_launch
 from svg2.harness.ranks import rank_policy
 from svg2.harness.runner import run_job
@@ -81,6 +85,7 @@ def run_from_hydra(cfg: DictConfig, session: RunSession) -> dict[str, Any]:
     counts = run_job(cfg, store_dir, job_info, out_dir=out_dir, session=session)
     seconds = time.perf_counter() - t0
     session.job_finished(tag, counts, store_dir, seconds)
+    write_job_record(tag, counts, store_dir, seconds)  # launcher=lanes: the launching process counts it
     # logging, not print: the line lands in the job's run.log as well as on the console
     log.info("[svg2-run] %s: %d ok, %d failed, %d already done in %.1f s -> %s%s", tag, counts["ok"], counts["failed"],
              counts["skipped"], seconds, store_dir, f" ({_retry_hint([store_dir])})" if counts["failed"] else "")
@@ -111,6 +116,16 @@ def _interrupted(session: RunSession) -> None:
           f"{stores}. Relaunch the same command to resume: finished rows are skipped.", file=sys.stderr, flush=True)
 
 
+def _add_worker_jobs(session: RunSession, records: Path) -> None:
+    """Add the jobs that worker processes (launcher=lanes) recorded in ``records`` to ``session``, then remove
+    the folder (a second call adds nothing)."""
+    if not records.is_dir():
+        return
+    for rec in read_job_records(records, skip_pid=os.getpid()):
+        session.job_finished(rec["tag"], rec["counts"], Path(rec["store_dir"]), rec["seconds"])
+    shutil.rmtree(records, ignore_errors=True)
+
+
 def main() -> None:
     """``svg2-run [overrides]``: one session (pipeline reuse) for every job this process runs."""
     import hydra
@@ -119,8 +134,10 @@ def main() -> None:
 
     register_configs()
     session = RunSession()
-    before = os.environ.get(LAUNCH_ENV)
+    before = {k: os.environ.get(k) for k in (LAUNCH_ENV, RECORDS_ENV)}
     start_launch()  # this invocation's id: its job folders are its own (svg2.harness.launch)
+    records = Path(tempfile.mkdtemp(prefix="svg2-jobs-"))
+    os.environ[RECORDS_ENV] = str(records)  # worker processes (launcher=lanes) inherit it
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def svg2_run(cfg: DictConfig) -> dict[str, Any]:
@@ -130,13 +147,16 @@ def main() -> None:
         svg2_run()
     except KeyboardInterrupt:
         # Every finished row is on disk already (atomic row files): say so, without a traceback.
+        _add_worker_jobs(session, records)
         _interrupted(session)
         raise SystemExit(130) from None
     finally:  # another invocation in this process (tests, notebooks) starts its own launch
-        if before is None:
-            os.environ.pop(LAUNCH_ENV, None)
-        else:
-            os.environ[LAUNCH_ENV] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _add_worker_jobs(session, records)
     lines = summary_lines(session)
     if lines:
         print("\n".join(lines), file=sys.stderr, flush=True)

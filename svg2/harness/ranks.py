@@ -96,6 +96,13 @@ class RankPolicy:
         """Whether this rank's rows, videos, references and logs are the run's (False: a follower)."""
         return True
 
+    @property
+    def locks(self) -> bool:
+        """Whether this rank takes the job and reference locks (:mod:`svg2.harness.locks`) on its own. False
+        where ranks work in lockstep (ulysses): a rank waiting on a lock another rank holds while that rank
+        waits in a collective for it would deadlock."""
+        return True
+
     def store(self, store: ResultsStore) -> Any:
         return store
 
@@ -176,6 +183,10 @@ class UlyssesParallel(RankPolicy):
     @property
     def writes(self) -> bool:
         return self.info.is_main
+
+    @property
+    def locks(self) -> bool:
+        return not self.info.distributed  # ranks in lockstep: no rank may wait on a lock alone
 
     def store(self, store: ResultsStore) -> Any:
         return store if self.writes else _ReadThroughStore(store, self._scratch() / "results")

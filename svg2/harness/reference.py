@@ -6,8 +6,9 @@ dtype), the identity of the weights it loads (their content, or the Hub commit:
 name), the prompt (and image), the seed and, when not 1, the batch size. Retraining a model in place, a new Hub
 revision or a torch upgrade gives new keys, so a stale reference is never compared with new videos. A cache
 entry is a folder ``<cache>/<key>/`` holding ``frames.npy``, ``video.mp4`` and ``meta.json`` (written last,
-atomically: an entry without meta.json is incomplete and regenerated). Entries of older key formats are never
-looked up again (their keys differ), so they are regenerated, not misread.
+atomically: an entry without meta.json is incomplete and regenerated). Jobs running at once (launcher=lanes)
+take :meth:`ReferenceCache.lock_path` of a key before making its reference, so each is made once. Entries of
+older key formats are never looked up again (their keys differ), so they are regenerated, not misread.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class ReferenceCache:
 
     def entry(self, key: str) -> Path:
         return self.root / key
+
+    def lock_path(self, key: str) -> Path:
+        """The lock file a job holds while it makes this key's reference (:mod:`svg2.harness.locks`)."""
+        return self.root / ".locks" / f"{key}.lock"
 
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         d = self.entry(key)

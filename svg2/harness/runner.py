@@ -1,10 +1,12 @@
 """One harness job: every (prompt, seed) of one (model, method, kernel) configuration -> result rows.
 
 :func:`run_job` runs the stages of a job in order: ``plan`` (method spec, row keys, this rank's share, skip
-rows the store already holds) -> ``load`` (the pipeline, kept across the jobs of one process by the
-:class:`~svg2.harness.session.RunSession`) -> ``references`` (dense videos: cache hit, or generated with the
-stock pipeline) -> ``enable`` (the method, optional warm-up) -> ``rows`` (per (prompt, seed): timed generation,
-MP4, metrics against the reference, one row). The rank policy of ``parallel.mode``
+rows the store already holds) -> ``claim`` (the job's lock: a concurrent job with the same row keys runs first,
+then this one skips its rows; :mod:`svg2.harness.locks`) -> ``load`` (the pipeline, kept across the jobs of one
+process by the :class:`~svg2.harness.session.RunSession`) -> ``references`` (dense videos: cache hit, or
+generated with the stock pipeline under a per-key lock, so concurrent jobs make each once) -> ``enable`` (the
+method, optional warm-up) -> ``rows`` (per (prompt, seed): timed generation, MP4, metrics against the reference,
+one row). The rank policy of ``parallel.mode``
 (:mod:`svg2.harness.ranks`) decides this rank's share and what it writes.
 
 ``batch_size: N`` (> 1) generates up to N (prompt, seed) pairs in one pipeline call, references and rows
@@ -18,6 +20,7 @@ rows. Nothing is lost on a kill: every finished row is already on disk.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -37,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from svg2.config import KERNEL_FIELDS, SVG2Config
 from svg2.harness.environment import environment_info
 from svg2.harness.generation import GenerationResult, generate_batch
+from svg2.harness.locks import file_locks
 from svg2.harness.loggers import NullLogger, make_logger
 from svg2.harness.metrics import MetricSuite, metrics_identity
 from svg2.harness.prompts import Prompt, load_prompts
@@ -247,6 +251,8 @@ class _Job:
         self.logger: Any = NullLogger()
         self.warmup_s = 0.0
         self.loaded: LoadedPipeline | None = None
+        self._job_lock = contextlib.ExitStack()  # held from claim() to close()
+        self._ref_locks = contextlib.ExitStack()  # held while this job makes missing references
 
     # -- stages -----------------------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -287,6 +293,17 @@ class _Job:
         if self.todo and self.spec_error is not None:
             self.fail_rows(self.spec_error, "config")
 
+    def claim(self) -> None:
+        """Hold this job's lock (its identity and rank) until it ends, then skip the rows that a concurrent job
+        with the same row keys finished meanwhile: ``dense`` swept over three densities has one row set (its
+        rows ignore the knob), so under launcher=lanes one job runs it and the other two wait, then skip."""
+        if not self.policy.locks:
+            return
+        name = hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = Path(self.store.root) / ".locks" / f"job-{name}-rank{self.policy.info.rank}.lock"
+        self._job_lock.enter_context(file_locks([path], "job lock"))
+        self._skip_done()  # always: the other job may have finished between this job's plan and its lock
+
     def load(self) -> None:
         """The pipeline (the session's, when the model matches), the metrics, the reference cache, the logger."""
         cfg = self.cfg
@@ -316,15 +333,17 @@ class _Job:
         """Dense reference videos: cache hits, else generated with the stock pipeline. A stock method's own
         generation doubles as its missing reference (see :meth:`rows`)."""
         cfg = self.cfg
-        for p, s in self.todo:
-            hit = self.cache.get(self._ref_key(p, s))
-            if hit is not None:
-                ref_mp4 = self.cache.entry(self._ref_key(p, s)) / "video.mp4"
-                if "mp4" in self.compare_on and not ref_mp4.exists():  # cached where imageio-ffmpeg was missing
-                    write_mp4(ref_mp4, hit[0], fps=cfg.model.fps)
-                self.refs[_pair_id(p, s)] = _Ref(hit[0], ref_mp4, hit[1], True)
-        missing = [(p, s) for p, s in self.todo if _pair_id(p, s) not in self.refs]
+        missing = self._read_cached(self.todo)
+        if missing and self.policy.locks and self.cache.enabled:
+            # Concurrent jobs (launcher=lanes) share the cache: hold the missing keys' locks until their references
+            # are stored, so each is made once; a job that waited reads what the holder made. A stock method's rows
+            # are its references: it holds the locks until close().
+            keys = [self.cache.lock_path(self._ref_key(p, s)) for p, s in missing]
+            self._ref_locks.enter_context(file_locks(keys, "dense reference"))
+            missing = self._read_cached(missing)
         if not missing or self.spec.stock:
+            if not missing:
+                self._ref_locks.close()
             return
         from tqdm.auto import tqdm
 
@@ -348,6 +367,18 @@ class _Job:
                 _free_memory(self.loaded.device)
             bar.update(len(batch))
         bar.close()
+        self._ref_locks.close()
+
+    def _read_cached(self, items: list[tuple[Prompt, int]]) -> list[tuple[Prompt, int]]:
+        """Take the cached references of ``items`` into ``self.refs``; returns the items still missing."""
+        for p, s in items:
+            hit = self.cache.get(self._ref_key(p, s))
+            if hit is not None:
+                ref_mp4 = self.cache.entry(self._ref_key(p, s)) / "video.mp4"
+                if "mp4" in self.compare_on and not ref_mp4.exists():  # cached where imageio-ffmpeg was missing
+                    write_mp4(ref_mp4, hit[0], fps=self.cfg.model.fps)
+                self.refs[_pair_id(p, s)] = _Ref(hit[0], ref_mp4, hit[1], True)
+        return [(p, s) for p, s in items if _pair_id(p, s) not in self.refs]
 
     def enable(self) -> None:
         """Install the method (nothing for a stock method) and run the untimed warm-up generations."""
@@ -428,12 +459,16 @@ class _Job:
         return resolve_batch_size(self.cfg)
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        self.logger.finish()
-        if self.loaded is not None:
-            _free_memory(self.loaded.device)
+        try:
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+            self.logger.finish()
+            if self.loaded is not None:
+                _free_memory(self.loaded.device)
+        finally:
+            self._ref_locks.close()
+            self._job_lock.close()
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def fail_rows(self, exc: Exception, stage: str) -> None:
@@ -465,14 +500,18 @@ class _Job:
         """A Hub model first downloaded by this job: its commit is known now, so the row keys are computed
         again (rows already stored under the resolved keys are skipped)."""
         self.identity = job_identity(self.cfg, self.spec, self.policy)
+        self._skip_done()
+        if not self.todo:
+            raise _Stop("rekey")  # every row is already stored under its resolved key: nothing to run
+
+    def _skip_done(self) -> None:
+        """Drop the rows the store holds now from ``todo`` (counted as skipped)."""
         todo, self.todo = self.todo, []
         for p, s in todo:
             if self.store.should_run(row_key(self.identity, p, s), retry_failed=self.cfg.store.retry_failed):
                 self.todo.append((p, s))
             else:
                 self.counts["skipped"] += 1
-        if not self.todo:
-            raise _Stop("rekey")  # every row is already stored under its resolved key: nothing to run
 
     def _ref_key(self, p: Prompt, s: int) -> str:
         return reference_key(_plain(self.cfg.model), self.loaded.device.type, p.text, p.image, s,
@@ -536,6 +575,8 @@ def run_job(cfg: DictConfig, store_dir: str | Path, job_info: dict[str, Any] | N
     job = _Job(cfg, store_dir, job_info, out_dir, session or RunSession())
     try:
         job.plan()
+        if job.todo:
+            job.claim()
         if job.todo:
             job.load()
             job.references()
